@@ -1,0 +1,65 @@
+# C types shared by the Kairos kernels.
+#
+# The numpy dtypes that mirror these structs live in engine/compiler.py
+# (OP_DTYPE); tests/test_kernel_types.py checks that their sizes agree, so a
+# field added here without its numpy twin fails the suite rather than
+# silently misreading compiled rules.
+
+from libc.stdint cimport int32_t, int64_t, uint64_t
+
+
+# How one event column is laid out in the caller's memory.  The kernel never
+# converts a whole column: it gathers the rows it needs, widening to int64.
+cdef enum ColumnType:
+    COL_ABSENT = 0      # optional column not in the batch: every row reads 0
+    COL_I64 = 1
+    COL_I32 = 2
+    COL_U16 = 3
+    COL_U8 = 4
+
+
+cdef struct Column:
+    const void* data    # row 0 of the column; NULL when COL_ABSENT
+    int type            # a ColumnType
+
+
+# Opcodes of a compiled `where` program.  A program is a straight-line list of
+# Ops; each writes one register (a byte per selected row) and the rule's
+# result is the register written last.
+cdef enum OpCode:
+    OP_EQ = 0           # dst = column[a] == imm
+    OP_NE = 1
+    OP_LT = 2
+    OP_LE = 3
+    OP_GT = 4
+    OP_GE = 5
+    OP_IN = 6           # dst = column[a] in constants[b : b + imm] (sorted)
+    OP_PREFIX = 7       # dst = decimal digits of column[a] start with one of constants[b : b + imm]
+    OP_AND = 8          # dst = reg[a] & reg[b]
+    OP_OR = 9           # dst = reg[a] | reg[b]
+    OP_NOT = 10         # dst = !reg[a]
+
+
+cdef struct Op:
+    int32_t code        # an OpCode
+    int32_t dst         # register written
+    int32_t a           # column index (tests) or first register (logic)
+    int32_t b           # second register (AND/OR) or offset into the constant pool (IN/PREFIX)
+    int64_t imm         # comparison literal, or number of constants (IN/PREFIX)
+
+
+# Stateful condition of a rule (SPEC section 3).
+cdef enum CondType:
+    COND_NONE = 0
+    COND_COUNT = 1      # state: the at_least - 1 largest qualifying ts seen, ascending
+    COND_FIRST = 2      # state: the largest qualifying ts seen
+    COND_CHANGED = 3    # state: the last non-zero value of the column
+
+
+# splitmix64's finaliser: a bijection on 64 bits with full avalanche.  The
+# subscriber table uses its low bits and shard selection its high bits, so a
+# shard's subscribers still spread evenly over that shard's table.
+cdef inline uint64_t mix64(uint64_t z) noexcept nogil:
+    z = (z ^ (z >> 30)) * <uint64_t>0xbf58476d1ce4e5b9ULL
+    z = (z ^ (z >> 27)) * <uint64_t>0x94d049bb133111ebULL
+    return z ^ (z >> 31)

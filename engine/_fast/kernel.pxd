@@ -1,0 +1,79 @@
+# The rule-matching kernel: declarations other Cython modules can cimport
+# (see engine.get_include()).  Semantics are documented in kernel.pyx and in
+# docs/kernel.md; engine/reference.py is the plain-Python statement of them.
+
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t
+
+from engine._fast._types cimport Column, Op
+
+
+cdef class Kernel:
+    # -- compiled rules, immutable after construction ------------------------
+    cdef readonly Py_ssize_t n_rules
+    cdef uint32_t* kinds          # per rule: bit k set when the rule listens to kind k
+    cdef int32_t* op_begin        # per rule: its where program is ops[op_begin:op_end]
+    cdef int32_t* op_end
+    cdef int32_t* result_reg      # per rule: register holding where's result; -1 = no where
+    cdef int32_t* cond            # per rule: a CondType
+    cdef int64_t* cond_n          # per rule: count's at_least
+    cdef int64_t* cond_window     # per rule: count/first window W in ms
+    cdef int32_t* cond_column     # per rule: changed's column index
+    cdef int64_t* cooldown        # per rule: ms, 0 = none
+    cdef int32_t* priority        # per rule: higher wins arbitration
+    cdef int32_t* width           # per rule: int64 words per state row; 0 = stateless
+    cdef Op* ops
+    cdef Py_ssize_t n_ops
+    cdef int32_t n_regs           # registers one program may use
+    cdef int64_t* constants       # IN sets (sorted) and PREFIX prefixes
+    cdef int32_t* constant_digits # decimal digit count of each constant (PREFIX only)
+    cdef Py_ssize_t n_constants
+
+    # -- subscriber index: msisdn -> dense subscriber id -----------------------
+    # Open addressing with linear probing over a power-of-two table kept at
+    # most half full; key 0 marks an empty bucket (validation guarantees
+    # msisdn > 0).  Dense ids never change when the table grows, so all state
+    # indexed by them survives growth untouched.
+    cdef int64_t* table_keys
+    cdef int32_t* table_ids
+    cdef int64_t table_capacity
+    cdef int64_t* sub_msisdn      # dense id -> msisdn; with n_subs, all a checkpoint needs to rebuild the table
+    cdef readonly int64_t n_subs
+    cdef int64_t sub_capacity
+
+    # -- per-rule state, allocated on a subscriber's first qualifying event ------
+    # A state row is [last instruction ts, condition words...].  Only
+    # subscribers that ever passed a rule's on + where have a row for it, so a
+    # rare campaign costs 4 bytes per subscriber (its slot map), not a row.
+    cdef int32_t** slot_of        # [rule][dense id] -> state row, -1 none; NULL for stateless rules
+    cdef int64_t** state          # [rule] rows of width[rule] words
+    cdef int64_t* state_rows
+    cdef int64_t* state_capacity
+
+    # -- counters per rule -------------------------------------------------------
+    cdef int64_t* matched
+    cdef int64_t* stopped_cooldown
+    cdef int64_t* stopped_arbitrated
+    cdef int64_t* emitted
+
+    # -- scratch reused by every batch -----------------------------------------
+    cdef uint8_t* regs            # n_regs registers of CHUNK bytes
+    cdef int64_t* vals            # a gathered column, CHUNK values
+    cdef int32_t* bucket_rows     # chunk rows grouped by kind
+    cdef int32_t* row_head        # per chunk row: first (row, rule) pair, -1 none
+    cdef int32_t* row_tail
+    cdef int32_t* pair_next
+    cdef int32_t* pair_rule
+    cdef int32_t* survivors       # rules that survived policy on one event
+
+    cdef bint _op_is_valid(self, Op op, Py_ssize_t n_constants)
+    cdef object _copy_i64(self, const int64_t* src, Py_ssize_t n)
+    cdef object _copy_i32(self, const int32_t* src, Py_ssize_t n)
+    cdef _load_counter(self, dict state, str name, int64_t* dst)
+    cdef int grow_subscribers(self) except -1 nogil
+    cdef int rebuild_table(self, int64_t capacity) except -1 nogil
+    cdef int64_t find_or_insert(self, int64_t msisdn) except -1 nogil
+    cdef int64_t* state_row(self, Py_ssize_t rule, int64_t sub) except NULL nogil
+    cdef void run_where(self, Py_ssize_t rule, const Column* cols, Py_ssize_t base,
+                        const int32_t* sel, Py_ssize_t n) noexcept nogil
+    cdef Py_ssize_t process_columns(self, const Column* cols, Py_ssize_t n,
+                                    int64_t* out_row, int32_t* out_rule) except -1 nogil

@@ -1,0 +1,733 @@
+# The rule-matching kernel.
+#
+# One call of Kernel.process() takes a batch of events as columns and returns
+# the (row, rule) pairs that became instructions, in row order.  It works in
+# chunks of CHUNK rows, in two phases per chunk:
+#
+#   1. Filtering, vectorised.  Rows are grouped by kind with a counting sort;
+#      each rule's `where` program then runs only over the rows of the kinds in
+#      its `on`, one op at a time over the whole selection, producing the
+#      (row, rule) candidate pairs.  Cost is proportional to the rows a rule
+#      listens to, not to the batch.
+#   2. Deciding, in row order.  For each row with candidates, the subscriber is
+#      looked up once; each candidate rule's stateful condition is evaluated and
+#      its state moved; matches go through cooldown and then arbitration by
+#      priority; the winner is written out and starts its cooldown.
+#
+# Both phases run without the GIL and make no Python call.  State is plain C
+# arrays indexed by a dense subscriber id, so a checkpoint is a handful of
+# memcpy's (export_state/import_state), and sharding is deciding which msisdns
+# a Kernel sees (shard_of).
+#
+# engine/reference.py states the same semantics in plain Python; the property
+# tests in tests/test_differential.py hold the two to identical output.
+
+from libc.stdint cimport INT64_MIN, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcpy, memset
+
+import numpy as np
+
+from engine._fast._types cimport (
+    COL_ABSENT, COL_I32, COL_I64, COL_U16, COL_U8,
+    COND_CHANGED, COND_COUNT, COND_FIRST, COND_NONE,
+    OP_AND, OP_EQ, OP_GE, OP_GT, OP_IN, OP_LE, OP_LT, OP_NE, OP_NOT, OP_OR, OP_PREFIX,
+    Column, Op, mix64,
+)
+
+# Rows per chunk: registers (CHUNK bytes each) and the gathered column
+# (CHUNK int64) of one rule stay in L1/L2 while its program runs.
+cdef enum:
+    CHUNK = 2048
+    N_COLUMNS = 12
+    KIND_COLUMN = 2
+    TS_COLUMN = 0
+    MSISDN_COLUMN = 1
+
+# Layout of each event column, in engine.schema.EVENT_COLUMNS order.
+cdef int COLUMN_LAYOUT[12]
+COLUMN_LAYOUT[:] = [COL_I64, COL_I64, COL_U8, COL_I64, COL_I32, COL_I64,
+                    COL_I64, COL_I64, COL_I64, COL_U16, COL_I64, COL_I32]
+_LAYOUT_DTYPES = {COL_I64: "int64", COL_I32: "int32", COL_U16: "uint16", COL_U8: "uint8"}
+
+cdef int64_t POW10[19]
+POW10[:] = [1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000,
+            1000000000, 10000000000, 100000000000, 1000000000000,
+            10000000000000, 100000000000000, 1000000000000000,
+            10000000000000000, 100000000000000000, 1000000000000000000]
+
+# Sentinel for "no timestamp": validation keeps event ts >= 0.
+cdef int64_t NO_TS = INT64_MIN
+
+
+def column_dtypes():
+    """numpy dtype names the kernel expects, in engine.schema.EVENT_COLUMNS order."""
+    return [_LAYOUT_DTYPES[COLUMN_LAYOUT[i]] for i in range(N_COLUMNS)]
+
+
+def sizeof_op():
+    """sizeof(Op), for the test that engine.compiler.OP_DTYPE mirrors it."""
+    return sizeof(Op)
+
+
+def shard_of(const int64_t[::1] msisdn, uint32_t n_shards):
+    """Shard of each subscriber: the high half of mix64(msisdn) modulo n_shards.
+
+    Stable across versions and platforms: a shard's checkpoint holds exactly
+    the subscribers this function sends to it.
+    """
+    if n_shards == 0:
+        raise ValueError("n_shards must be positive")
+    out = np.empty(msisdn.shape[0], dtype=np.uint32)
+    cdef uint32_t[::1] dst = out
+    cdef Py_ssize_t i
+    with nogil:
+        for i in range(msisdn.shape[0]):
+            dst[i] = <uint32_t>((mix64(<uint64_t>msisdn[i]) >> 32) % n_shards)
+    return out
+
+
+cdef inline int64_t digit_count(int64_t v) noexcept nogil:
+    cdef int64_t d = 1
+    while d < 19 and v >= POW10[d]:
+        d += 1
+    return d
+
+
+cdef inline bint in_sorted(const int64_t* values, int64_t n, int64_t v) noexcept nogil:
+    cdef int64_t lo = 0, hi = n, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if values[mid] < v:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo < n and values[lo] == v
+
+
+cdef inline bint has_prefix(int64_t v, const int64_t* prefixes, const int32_t* digits,
+                            int64_t n) noexcept nogil:
+    if v <= 0:
+        return 0
+    cdef int64_t nd = digit_count(v)
+    cdef int64_t k
+    for k in range(n):
+        if digits[k] <= nd and v // POW10[nd - digits[k]] == prefixes[k]:
+            return 1
+    return 0
+
+
+cdef inline void gather(const Column* col, Py_ssize_t base, const int32_t* sel,
+                        Py_ssize_t n, int64_t* out) noexcept nogil:
+    """out[j] = column[base + sel[j]], widened to int64."""
+    cdef Py_ssize_t j
+    cdef const int64_t* p64
+    cdef const int32_t* p32
+    cdef const uint16_t* p16
+    cdef const uint8_t* p8
+    if col.type == COL_I64:
+        p64 = (<const int64_t*>col.data) + base
+        for j in range(n):
+            out[j] = p64[sel[j]]
+    elif col.type == COL_I32:
+        p32 = (<const int32_t*>col.data) + base
+        for j in range(n):
+            out[j] = p32[sel[j]]
+    elif col.type == COL_U16:
+        p16 = (<const uint16_t*>col.data) + base
+        for j in range(n):
+            out[j] = p16[sel[j]]
+    elif col.type == COL_U8:
+        p8 = (<const uint8_t*>col.data) + base
+        for j in range(n):
+            out[j] = p8[sel[j]]
+    else:
+        memset(out, 0, n * sizeof(int64_t))
+
+
+cdef inline int64_t read(const Column* col, Py_ssize_t row) noexcept nogil:
+    if col.type == COL_I64:
+        return (<const int64_t*>col.data)[row]
+    if col.type == COL_I32:
+        return (<const int32_t*>col.data)[row]
+    if col.type == COL_U16:
+        return (<const uint16_t*>col.data)[row]
+    if col.type == COL_U8:
+        return (<const uint8_t*>col.data)[row]
+    return 0
+
+
+cdef Column as_column(object array, int layout, Py_ssize_t n) except *:
+    """Borrow a pointer to a caller's array; read-only arrays are fine."""
+    cdef Column col
+    cdef const int64_t[::1] v64
+    cdef const int32_t[::1] v32
+    cdef const uint16_t[::1] v16
+    cdef const uint8_t[::1] v8
+    col.data = NULL
+    col.type = COL_ABSENT
+    if array is None:
+        return col
+    if len(array) != n:
+        raise ValueError(f"column has {len(array)} rows, the batch {n}")
+    col.type = layout
+    if n == 0:
+        return col
+    if layout == COL_I64:
+        v64 = array
+        col.data = &v64[0]
+    elif layout == COL_I32:
+        v32 = array
+        col.data = &v32[0]
+    elif layout == COL_U16:
+        v16 = array
+        col.data = &v16[0]
+    else:
+        v8 = array
+        col.data = &v8[0]
+    return col
+
+
+cdef void* checked_alloc(size_t nbytes) except NULL nogil:
+    cdef void* p = calloc(1, nbytes if nbytes else 1)
+    if p == NULL:
+        with gil:
+            raise MemoryError(f"kernel: cannot allocate {nbytes} bytes")
+    return p
+
+
+cdef void* checked_realloc(void* p, size_t nbytes) except NULL nogil:
+    cdef void* q = realloc(p, nbytes if nbytes else 1)
+    if q == NULL:
+        with gil:
+            raise MemoryError(f"kernel: cannot grow to {nbytes} bytes")
+    return q
+
+
+cdef class Kernel:
+    """Compiled rules plus the state of every subscriber they have seen.
+
+    Built by engine.compiler from a RuleSet; users go through engine.Engine.
+    Invariants: dense subscriber ids are 0..n_subs-1 in first-seen order and
+    never change; a rule's state row, once allocated, keeps its index.
+    """
+
+    def __cinit__(self, dict program, int64_t initial_subscribers=1024):
+        cdef Py_ssize_t r, n = len(program["kinds"])
+        self.n_rules = n
+        self.kinds = <uint32_t*>checked_alloc(n * sizeof(uint32_t) + 1)
+        self.op_begin = <int32_t*>checked_alloc(n * sizeof(int32_t) + 1)
+        self.op_end = <int32_t*>checked_alloc(n * sizeof(int32_t) + 1)
+        self.result_reg = <int32_t*>checked_alloc(n * sizeof(int32_t) + 1)
+        self.cond = <int32_t*>checked_alloc(n * sizeof(int32_t) + 1)
+        self.cond_n = <int64_t*>checked_alloc(n * sizeof(int64_t) + 1)
+        self.cond_window = <int64_t*>checked_alloc(n * sizeof(int64_t) + 1)
+        self.cond_column = <int32_t*>checked_alloc(n * sizeof(int32_t) + 1)
+        self.cooldown = <int64_t*>checked_alloc(n * sizeof(int64_t) + 1)
+        self.priority = <int32_t*>checked_alloc(n * sizeof(int32_t) + 1)
+        self.width = <int32_t*>checked_alloc(n * sizeof(int32_t) + 1)
+        self.slot_of = <int32_t**>checked_alloc(n * sizeof(int32_t*) + 1)
+        self.state = <int64_t**>checked_alloc(n * sizeof(int64_t*) + 1)
+        self.state_rows = <int64_t*>checked_alloc(n * sizeof(int64_t) + 1)
+        self.state_capacity = <int64_t*>checked_alloc(n * sizeof(int64_t) + 1)
+        self.matched = <int64_t*>checked_alloc(n * sizeof(int64_t) + 1)
+        self.stopped_cooldown = <int64_t*>checked_alloc(n * sizeof(int64_t) + 1)
+        self.stopped_arbitrated = <int64_t*>checked_alloc(n * sizeof(int64_t) + 1)
+        self.emitted = <int64_t*>checked_alloc(n * sizeof(int64_t) + 1)
+        self.survivors = <int32_t*>checked_alloc(n * sizeof(int32_t) + 1)
+
+        cdef const uint32_t[::1] kinds = program["kinds"]
+        cdef const int32_t[::1] op_begin = program["op_begin"]
+        cdef const int32_t[::1] op_end = program["op_end"]
+        cdef const int32_t[::1] result_reg = program["result_reg"]
+        cdef const int32_t[::1] cond = program["cond"]
+        cdef const int64_t[::1] cond_n = program["cond_n"]
+        cdef const int64_t[::1] cond_window = program["cond_window"]
+        cdef const int32_t[::1] cond_column = program["cond_column"]
+        cdef const int64_t[::1] cooldown = program["cooldown"]
+        cdef const int32_t[::1] priority = program["priority"]
+        cdef const Op[::1] ops = program["ops"]
+        cdef const int64_t[::1] constants = program["constants"]
+        cdef const int32_t[::1] constant_digits = program["constant_digits"]
+        for r in range(n):
+            self.kinds[r] = kinds[r]
+            self.op_begin[r] = op_begin[r]
+            self.op_end[r] = op_end[r]
+            self.result_reg[r] = result_reg[r]
+            self.cond[r] = cond[r]
+            self.cond_n[r] = cond_n[r]
+            self.cond_window[r] = cond_window[r]
+            self.cond_column[r] = cond_column[r]
+            self.cooldown[r] = cooldown[r]
+            self.priority[r] = priority[r]
+            if cond[r] == COND_COUNT:
+                self.width[r] = <int32_t>cond_n[r]       # last instruction ts + (at_least - 1) ts
+            elif cond[r] != COND_NONE:
+                self.width[r] = 2
+            elif cooldown[r] > 0:
+                self.width[r] = 1
+            else:
+                self.width[r] = 0
+            if (cond[r] == COND_CHANGED and not 0 <= cond_column[r] < N_COLUMNS) or not (
+                    0 <= op_begin[r] <= op_end[r] <= ops.shape[0]):
+                raise ValueError(f"malformed program for rule {r}")
+        self.n_ops = ops.shape[0]
+        self.ops = <Op*>checked_alloc(self.n_ops * sizeof(Op) + 1)
+        self.n_regs = program["n_regs"]
+        for r in range(self.n_ops):
+            self.ops[r] = ops[r]
+            if not self._op_is_valid(ops[r], constants.shape[0]):
+                raise ValueError(f"malformed op {r}")
+        self.n_constants = constants.shape[0]
+        self.constants = <int64_t*>checked_alloc(self.n_constants * sizeof(int64_t) + 1)
+        self.constant_digits = <int32_t*>checked_alloc(self.n_constants * sizeof(int32_t) + 1)
+        for r in range(self.n_constants):
+            self.constants[r] = constants[r]
+            self.constant_digits[r] = constant_digits[r]
+
+        self.regs = <uint8_t*>checked_alloc(<size_t>self.n_regs * CHUNK + 1)
+        self.vals = <int64_t*>checked_alloc(CHUNK * sizeof(int64_t))
+        self.bucket_rows = <int32_t*>checked_alloc(CHUNK * sizeof(int32_t))
+        self.row_head = <int32_t*>checked_alloc(CHUNK * sizeof(int32_t))
+        self.row_tail = <int32_t*>checked_alloc(CHUNK * sizeof(int32_t))
+        self.pair_next = <int32_t*>checked_alloc(CHUNK * (n + 1) * sizeof(int32_t))
+        self.pair_rule = <int32_t*>checked_alloc(CHUNK * (n + 1) * sizeof(int32_t))
+
+        # Subscriber index.  initial_subscribers only sizes the first
+        # allocation; tests set it tiny to exercise growth.
+        self.sub_capacity = max(initial_subscribers, 1)
+        self.sub_msisdn = <int64_t*>checked_alloc(self.sub_capacity * sizeof(int64_t))
+        self.table_capacity = 2
+        while self.table_capacity < 2 * self.sub_capacity:
+            self.table_capacity *= 2
+        self.table_keys = <int64_t*>checked_alloc(self.table_capacity * sizeof(int64_t))
+        self.table_ids = <int32_t*>checked_alloc(self.table_capacity * sizeof(int32_t))
+        for r in range(n):
+            if self.width[r]:
+                self.slot_of[r] = <int32_t*>checked_alloc(self.sub_capacity * sizeof(int32_t))
+                memset(self.slot_of[r], 0xFF, self.sub_capacity * sizeof(int32_t))   # -1: no row
+
+    def __dealloc__(self):
+        cdef Py_ssize_t r
+        if self.slot_of != NULL and self.state != NULL:
+            for r in range(self.n_rules):
+                free(self.slot_of[r])
+                free(self.state[r])
+        free(self.kinds); free(self.op_begin); free(self.op_end); free(self.result_reg)
+        free(self.cond); free(self.cond_n); free(self.cond_window); free(self.cond_column)
+        free(self.cooldown); free(self.priority); free(self.width)
+        free(self.slot_of); free(self.state); free(self.state_rows); free(self.state_capacity)
+        free(self.matched); free(self.stopped_cooldown); free(self.stopped_arbitrated)
+        free(self.emitted); free(self.survivors)
+        free(self.ops); free(self.constants); free(self.constant_digits)
+        free(self.regs); free(self.vals); free(self.bucket_rows); free(self.row_head)
+        free(self.row_tail); free(self.pair_next); free(self.pair_rule)
+        free(self.sub_msisdn); free(self.table_keys); free(self.table_ids)
+
+    cdef bint _op_is_valid(self, Op op, Py_ssize_t n_constants):
+        if not (0 <= op.dst < self.n_regs and 0 <= op.code <= OP_NOT and op.a >= 0):
+            return False
+        if op.code <= OP_PREFIX and op.a >= N_COLUMNS:
+            return False
+        if op.code in (OP_IN, OP_PREFIX):
+            return 0 <= op.b and op.imm >= 1 and op.b + op.imm <= n_constants
+        if op.code in (OP_AND, OP_OR, OP_NOT):
+            return op.a < self.n_regs and 0 <= op.b < self.n_regs
+        return True
+
+    # -- subscriber index ------------------------------------------------------
+
+    cdef int grow_subscribers(self) except -1 nogil:
+        cdef int64_t old = self.sub_capacity, new = 2 * old
+        cdef Py_ssize_t r
+        if new > 2147483647:
+            with gil:
+                raise OverflowError("a kernel holds at most 2**31 - 1 subscribers: shard by msisdn")
+        self.sub_msisdn = <int64_t*>checked_realloc(self.sub_msisdn, new * sizeof(int64_t))
+        for r in range(self.n_rules):
+            if self.width[r]:
+                self.slot_of[r] = <int32_t*>checked_realloc(self.slot_of[r], new * sizeof(int32_t))
+                memset(self.slot_of[r] + old, 0xFF, (new - old) * sizeof(int32_t))
+        self.sub_capacity = new
+        return 0
+
+    cdef int rebuild_table(self, int64_t capacity) except -1 nogil:
+        """Re-create the hash table at `capacity` (a power of two) from the dense msisdn array."""
+        cdef int64_t mask = capacity - 1, i, h
+        cdef int64_t* keys = <int64_t*>checked_alloc(capacity * sizeof(int64_t))
+        cdef int32_t* ids = <int32_t*>calloc(capacity, sizeof(int32_t))
+        if ids == NULL:
+            free(keys)
+            with gil:
+                raise MemoryError("kernel: cannot grow the subscriber table")
+        for i in range(self.n_subs):
+            h = <int64_t>(mix64(<uint64_t>self.sub_msisdn[i]) & <uint64_t>mask)
+            while keys[h] != 0:
+                h = (h + 1) & mask
+            keys[h] = self.sub_msisdn[i]
+            ids[h] = <int32_t>i
+        free(self.table_keys)
+        free(self.table_ids)
+        self.table_keys = keys
+        self.table_ids = ids
+        self.table_capacity = capacity
+        return 0
+
+    cdef int64_t find_or_insert(self, int64_t msisdn) except -1 nogil:
+        cdef int64_t mask = self.table_capacity - 1
+        cdef int64_t h = <int64_t>(mix64(<uint64_t>msisdn) & <uint64_t>mask)
+        while self.table_keys[h] != 0:
+            if self.table_keys[h] == msisdn:
+                return self.table_ids[h]
+            h = (h + 1) & mask
+        if self.n_subs == self.sub_capacity:
+            self.grow_subscribers()
+        if 2 * (self.n_subs + 1) > self.table_capacity:
+            self.rebuild_table(2 * self.table_capacity)
+            mask = self.table_capacity - 1
+            h = <int64_t>(mix64(<uint64_t>msisdn) & <uint64_t>mask)
+            while self.table_keys[h] != 0:
+                h = (h + 1) & mask
+        self.table_keys[h] = msisdn
+        self.table_ids[h] = <int32_t>self.n_subs
+        self.sub_msisdn[self.n_subs] = msisdn
+        self.n_subs += 1
+        return self.n_subs - 1
+
+    cdef int64_t* state_row(self, Py_ssize_t rule, int64_t sub) except NULL nogil:
+        """The rule's state row for a subscriber, allocated on first use."""
+        cdef int32_t slot = self.slot_of[rule][sub]
+        cdef int64_t w = self.width[rule], k, capacity
+        cdef int64_t* row
+        if slot < 0:
+            if self.state_rows[rule] == self.state_capacity[rule]:
+                capacity = max(2 * self.state_capacity[rule], 64)
+                self.state[rule] = <int64_t*>checked_realloc(
+                    self.state[rule], capacity * w * sizeof(int64_t))
+                self.state_capacity[rule] = capacity
+            slot = <int32_t>self.state_rows[rule]
+            self.state_rows[rule] += 1
+            self.slot_of[rule][sub] = slot
+            row = self.state[rule] + slot * w
+            for k in range(w):
+                row[k] = NO_TS
+            if self.cond[rule] == COND_CHANGED:
+                row[1] = 0
+            return row
+        return self.state[rule] + slot * w
+
+    # -- the two phases ----------------------------------------------------------
+
+    cdef void run_where(self, Py_ssize_t rule, const Column* cols, Py_ssize_t base,
+                        const int32_t* sel, Py_ssize_t n) noexcept nogil:
+        """Run the rule's where program over the selected chunk rows."""
+        cdef Py_ssize_t o, j
+        cdef const Op* op
+        cdef uint8_t* dst
+        cdef const uint8_t* ra
+        cdef const uint8_t* rb
+        cdef int64_t imm
+        cdef int64_t* vals = self.vals
+        for o in range(self.op_begin[rule], self.op_end[rule]):
+            op = &self.ops[o]
+            dst = self.regs + <Py_ssize_t>op.dst * CHUNK
+            imm = op.imm
+            if op.code <= OP_PREFIX:
+                gather(&cols[op.a], base, sel, n, vals)
+            if op.code == OP_EQ:
+                for j in range(n):
+                    dst[j] = vals[j] == imm
+            elif op.code == OP_NE:
+                for j in range(n):
+                    dst[j] = vals[j] != imm
+            elif op.code == OP_LT:
+                for j in range(n):
+                    dst[j] = vals[j] < imm
+            elif op.code == OP_LE:
+                for j in range(n):
+                    dst[j] = vals[j] <= imm
+            elif op.code == OP_GT:
+                for j in range(n):
+                    dst[j] = vals[j] > imm
+            elif op.code == OP_GE:
+                for j in range(n):
+                    dst[j] = vals[j] >= imm
+            elif op.code == OP_IN:
+                for j in range(n):
+                    dst[j] = in_sorted(self.constants + op.b, imm, vals[j])
+            elif op.code == OP_PREFIX:
+                for j in range(n):
+                    dst[j] = has_prefix(vals[j], self.constants + op.b,
+                                        self.constant_digits + op.b, imm)
+            else:
+                ra = self.regs + <Py_ssize_t>op.a * CHUNK
+                rb = self.regs + <Py_ssize_t>op.b * CHUNK
+                if op.code == OP_AND:
+                    for j in range(n):
+                        dst[j] = ra[j] & rb[j]
+                elif op.code == OP_OR:
+                    for j in range(n):
+                        dst[j] = ra[j] | rb[j]
+                else:
+                    for j in range(n):
+                        dst[j] = ra[j] ^ 1
+
+    cdef Py_ssize_t process_columns(self, const Column* cols, Py_ssize_t n,
+                                    int64_t* out_row, int32_t* out_rule) except -1 nogil:
+        cdef Py_ssize_t base, m, i, j, k, r, g, cnt, n_out = 0, n_pairs, n_surv
+        cdef int32_t p, best
+        cdef int32_t bucket_start[257]
+        cdef int32_t bucket_fill[256]
+        cdef const uint8_t* kind = <const uint8_t*>cols[KIND_COLUMN].data
+        cdef const int64_t* ts_col = <const int64_t*>cols[TS_COLUMN].data
+        cdef const int64_t* msisdn_col = <const int64_t*>cols[MSISDN_COLUMN].data
+        cdef const int32_t* sel
+        cdef const uint8_t* res
+        cdef int64_t ts, sub, lo, c, v, last
+        cdef int64_t* row
+        cdef bint match
+        base = 0
+        while base < n:
+            m = min(<Py_ssize_t>CHUNK, n - base)
+
+            # Phase 1: group rows by kind, then filter each rule's kinds.
+            memset(bucket_fill, 0, sizeof(bucket_fill))
+            for i in range(m):
+                bucket_fill[kind[base + i]] += 1
+            bucket_start[0] = 0
+            for k in range(256):
+                bucket_start[k + 1] = bucket_start[k] + bucket_fill[k]
+                bucket_fill[k] = bucket_start[k]
+            for i in range(m):
+                self.bucket_rows[bucket_fill[kind[base + i]]] = <int32_t>i
+                bucket_fill[kind[base + i]] += 1
+                self.row_head[i] = -1
+            n_pairs = 0
+            for r in range(self.n_rules):
+                for k in range(32):
+                    if not (self.kinds[r] >> k) & 1:
+                        continue
+                    cnt = bucket_start[k + 1] - bucket_start[k]
+                    if cnt == 0:
+                        continue
+                    sel = self.bucket_rows + bucket_start[k]
+                    res = NULL
+                    if self.result_reg[r] >= 0:
+                        self.run_where(r, cols, base, sel, cnt)
+                        res = self.regs + <Py_ssize_t>self.result_reg[r] * CHUNK
+                    for j in range(cnt):
+                        if res != NULL and not res[j]:
+                            continue
+                        i = sel[j]
+                        self.pair_rule[n_pairs] = <int32_t>r
+                        self.pair_next[n_pairs] = -1
+                        if self.row_head[i] < 0:
+                            self.row_head[i] = <int32_t>n_pairs
+                        else:
+                            self.pair_next[self.row_tail[i]] = <int32_t>n_pairs
+                        self.row_tail[i] = <int32_t>n_pairs
+                        n_pairs += 1
+
+            # Phase 2: conditions, cooldown and arbitration, in row order.
+            for i in range(m):
+                p = self.row_head[i]
+                if p < 0:
+                    continue
+                g = base + i
+                ts = ts_col[g]
+                sub = -1
+                n_surv = 0
+                best = -1
+                while p >= 0:
+                    r = self.pair_rule[p]
+                    p = self.pair_next[p]
+                    match = 1
+                    if self.width[r] and sub < 0:
+                        sub = self.find_or_insert(msisdn_col[g])
+                    if self.cond[r] == COND_COUNT:
+                        # Window (ts - W, ts]; the current event counts itself.
+                        row = self.state_row(r, sub)
+                        lo = ts - self.cond_window[r]
+                        c = 1
+                        for k in range(1, self.width[r]):
+                            if lo < row[k] <= ts:
+                                c += 1
+                        match = c >= self.cond_n[r]
+                        # Keep the at_least - 1 largest ts, ascending.
+                        if self.width[r] > 1 and ts > row[1]:
+                            k = 1
+                            while k + 1 < self.width[r] and row[k + 1] < ts:
+                                row[k] = row[k + 1]
+                                k += 1
+                            row[k] = ts
+                    elif self.cond[r] == COND_FIRST:
+                        # Fires when no earlier event lies in [ts - W, ts].  A
+                        # late event (one newer already seen) cannot tell, so
+                        # it does not fire: never a false first.
+                        row = self.state_row(r, sub)
+                        last = row[1]
+                        match = last <= ts and last < ts - self.cond_window[r]
+                        if ts > last:
+                            row[1] = ts
+                    elif self.cond[r] == COND_CHANGED:
+                        v = read(&cols[self.cond_column[r]], g)
+                        match = 0
+                        if v != 0:
+                            row = self.state_row(r, sub)
+                            match = row[1] != 0 and row[1] != v
+                            row[1] = v
+                    if not match:
+                        continue
+                    self.matched[r] += 1
+                    if self.cooldown[r] > 0 and self.slot_of[r][sub] >= 0:
+                        last = self.state[r][<int64_t>self.slot_of[r][sub] * self.width[r]]
+                        if last > ts - self.cooldown[r]:
+                            self.stopped_cooldown[r] += 1
+                            continue
+                    self.survivors[n_surv] = <int32_t>r
+                    n_surv += 1
+                    if best < 0 or self.priority[r] > self.priority[best]:
+                        best = <int32_t>r
+                if best < 0:
+                    continue
+                for k in range(n_surv):
+                    if self.survivors[k] != best:
+                        self.stopped_arbitrated[self.survivors[k]] += 1
+                self.emitted[best] += 1
+                if self.width[best]:
+                    self.state_row(best, sub)[0] = ts
+                out_row[n_out] = g
+                out_rule[n_out] = best
+                n_out += 1
+            base += m
+        return n_out
+
+    # -- Python interface ----------------------------------------------------------
+
+    def process(self, tuple columns, Py_ssize_t n):
+        """Match one batch; returns (rows, rules) of the instructions, in row order.
+
+        `columns` are the batch's canonical columns (engine.schema.EVENT_COLUMNS
+        order, typed as column_dtypes(), C-contiguous, None for an absent
+        optional column); the arrays may be read-only.  At most one
+        instruction per event, so n rows of output space always suffice.
+        """
+        cdef Column cols[12]
+        cdef Py_ssize_t i, n_out
+        if len(columns) != N_COLUMNS:
+            raise ValueError(f"expected {N_COLUMNS} columns, got {len(columns)}")
+        for i in (TS_COLUMN, MSISDN_COLUMN, KIND_COLUMN):
+            if columns[i] is None:
+                raise ValueError(f"column {i} is required")
+        for i in range(N_COLUMNS):
+            cols[i] = as_column(columns[i], COLUMN_LAYOUT[i], n)
+        rows = np.empty(n, dtype=np.int64)
+        rules = np.empty(n, dtype=np.int32)
+        cdef int64_t[::1] out_row = rows
+        cdef int32_t[::1] out_rule = rules
+        if n == 0:
+            return rows, rules
+        with nogil:
+            n_out = self.process_columns(cols, n, &out_row[0], &out_rule[0])
+        return rows[:n_out], rules[:n_out]
+
+    def counters(self):
+        """Per-rule counters as int64 arrays (copies)."""
+        return {
+            "matched": self._copy_i64(self.matched, self.n_rules),
+            "stopped_cooldown": self._copy_i64(self.stopped_cooldown, self.n_rules),
+            "stopped_arbitrated": self._copy_i64(self.stopped_arbitrated, self.n_rules),
+            "emitted": self._copy_i64(self.emitted, self.n_rules),
+        }
+
+    def memory_bytes(self):
+        """Bytes held for subscriber state: index, slot maps and state rows."""
+        cdef int64_t total = self.table_capacity * (sizeof(int64_t) + sizeof(int32_t))
+        cdef Py_ssize_t r
+        total += self.sub_capacity * sizeof(int64_t)
+        for r in range(self.n_rules):
+            if self.width[r]:
+                total += self.sub_capacity * sizeof(int32_t)
+                total += self.state_capacity[r] * self.width[r] * sizeof(int64_t)
+        return total
+
+    cdef object _copy_i64(self, const int64_t* src, Py_ssize_t n):
+        out = np.empty(n, dtype=np.int64)
+        cdef int64_t[::1] dst = out
+        if n:
+            memcpy(&dst[0], src, n * sizeof(int64_t))
+        return out
+
+    cdef object _copy_i32(self, const int32_t* src, Py_ssize_t n):
+        out = np.empty(n, dtype=np.int32)
+        cdef int32_t[::1] dst = out
+        if n:
+            memcpy(&dst[0], src, n * sizeof(int32_t))
+        return out
+
+    def export_state(self):
+        """All subscriber state and counters as flat numpy arrays (copies).
+
+        Keys: 'msisdn' (dense id -> msisdn), 'width' (per rule), the four
+        counters, and per stateful rule r: 'slot_of.r' (dense id -> row) and
+        'state.r' (rows * width int64 words).  Whole-array copies: no
+        per-subscriber loop.
+        """
+        cdef Py_ssize_t r
+        state = {"msisdn": self._copy_i64(self.sub_msisdn, self.n_subs),
+                 "width": self._copy_i32(self.width, self.n_rules)}
+        state.update(self.counters())
+        for r in range(self.n_rules):
+            if self.width[r]:
+                state[f"slot_of.{r}"] = self._copy_i32(self.slot_of[r], self.n_subs)
+                state[f"state.{r}"] = self._copy_i64(self.state[r], self.state_rows[r] * self.width[r])
+        return state
+
+    def import_state(self, dict state):
+        """Load what export_state() wrote, into a kernel that has seen no events."""
+        if self.n_subs:
+            raise ValueError("import_state needs a fresh kernel")
+        cdef const int32_t[::1] width = np.ascontiguousarray(state["width"], dtype=np.int32)
+        cdef Py_ssize_t r
+        if width.shape[0] != self.n_rules or any(width[r] != self.width[r] for r in range(self.n_rules)):
+            raise ValueError("state was written by a kernel with different rules")
+        cdef const int64_t[::1] msisdn = np.ascontiguousarray(state["msisdn"], dtype=np.int64)
+        cdef const int64_t[::1] i64
+        cdef const int32_t[::1] i32
+        cdef int64_t n = msisdn.shape[0], rows
+        while self.sub_capacity < n:
+            self.grow_subscribers()
+        if n:
+            memcpy(self.sub_msisdn, &msisdn[0], n * sizeof(int64_t))
+        self.n_subs = n
+        cdef int64_t capacity = self.table_capacity
+        while capacity < 2 * n:
+            capacity *= 2
+        self.rebuild_table(capacity)
+        for r in range(self.n_rules):
+            if not self.width[r]:
+                continue
+            i32 = np.ascontiguousarray(state[f"slot_of.{r}"], dtype=np.int32)
+            i64 = np.ascontiguousarray(state[f"state.{r}"], dtype=np.int64)
+            rows = i64.shape[0] // self.width[r]
+            if (i32.shape[0] != n or i64.shape[0] % self.width[r]
+                    or (n and not -1 <= np.min(i32) <= np.max(i32) < rows)):
+                raise ValueError(f"state of rule {r} is malformed")
+            if n:
+                memcpy(self.slot_of[r], &i32[0], n * sizeof(int32_t))
+            self.state[r] = <int64_t*>checked_realloc(self.state[r], max(rows, 1) * self.width[r] * sizeof(int64_t))
+            if rows:
+                memcpy(self.state[r], &i64[0], rows * self.width[r] * sizeof(int64_t))
+            self.state_rows[r] = rows
+            self.state_capacity[r] = max(rows, 1)
+        self._load_counter(state, "matched", self.matched)
+        self._load_counter(state, "stopped_cooldown", self.stopped_cooldown)
+        self._load_counter(state, "stopped_arbitrated", self.stopped_arbitrated)
+        self._load_counter(state, "emitted", self.emitted)
+
+    cdef _load_counter(self, dict state, str name, int64_t* dst):
+        cdef const int64_t[::1] src = np.ascontiguousarray(state[name], dtype=np.int64)
+        if src.shape[0] != self.n_rules:
+            raise ValueError(f"counter {name} is malformed")
+        if self.n_rules:
+            memcpy(dst, &src[0], self.n_rules * sizeof(int64_t))

@@ -1,0 +1,136 @@
+"""The embedding API: `Engine` (SPEC section 7).
+
+An Engine is one kernel over one set of subscribers.  Several Engines, each
+fed the msisdns that `shard_of` gives it, make a sharded deployment: nothing
+in an Engine is global.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from engine._fast.kernel import Kernel
+from engine.compiler import compile_program
+from engine.instructions import InstructionBuilder
+from engine.rules import RuleSet, load_rules, parse_rules
+from engine.schema import validate_events
+
+_CHECKPOINT_FORMAT = 1
+
+
+class Engine:
+    """Rules, subscriber state and counters; `process` turns events into instructions.
+
+    Not thread-safe: one Engine is driven by one thread at a time (the kernel
+    releases the GIL, so Engines of different shards run in parallel).
+    """
+
+    def __init__(self, ruleset: RuleSet, *, initial_subscribers: int = 1 << 16):
+        self.ruleset = ruleset
+        self._kernel = Kernel(compile_program(ruleset), initial_subscribers)
+        self._builder = InstructionBuilder(ruleset)
+        self._events = 0
+        self._batches = 0
+        self._instructions = 0
+
+    @classmethod
+    def from_files(cls, rules: str | os.PathLike, **options) -> Engine:
+        """An Engine over the rules file at `rules` (TOML, docs/rules.md)."""
+        return cls(load_rules(rules), **options)
+
+    @classmethod
+    def from_text(cls, text: str, source: str = "<string>", **options) -> Engine:
+        """An Engine over rules given as TOML text."""
+        return cls(parse_rules(text, source), **options)
+
+    def process(self, batch) -> pa.Table:
+        """Match one batch of events; return its instructions (SPEC section 5).
+
+        `batch` is an Arrow RecordBatch or Table, or a dict of numpy arrays,
+        with the columns of SPEC section 2.  A batch that fails validation
+        raises engine.BatchError and changes no state.  Events are processed
+        in row order; instructions come out in the order of their events.
+        """
+        events = validate_events(batch)
+        rows, rules = self._kernel.process(events.columns, events.n)
+        self._events += events.n
+        self._batches += 1
+        self._instructions += len(rows)
+        return self._builder.build(events, rows, rules)
+
+    def stats(self) -> dict:
+        """Totals and per-rule counters: matched, sent, and stops by reason."""
+        counters = self._kernel.counters()
+        return {
+            "events": self._events,
+            "batches": self._batches,
+            "instructions": self._instructions,
+            "subscribers": self._kernel.n_subs,
+            "state_bytes": self._kernel.memory_bytes(),
+            "rules": {
+                rule.id: {
+                    "matched": int(counters["matched"][r]),
+                    "sent": int(counters["emitted"][r]),
+                    "stopped": {
+                        "cooldown": int(counters["stopped_cooldown"][r]),
+                        "arbitrated": int(counters["stopped_arbitrated"][r]),
+                    },
+                }
+                for r, rule in enumerate(self.ruleset.rules)
+            },
+        }
+
+    def checkpoint(self, directory: str | os.PathLike) -> None:
+        """Write rules, subscriber state and counters to `directory`, atomically.
+
+        The state goes out as whole arrays (no per-subscriber loop).  The
+        directory is written beside its final name and renamed into place, so
+        a crash leaves either the old checkpoint or the new one.
+        """
+        final = Path(directory)
+        staging = final.with_name(final.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        with open(staging / "state.npz", "wb") as f:
+            np.savez(f, **self._kernel.export_state())
+            f.flush()
+            os.fsync(f.fileno())
+        (staging / "rules.toml").write_text(self.ruleset.text, encoding="utf-8")
+        meta = {
+            "format": _CHECKPOINT_FORMAT,
+            "rules_source": self.ruleset.source,
+            "events": self._events,
+            "batches": self._batches,
+            "instructions": self._instructions,
+        }
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        if final.exists():
+            previous = final.with_name(final.name + ".old")
+            shutil.rmtree(previous, ignore_errors=True)
+            final.rename(previous)
+            staging.rename(final)
+            shutil.rmtree(previous)
+        else:
+            staging.rename(final)
+
+    @classmethod
+    def restore(cls, directory: str | os.PathLike, **options) -> Engine:
+        """An Engine that continues exactly where `checkpoint(directory)` left off."""
+        directory = Path(directory)
+        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+        if meta.get("format") != _CHECKPOINT_FORMAT:
+            raise ValueError(f"{directory}: checkpoint format {meta.get('format')!r} is not {_CHECKPOINT_FORMAT}")
+        text = (directory / "rules.toml").read_text(encoding="utf-8")
+        engine = cls(parse_rules(text, meta["rules_source"]), **options)
+        with np.load(directory / "state.npz") as arrays:
+            engine._kernel.import_state({name: arrays[name] for name in arrays.files})
+        engine._events = meta["events"]
+        engine._batches = meta["batches"]
+        engine._instructions = meta["instructions"]
+        return engine

@@ -1,0 +1,557 @@
+"""Rules files (SPEC section 3): TOML in, a checked `RuleSet` out.
+
+This module only parses and checks; it never runs anything.  The kernel
+compiler (`engine.compiler`) and the plain-Python reference
+(`engine.reference`) both consume the `RuleSet` built here, so the two agree
+on what a rules file means by construction.
+
+The `where` language is a small, closed grammar (docs/rules.md):
+
+    expr    := and ("or" and)*
+    and     := unary ("and" unary)*
+    unary   := "not" unary | "(" expr ")" | test
+    test    := COLUMN OP INTEGER
+             | COLUMN ["not"] "in" (LIST | SETNAME)
+             | COLUMN "prefix" (INTEGER | LIST | SETNAME)
+    OP      := "==" | "!=" | "<" | "<=" | ">" | ">="
+    LIST    := "[" INTEGER ("," INTEGER)* [","] "]"
+
+Nothing in a rules file is ever evaluated as Python.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from engine.schema import EVENT_COLUMNS, KIND_CODES
+
+# ---------------------------------------------------------------------------
+# The checked form of a rules file.
+
+
+@dataclass(frozen=True)
+class Compare:
+    """`column op value`, op one of == != < <= > >=."""
+
+    column: str
+    op: str
+    value: int
+
+
+@dataclass(frozen=True)
+class InSet:
+    """`column in [...]` or `column in set_name`; `values` sorted, unique."""
+
+    column: str
+    values: tuple[int, ...]
+    set_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """`column prefix ...`: the value's decimal digits start with one of `prefixes`.
+
+    0 and negative values never match; 95555 matches 955551234, not 1095555.
+    """
+
+    column: str
+    prefixes: tuple[int, ...]
+    set_name: str | None = None
+
+
+@dataclass(frozen=True)
+class And:
+    items: tuple["Expr", ...]
+
+
+@dataclass(frozen=True)
+class Or:
+    items: tuple["Expr", ...]
+
+
+@dataclass(frozen=True)
+class Not:
+    item: "Expr"
+
+
+Expr = Union[Compare, InSet, Prefix, And, Or, Not]
+
+
+@dataclass(frozen=True)
+class Count:
+    """At least `at_least` qualifying events with ts in (t - within, t], this one included."""
+
+    at_least: int
+    within: int  # milliseconds
+
+
+@dataclass(frozen=True)
+class First:
+    """No earlier qualifying event with ts in [t - within, t]."""
+
+    within: int  # milliseconds
+
+
+@dataclass(frozen=True)
+class Changed:
+    """The column differs from the last non-zero value seen; 0 is ignored."""
+
+    column: str
+
+
+Condition = Union[Count, First, Changed]
+CONDITION_KEYS = ("count", "first", "changed")
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    on: tuple[int, ...]  # kind codes, sorted
+    where: Expr | None  # None: every event of the `on` kinds
+    condition: Condition | None
+    channels: tuple[str, ...]
+    template: str
+    params: tuple[str, ...]  # event columns the instruction carries
+    priority: int
+    cooldown: int  # milliseconds, 0 = none
+    where_text: str = ""
+
+
+@dataclass(frozen=True)
+class Policy:
+    timezone: str = "UTC"
+    cooldown: int = 0  # default rule cooldown, milliseconds
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """A checked rules file.  Rule order is file order (it breaks priority ties)."""
+
+    rules: tuple[Rule, ...]
+    sets: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    policy: Policy = Policy()
+    source: str = "<string>"
+    text: str = ""  # the file as read: checkpoints carry it so a restore needs no other file
+
+    def rule_index(self, rule_id: str) -> int:
+        for i, rule in enumerate(self.rules):
+            if rule.id == rule_id:
+                return i
+        raise KeyError(rule_id)
+
+
+class RulesError(ValueError):
+    """A rules file that cannot be compiled.
+
+    The message names the file, the rule id (when the problem is inside a
+    rule) and the offending text.
+    """
+
+    def __init__(self, source: str, rule_id: str | None, text: str | None, reason: str):
+        self.source = source
+        self.rule_id = rule_id
+        self.text = text
+        self.reason = reason
+        message = source
+        if rule_id is not None:
+            message += f": rule {rule_id!r}"
+        message += f": {reason}"
+        if text is not None:
+            message += f": {text!r}"
+        super().__init__(message)
+
+
+# ---------------------------------------------------------------------------
+# Durations: "500ms", "30s", "15m", "2h", "30d", "1w", or combined "1d12h".
+
+_DURATION_UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+MAX_DURATION = 100 * 366 * 86_400_000  # keeps ts - W far from int64 overflow in the kernel
+_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d|w)")
+
+
+def parse_duration(value: object) -> int:
+    """A duration string as milliseconds; raises ValueError on anything else."""
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ValueError("a duration is a string such as '30d', '2h', '15m', '90s' or '1d12h'")
+    text = value.strip()
+    pos, total = 0, 0
+    while pos < len(text):
+        m = _DURATION_PART.match(text, pos)
+        if not m:
+            raise ValueError("a duration is a string such as '30d', '2h', '15m', '90s' or '1d12h'")
+        total += int(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if not text:
+        raise ValueError("empty duration")
+    if total > MAX_DURATION:
+        raise ValueError("a duration is at most 100 years")
+    return total
+
+
+# ---------------------------------------------------------------------------
+# The `where` expression parser.
+
+_TOKEN = re.compile(
+    r"\s*(?:(?P<int>-?\d[\d_]*)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<op>==|!=|<=|>=|<|>)|(?P<punct>[()\[\],]))"
+)
+_KEYWORDS = {"and", "or", "not", "in", "prefix"}
+
+
+class _ExprSyntaxError(Exception):
+    pass
+
+
+class _Parser:
+    def __init__(self, text: str, sets: dict[str, tuple[int, ...]]):
+        self.text = text
+        self.sets = sets
+        self.tokens: list[tuple[str, str]] = []
+        pos = 0
+        while pos < len(text):
+            if text[pos:].strip() == "":
+                break
+            m = _TOKEN.match(text, pos)
+            if not m:
+                raise _ExprSyntaxError(f"unexpected character {text[pos:].lstrip()[:1]!r}")
+            kind = m.lastgroup
+            value = m.group(kind)
+            if kind == "name" and value in _KEYWORDS:
+                kind = value
+            self.tokens.append((kind, value))
+            pos = m.end()
+        self.i = 0
+
+    def peek(self) -> tuple[str, str]:
+        return self.tokens[self.i] if self.i < len(self.tokens) else ("end", "")
+
+    def take(self, kind: str | None = None) -> tuple[str, str]:
+        tok = self.peek()
+        if kind is not None and tok[0] != kind:
+            found = tok[1] or "end of expression"
+            raise _ExprSyntaxError(f"expected {kind}, found {found!r}")
+        self.i += 1
+        return tok
+
+    def parse(self) -> Expr:
+        expr = self.parse_or()
+        if self.peek()[0] != "end":
+            raise _ExprSyntaxError(f"unexpected {self.peek()[1]!r}")
+        return expr
+
+    def parse_or(self) -> Expr:
+        items = [self.parse_and()]
+        while self.peek()[0] == "or":
+            self.take()
+            items.append(self.parse_and())
+        return items[0] if len(items) == 1 else Or(tuple(items))
+
+    def parse_and(self) -> Expr:
+        items = [self.parse_unary()]
+        while self.peek()[0] == "and":
+            self.take()
+            items.append(self.parse_unary())
+        return items[0] if len(items) == 1 else And(tuple(items))
+
+    def parse_unary(self) -> Expr:
+        kind, _ = self.peek()
+        if kind == "not":
+            self.take()
+            return Not(self.parse_unary())
+        if kind == "punct" and self.peek()[1] == "(":
+            self.take()
+            expr = self.parse_or()
+            if self.take("punct")[1] != ")":
+                raise _ExprSyntaxError("expected ')'")
+            return expr
+        return self.parse_test()
+
+    def parse_test(self) -> Expr:
+        _, column = self.take("name")
+        if column not in EVENT_COLUMNS:
+            raise _ExprSyntaxError(f"unknown column {column!r} (columns: {', '.join(EVENT_COLUMNS)})")
+        kind, value = self.take()
+        if kind == "op":
+            return Compare(column, value, self.integer(self.take("int")[1]))
+        if kind == "in":
+            values, set_name = self.values()
+            return InSet(column, values, set_name)
+        if kind == "not" and self.peek()[0] == "in":
+            self.take()
+            values, set_name = self.values()
+            return Not(InSet(column, values, set_name))
+        if kind == "prefix":
+            if self.peek()[0] == "int":
+                prefixes, set_name = (self.integer(self.take()[1]),), None
+            else:
+                prefixes, set_name = self.values()
+            for p in prefixes:
+                if p <= 0:
+                    raise _ExprSyntaxError(f"a prefix is a positive number, not {p}")
+            return Prefix(column, prefixes, set_name)
+        raise _ExprSyntaxError(f"expected a comparison, 'in' or 'prefix' after {column!r}, found {value or 'end'!r}")
+
+    def values(self) -> tuple[tuple[int, ...], str | None]:
+        kind, value = self.peek()
+        if kind == "name":
+            self.take()
+            if value not in self.sets:
+                known = ", ".join(sorted(self.sets)) or "none defined"
+                raise _ExprSyntaxError(f"unknown set {value!r} (sets: {known})")
+            return self.sets[value], value
+        if kind == "punct" and value == "[":
+            self.take()
+            values = []
+            while True:
+                values.append(self.integer(self.take("int")[1]))
+                sep = self.take("punct")[1]
+                if sep == "]":
+                    break
+                if sep != ",":
+                    raise _ExprSyntaxError("expected ',' or ']' in a list")
+                if self.peek() == ("punct", "]"):
+                    self.take()
+                    break
+            return tuple(sorted(set(values))), None
+        raise _ExprSyntaxError(f"expected a list [...] or a set name, found {value or 'end'!r}")
+
+    @staticmethod
+    def integer(text: str) -> int:
+        value = int(text.replace("_", ""))
+        if not -(2**63) <= value < 2**63:
+            raise _ExprSyntaxError(f"integer {text} does not fit 64 bits")
+        return value
+
+
+def parse_where(text: str, sets: dict[str, tuple[int, ...]] | None = None) -> Expr:
+    """Parse one `where` expression; raises ValueError with the reason."""
+    try:
+        return _Parser(text, sets or {}).parse()
+    except _ExprSyntaxError as exc:
+        raise ValueError(str(exc)) from None
+
+
+# ---------------------------------------------------------------------------
+# The TOML layer.
+
+_RULE_KEYS = {
+    "id", "on", "where", "channels", "template", "params", "priority", "cooldown", *CONDITION_KEYS,
+}
+_TOP_KEYS = {"policy", "sets", "rule"}
+_POLICY_KEYS = {"timezone", "cooldown"}
+_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _int_list(values: object) -> tuple[int, ...] | None:
+    if not isinstance(values, list):
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and _INT64[0] <= v <= _INT64[1] for v in values):
+        return None
+    return tuple(sorted(set(values)))
+
+
+class _RuleBuilder:
+    """Checks one [[rule]] table; every error names the rule and its text."""
+
+    def __init__(self, source: str, table: dict, position: int, sets: dict, policy: Policy):
+        self.source = source
+        self.table = table
+        self.sets = sets
+        self.policy = policy
+        raw_id = table.get("id")
+        self.rule_id = raw_id if isinstance(raw_id, str) else f"#{position + 1}"
+
+    def fail(self, reason: str, text: object = None) -> RulesError:
+        return RulesError(self.source, self.rule_id, None if text is None else str(text), reason)
+
+    def build(self) -> Rule:
+        t = self.table
+        unknown = sorted(set(t) - _RULE_KEYS)
+        if unknown:
+            raise self.fail(f"unknown key (keys: {', '.join(sorted(_RULE_KEYS))})", unknown[0])
+        if "id" not in t:
+            raise self.fail("missing 'id'")
+        if not isinstance(t["id"], str) or not _ID.match(t["id"]):
+            raise self.fail("'id' must be a name of letters, digits, '_', '.', '-'", t["id"])
+        conditions = [k for k in CONDITION_KEYS if k in t]
+        if len(conditions) > 1:
+            raise self.fail("a rule has at most one stateful condition", ", ".join(conditions))
+        where_text = t.get("where", "")
+        if not isinstance(where_text, str):
+            raise self.fail("'where' must be a string", where_text)
+        try:
+            where = parse_where(where_text, self.sets) if where_text.strip() else None
+        except ValueError as exc:
+            raise self.fail(f"where: {exc}", where_text) from None
+        return Rule(
+            id=t["id"],
+            on=self.kinds(),
+            where=where,
+            condition=self.condition(conditions[0]) if conditions else None,
+            channels=self.channels(),
+            template=self.string("template", default=t["id"]),
+            params=self.params(),
+            priority=self.integer("priority", default=0),
+            cooldown=self.duration("cooldown", default=self.policy.cooldown),
+            where_text=where_text,
+        )
+
+    def kinds(self) -> tuple[int, ...]:
+        on = self.table.get("on")
+        if on is None:
+            raise self.fail("missing 'on' (the event kinds the rule listens to)")
+        names = [on] if isinstance(on, str) else on
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise self.fail("'on' is a kind name or a list of kind names", on)
+        for name in names:
+            if name not in KIND_CODES:
+                raise self.fail(f"unknown event kind (kinds: {', '.join(KIND_CODES)})", name)
+        return tuple(sorted({KIND_CODES[n] for n in names}))
+
+    def condition(self, key: str) -> Condition:
+        spec = self.table[key]
+        if not isinstance(spec, dict):
+            raise self.fail(f"'{key}' is a table, e.g. {_CONDITION_EXAMPLES[key]}", spec)
+        expected = {"count": {"at_least", "within"}, "first": {"within"}, "changed": {"column"}}[key]
+        if set(spec) != expected:
+            raise self.fail(f"'{key}' takes exactly {sorted(expected)}, e.g. {_CONDITION_EXAMPLES[key]}", spec)
+        if key == "changed":
+            column = spec["column"]
+            if column not in EVENT_COLUMNS or column in ("ts", "msisdn"):
+                raise self.fail("changed: 'column' must be an event column other than ts and msisdn", column)
+            return Changed(column)
+        within = self.duration_value(f"{key}.within", spec["within"])
+        if within <= 0:
+            raise self.fail(f"{key}: 'within' must be positive", spec["within"])
+        if key == "first":
+            return First(within)
+        at_least = spec["at_least"]
+        if isinstance(at_least, bool) or not isinstance(at_least, int) or not 1 <= at_least <= 1024:
+            raise self.fail("count: 'at_least' must be an integer from 1 to 1024", at_least)
+        return Count(at_least, within)
+
+    def channels(self) -> tuple[str, ...]:
+        channels = self.table.get("channels")
+        if channels is None:
+            raise self.fail("missing 'channels' (preference-ordered list, e.g. [\"sms\", \"portal\"])")
+        if (
+            not isinstance(channels, list)
+            or not channels
+            or not all(isinstance(c, str) and _ID.match(c) for c in channels)
+            or len(set(channels)) != len(channels)
+        ):
+            raise self.fail("'channels' is a non-empty list of distinct channel names", channels)
+        return tuple(channels)
+
+    def params(self) -> tuple[str, ...]:
+        params = self.table.get("params", [])
+        if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
+            raise self.fail("'params' is a list of event column names", params)
+        for p in params:
+            if p not in EVENT_COLUMNS:
+                raise self.fail(f"params: unknown column (columns: {', '.join(EVENT_COLUMNS)})", p)
+        return tuple(params)
+
+    def string(self, key: str, default: str) -> str:
+        value = self.table.get(key, default)
+        if not isinstance(value, str) or not value:
+            raise self.fail(f"'{key}' must be a non-empty string", value)
+        return value
+
+    def integer(self, key: str, default: int) -> int:
+        value = self.table.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not -(2**31) <= value < 2**31:
+            raise self.fail(f"'{key}' must be a 32-bit integer", value)
+        return value
+
+    def duration(self, key: str, default: int) -> int:
+        if key not in self.table:
+            return default
+        return self.duration_value(key, self.table[key])
+
+    def duration_value(self, key: str, value: object) -> int:
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise self.fail(f"{key}: {exc}", value) from None
+
+
+_CONDITION_EXAMPLES = {
+    "count": '{ at_least = 3, within = "30d" }',
+    "first": '{ within = "30d" }',
+    "changed": '{ column = "imei" }',
+}
+
+
+def _policy(source: str, table: object) -> Policy:
+    if not isinstance(table, dict):
+        raise RulesError(source, None, str(table), "[policy] must be a table")
+    unknown = sorted(set(table) - _POLICY_KEYS)
+    if unknown:
+        raise RulesError(source, None, unknown[0], f"[policy]: unknown key (keys: {', '.join(sorted(_POLICY_KEYS))})")
+    timezone = table.get("timezone", "UTC")
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError, TypeError):
+        raise RulesError(source, None, str(timezone), "[policy]: unknown time zone") from None
+    cooldown = 0
+    if "cooldown" in table:
+        try:
+            cooldown = parse_duration(table["cooldown"])
+        except ValueError as exc:
+            raise RulesError(source, None, str(table["cooldown"]), f"[policy] cooldown: {exc}") from None
+    return Policy(timezone=timezone, cooldown=cooldown)
+
+
+def _sets(source: str, table: object) -> dict[str, tuple[int, ...]]:
+    if not isinstance(table, dict):
+        raise RulesError(source, None, str(table), "[sets] must be a table of name = [numbers]")
+    sets = {}
+    for name, values in table.items():
+        if not _ID.match(name) or name in _KEYWORDS or name in EVENT_COLUMNS:
+            raise RulesError(source, None, name, "[sets]: a set name is an identifier that is not a column or keyword")
+        parsed = _int_list(values)
+        if not parsed:
+            raise RulesError(source, None, f"{name} = {values}", "[sets]: a set is a non-empty list of 64-bit integers")
+        sets[name] = parsed
+    return sets
+
+
+def parse_rules(text: str, source: str = "<string>") -> RuleSet:
+    """Parse and check the text of a rules file."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RulesError(source, None, None, f"not valid TOML: {exc}") from None
+    unknown = sorted(set(doc) - _TOP_KEYS)
+    if unknown:
+        raise RulesError(source, None, unknown[0], "unknown top-level key (expected [policy], [sets], [[rule]])")
+    policy = _policy(source, doc.get("policy", {}))
+    sets = _sets(source, doc.get("sets", {}))
+    tables = doc.get("rule", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise RulesError(source, None, None, "rules are [[rule]] tables")
+    rules = []
+    seen = set()
+    for position, table in enumerate(tables):
+        rule = _RuleBuilder(source, table, position, sets, policy).build()
+        if rule.id in seen:
+            raise RulesError(source, rule.id, rule.id, "duplicate rule id")
+        seen.add(rule.id)
+        rules.append(rule)
+    return RuleSet(rules=tuple(rules), sets=sets, policy=policy, source=source, text=text)
+
+
+def load_rules(path: str | Path) -> RuleSet:
+    """Read and check a rules file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RulesError(str(path), None, None, f"cannot read: {exc.strerror}") from None
+    return parse_rules(text, source=str(path))

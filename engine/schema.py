@@ -1,0 +1,196 @@
+"""Event and instruction schemas (SPEC sections 2 and 5) and batch validation.
+
+An event batch enters Kairos as an Arrow record batch, an Arrow table, or a
+dict of equal-length numpy arrays.  `validate_events` turns any of these into
+an `EventColumns`: one contiguous numpy array per canonical column, typed as
+the schema says, zero-copy where the input already has that type.  A missing
+optional column stays `None` and means 0 for every row; the kernel reads it as
+zeros without allocating anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+# Event kind codes, SPEC section 2.  The position in this tuple is the code.
+KINDS: tuple[str, ...] = (
+    "call_out",
+    "call_in",
+    "sms_out",
+    "sms_in",
+    "data",
+    "location",
+    "recharge",
+    "balance",
+    "device",
+    "order",
+    "care",
+    "status",
+    "portal",
+)
+KIND_CODES: dict[str, int] = {name: code for code, name in enumerate(KINDS)}
+
+# Canonical event columns in kernel order.  The kernel addresses columns by
+# their index in this tuple (see COLUMN_INDEX), so the order is part of the
+# compiled-rule format: append, never reorder.
+EVENT_SCHEMA = pa.schema(
+    [
+        pa.field("ts", pa.int64(), nullable=False),
+        pa.field("msisdn", pa.int64(), nullable=False),
+        pa.field("kind", pa.uint8(), nullable=False),
+        pa.field("peer", pa.int64()),
+        pa.field("duration", pa.int32()),
+        pa.field("volume", pa.int64()),
+        pa.field("amount", pa.int64()),
+        pa.field("balance", pa.int64()),
+        pa.field("cell", pa.int64()),
+        pa.field("mcc", pa.uint16()),
+        pa.field("imei", pa.int64()),
+        pa.field("code", pa.int32()),
+    ]
+)
+EVENT_COLUMNS: tuple[str, ...] = tuple(EVENT_SCHEMA.names)
+REQUIRED_COLUMNS: tuple[str, ...] = ("ts", "msisdn", "kind")
+COLUMN_INDEX: dict[str, int] = {name: i for i, name in enumerate(EVENT_COLUMNS)}
+COLUMN_DTYPES: dict[str, np.dtype] = {
+    f.name: np.dtype(f.type.to_pandas_dtype()) for f in EVENT_SCHEMA
+}
+
+# SPEC section 5.  `params` is a map so that channels read fields by name
+# without parsing; the values are decimal strings of the event fields.
+INSTRUCTION_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("ts", pa.int64(), nullable=False),
+        pa.field("msisdn", pa.int64(), nullable=False),
+        pa.field("rule", pa.string(), nullable=False),
+        pa.field("channel", pa.string(), nullable=False),
+        pa.field("template", pa.string(), nullable=False),
+        pa.field("priority", pa.int32(), nullable=False),
+        pa.field("holdout", pa.bool_(), nullable=False),
+        pa.field("not_before", pa.int64(), nullable=False),
+        pa.field("params", pa.map_(pa.string(), pa.string()), nullable=False),
+    ]
+)
+
+
+class BatchError(ValueError):
+    """An event batch that does not satisfy SPEC section 2.
+
+    `column` names the offending column and `row` the first bad row (None when
+    the problem is the column as a whole, such as a missing or mistyped column).
+    """
+
+    def __init__(self, column: str, row: int | None, reason: str):
+        self.column = column
+        self.row = row
+        self.reason = reason
+        where = f"column {column!r}" + (f", row {row}" if row is not None else "")
+        super().__init__(f"{where}: {reason}")
+
+
+@dataclass(frozen=True)
+class EventColumns:
+    """A validated batch: canonical columns as contiguous numpy arrays.
+
+    `columns[i]` belongs to `EVENT_COLUMNS[i]` and is either an array of
+    `COLUMN_DTYPES` type and length `n`, or None for an absent optional column
+    (all zeros).  Arrays may be read-only views of the caller's buffers.
+    """
+
+    n: int
+    columns: tuple[np.ndarray | None, ...]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """The named column, materialising zeros for an absent one."""
+        col = self.columns[COLUMN_INDEX[name]]
+        if col is None:
+            return np.zeros(self.n, dtype=COLUMN_DTYPES[name])
+        return col
+
+
+def _column_sources(batch) -> tuple[dict[str, object], int]:
+    if isinstance(batch, (pa.RecordBatch, pa.Table)):
+        return {name: batch.column(name) for name in batch.schema.names}, batch.num_rows
+    if isinstance(batch, dict):
+        lengths = {name: len(col) for name, col in batch.items()}
+        n = lengths.get("ts", next(iter(lengths.values()), 0))
+        for name, length in lengths.items():
+            if length != n:
+                raise BatchError(name, None, f"length {length} differs from column 'ts' ({n})")
+        return dict(batch), n
+    raise TypeError(
+        f"an event batch is a pyarrow RecordBatch/Table or a dict of numpy arrays, not {type(batch).__name__}"
+    )
+
+
+def _to_numpy(name: str, source) -> np.ndarray:
+    """One input column as a contiguous numpy array, nulls rejected."""
+    if isinstance(source, pa.ChunkedArray):
+        source = source.combine_chunks() if source.num_chunks != 1 else source.chunk(0)
+    if isinstance(source, pa.Array):
+        if source.null_count:
+            first = int(np.flatnonzero(source.is_null().to_numpy(zero_copy_only=False))[0])
+            raise BatchError(name, first, "null value (missing values must be 0, not null)")
+        if not pa.types.is_integer(source.type):
+            raise BatchError(name, None, f"type {source.type} is not an integer type")
+        return source.to_numpy(zero_copy_only=False)
+    array = np.asarray(source)
+    if array.ndim != 1:
+        raise BatchError(name, None, f"expected a 1-d array, got shape {array.shape}")
+    if array.dtype.kind not in "iu":
+        raise BatchError(name, None, f"dtype {array.dtype} is not an integer type")
+    return array
+
+
+def _cast(name: str, array: np.ndarray) -> np.ndarray:
+    """Cast to the canonical dtype, refusing values that do not fit."""
+    dtype = COLUMN_DTYPES[name]
+    if array.dtype == dtype:
+        return np.ascontiguousarray(array)
+    info = np.iinfo(dtype)
+    if array.size and (np.iinfo(array.dtype).min < info.min or np.iinfo(array.dtype).max > info.max):
+        bad = (array < info.min) | (array > info.max)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise BatchError(name, row, f"value {array[row]} does not fit {dtype}")
+    return array.astype(dtype)
+
+
+def validate_events(batch) -> EventColumns:
+    """Check a batch against SPEC section 2 and return its canonical columns.
+
+    Raises BatchError naming the column and the first bad row for: a missing
+    required column, a non-integer or null column, a value that does not fit
+    the column's type, ts < 0, msisdn <= 0, or an unknown kind code.  Columns that are
+    not in the schema are ignored (feeds may carry extra fields).
+    """
+    sources, n = _column_sources(batch)
+    for name in REQUIRED_COLUMNS:
+        if name not in sources:
+            raise BatchError(name, None, "required column is missing")
+    columns: list[np.ndarray | None] = []
+    for name in EVENT_COLUMNS:
+        if name not in sources:
+            columns.append(None)
+            continue
+        columns.append(_cast(name, _to_numpy(name, sources[name])))
+    msisdn = columns[COLUMN_INDEX["msisdn"]]
+    bad = msisdn <= 0
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise BatchError("msisdn", row, f"value {msisdn[row]} is not a subscriber number (must be > 0)")
+    ts = columns[COLUMN_INDEX["ts"]]
+    bad = ts < 0
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise BatchError("ts", row, f"value {ts[row]} is before the Unix epoch")
+    kind = columns[COLUMN_INDEX["kind"]]
+    bad = kind >= len(KINDS)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise BatchError("kind", row, f"unknown kind code {kind[row]} (0..{len(KINDS) - 1})")
+    return EventColumns(n=n, columns=tuple(columns))
