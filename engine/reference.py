@@ -125,8 +125,8 @@ class ReferenceEngine:
         events = validate_events(batch)
         columns = [events[name].tolist() for name in EVENT_COLUMNS]
         rows = []
-        for values in zip(*columns):
-            event = dict(zip(EVENT_COLUMNS, values))
+        for values in zip(*columns, strict=True):
+            event = dict(zip(EVENT_COLUMNS, values, strict=True))
             r = self.decide(event)
             self.events += 1
             if r is None:

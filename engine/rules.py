@@ -25,7 +25,6 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from engine.schema import EVENT_COLUMNS, KIND_CODES
@@ -66,20 +65,20 @@ class Prefix:
 
 @dataclass(frozen=True)
 class And:
-    items: tuple["Expr", ...]
+    items: tuple[Expr, ...]
 
 
 @dataclass(frozen=True)
 class Or:
-    items: tuple["Expr", ...]
+    items: tuple[Expr, ...]
 
 
 @dataclass(frozen=True)
 class Not:
-    item: "Expr"
+    item: Expr
 
 
-Expr = Union[Compare, InSet, Prefix, And, Or, Not]
+Expr = Compare | InSet | Prefix | And | Or | Not
 
 
 @dataclass(frozen=True)
@@ -104,7 +103,7 @@ class Changed:
     column: str
 
 
-Condition = Union[Count, First, Changed]
+Condition = Count | First | Changed
 CONDITION_KEYS = ("count", "first", "changed")
 
 

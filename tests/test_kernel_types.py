@@ -1,0 +1,62 @@
+"""The Python side of the kernel boundary agrees with the C side."""
+
+import numpy as np
+import pytest
+
+from engine import EVENT_COLUMNS, EVENT_SCHEMA, parse_rules, shard_of
+from engine._fast import kernel
+from engine.compiler import OP_DTYPE, compile_program
+from engine.schema import COLUMN_DTYPES
+
+
+def test_op_dtype_mirrors_c_struct():
+    assert OP_DTYPE.itemsize == kernel.sizeof_op()
+
+
+def test_kernel_column_layout_matches_schema():
+    assert kernel.column_dtypes() == [str(COLUMN_DTYPES[name]) for name in EVENT_COLUMNS]
+    assert [str(np.dtype(f.type.to_pandas_dtype())) for f in EVENT_SCHEMA] == kernel.column_dtypes()
+
+
+def _kernel(text='[[rule]]\nid = "a"\non = "call_out"\nwhere = "peer in [1, 2]"\nchannels = ["sms"]\n'):
+    return kernel.Kernel(compile_program(parse_rules(text)))
+
+
+def test_kernel_refuses_mistyped_column():
+    k = _kernel()
+    cols = [None] * len(EVENT_COLUMNS)
+    cols[0] = np.zeros(3, np.int64)
+    cols[1] = np.ones(3, np.int64)
+    cols[2] = np.zeros(3, np.int64)  # kind must be uint8
+    with pytest.raises(ValueError):
+        k.process(tuple(cols), 3)
+
+
+def test_kernel_refuses_column_of_wrong_length():
+    k = _kernel()
+    cols = [None] * len(EVENT_COLUMNS)
+    cols[0] = np.zeros(3, np.int64)
+    cols[1] = np.ones(2, np.int64)
+    cols[2] = np.zeros(3, np.uint8)
+    with pytest.raises(ValueError, match="rows"):
+        k.process(tuple(cols), 3)
+
+
+def test_kernel_refuses_malformed_program():
+    program = compile_program(parse_rules('[[rule]]\nid = "a"\non = "call_out"\nwhere = "peer in [1]"\n'
+                                          'channels = ["sms"]\n'))
+    program["ops"] = program["ops"].copy()
+    program["ops"]["b"] = 5  # constant pool holds one value
+    with pytest.raises(ValueError, match="malformed op"):
+        kernel.Kernel(program)
+
+
+def test_shard_of_is_stable_and_balanced():
+    msisdn = np.arange(8613800000000, 8613800000000 + 100_000, dtype=np.int64)
+    shards = shard_of(msisdn, 4)
+    assert shards.dtype == np.uint32
+    assert np.array_equal(shards, shard_of(msisdn.copy(), 4))
+    counts = np.bincount(shards, minlength=4)
+    assert counts.min() > 0.95 * len(msisdn) / 4
+    with pytest.raises(ValueError):
+        shard_of(msisdn, 0)
