@@ -8,7 +8,8 @@ Instruction ids are a 128-bit hash of the rule id and every field of the
 triggering event, written as 32 hex digits.  They do not depend on batch
 boundaries or arrival position, so a replay or a recovery gives the same ids
 and a channel can drop duplicates.  `instruction_id` is the scalar statement
-of the same hash, used by the reference implementation and the tests.
+of the same hash, used by the reference implementation and the tests; the
+kernel module's `instruction_ids` computes it for a whole batch.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 
+from engine._fast.kernel import instruction_ids
 from engine.rules import RuleSet
 from engine.schema import COLUMN_INDEX, EVENT_COLUMNS, INSTRUCTION_SCHEMA, EventColumns
 
 _M64 = (1 << 64) - 1
+# Mirrored by ID_GOLDEN and ID_SECOND_SEED in engine/_fast/kernel.pyx.
 _GOLDEN = 0x9E3779B97F4A7C15
 _SECOND_SEED = 0x5851F42D4C957F2D
-_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-_NIBBLE_SHIFTS = np.arange(60, -4, -4, dtype=np.uint64)
 
 
 def rule_seed(rule_id: str) -> int:
@@ -49,19 +50,11 @@ def instruction_id(seed: int, event: tuple[int, ...]) -> str:
     return f"{h1:016x}{h2:016x}"
 
 
-def _mix64_array(z: np.ndarray) -> np.ndarray:
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def _hex_ids(h1: np.ndarray, h2: np.ndarray) -> pa.StringArray:
-    n = len(h1)
-    words = np.stack([h1, h2], axis=1)
-    nibbles = ((words[:, :, None] >> _NIBBLE_SHIFTS) & np.uint64(0xF)).astype(np.uint8)
-    data = _HEX[nibbles.reshape(n, 32)]
+def _ids(events: EventColumns, rows: np.ndarray, seeds: np.ndarray) -> pa.StringArray:
+    n = len(rows)
+    data = instruction_ids(events.columns, rows, seeds)
     offsets = np.arange(n + 1, dtype=np.int32) * 32
-    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(data)))
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
 
 
 class InstructionBuilder:
@@ -85,20 +78,9 @@ class InstructionBuilder:
         n = len(rows)
         ts = events["ts"][rows]
         msisdn = events["msisdn"][rows]
-        seeds = self.seeds[rules]
-        h1 = seeds.copy()
-        h2 = _mix64_array(seeds ^ np.uint64(_SECOND_SEED))
-        golden = np.uint64(_GOLDEN)
-        for column in events.columns:
-            if column is None:
-                values = np.zeros(n, np.uint64)
-            else:
-                values = column[rows].astype(np.int64).view(np.uint64)
-            h1 = _mix64_array(h1 + golden + values)
-            h2 = _mix64_array(h2 + golden + values)
         return pa.Table.from_arrays(
             [
-                _hex_ids(h1, h2),
+                _ids(events, rows, self.seeds[rules]),
                 pa.array(ts, pa.int64()),
                 pa.array(msisdn, pa.int64()),
                 self.rule_ids.take(rules),
