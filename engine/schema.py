@@ -160,6 +160,20 @@ def _cast(name: str, array: np.ndarray) -> np.ndarray:
     return array.astype(dtype)
 
 
+def _check_range(columns: list, name: str, low: int | None, high: int | None, reason: str) -> None:
+    """Raise BatchError at the first value outside [low, high]; one reduction when all is well."""
+    col = columns[COLUMN_INDEX[name]]
+    if (low is None or col.min() >= low) and (high is None or col.max() <= high):
+        return
+    bad = np.zeros(len(col), dtype=bool)
+    if low is not None:
+        bad |= col < low
+    if high is not None:
+        bad |= col > high
+    row = int(np.flatnonzero(bad)[0])
+    raise BatchError(name, row, f"value {col[row]} {reason}")
+
+
 def validate_events(batch) -> EventColumns:
     """Check a batch against SPEC section 2 and return its canonical columns.
 
@@ -178,19 +192,8 @@ def validate_events(batch) -> EventColumns:
             columns.append(None)
             continue
         columns.append(_cast(name, _to_numpy(name, sources[name])))
-    msisdn = columns[COLUMN_INDEX["msisdn"]]
-    bad = msisdn <= 0
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise BatchError("msisdn", row, f"value {msisdn[row]} is not a subscriber number (must be > 0)")
-    ts = columns[COLUMN_INDEX["ts"]]
-    bad = ts < 0
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise BatchError("ts", row, f"value {ts[row]} is before the Unix epoch")
-    kind = columns[COLUMN_INDEX["kind"]]
-    bad = kind >= len(KINDS)
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise BatchError("kind", row, f"unknown kind code {kind[row]} (0..{len(KINDS) - 1})")
+    if n:
+        _check_range(columns, "msisdn", 1, None, "is not a subscriber number (must be > 0)")
+        _check_range(columns, "ts", 0, None, "is before the Unix epoch")
+        _check_range(columns, "kind", None, len(KINDS) - 1, f"is not a kind code (0..{len(KINDS) - 1})")
     return EventColumns(n=n, columns=tuple(columns))
