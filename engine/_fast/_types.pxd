@@ -48,6 +48,14 @@ cdef struct Op:
     int64_t imm         # comparison literal, or number of constants (IN/PREFIX)
 
 
+# One bucket of the subscriber hash table.  Key and id share a cache line,
+# so a lookup that hits costs one memory access, not two.
+cdef struct Bucket:
+    int64_t msisdn      # 0: empty (validation guarantees msisdn > 0)
+    int32_t id          # dense subscriber id
+    int32_t unused      # keeps buckets 16 bytes, four to a cache line
+
+
 # Stateful condition of a rule (SPEC section 3).
 cdef enum CondType:
     COND_NONE = 0

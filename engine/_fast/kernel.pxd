@@ -2,9 +2,9 @@
 # (see engine.get_include()).  Semantics are documented in kernel.pyx and in
 # docs/kernel.md; engine/reference.py is the plain-Python statement of them.
 
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
-from engine._fast._types cimport Column, Op
+from engine._fast._types cimport Bucket, Column, Op
 
 
 cdef class Kernel:
@@ -33,8 +33,7 @@ cdef class Kernel:
     # most half full; key 0 marks an empty bucket (validation guarantees
     # msisdn > 0).  Dense ids never change when the table grows, so all state
     # indexed by them survives growth untouched.
-    cdef int64_t* table_keys
-    cdef int32_t* table_ids
+    cdef Bucket* table
     cdef int64_t table_capacity
     cdef int64_t* sub_msisdn      # dense id -> msisdn; with n_subs, all a checkpoint needs to rebuild the table
     cdef readonly int64_t n_subs
@@ -43,8 +42,12 @@ cdef class Kernel:
     # -- per-rule state, allocated on a subscriber's first qualifying event ------
     # A state row is [last instruction ts, condition words...].  Only
     # subscribers that ever passed a rule's on + where have a row for it, so a
-    # rare campaign costs 4 bytes per subscriber (its slot map), not a row.
-    cdef int32_t** slot_of        # [rule][dense id] -> state row, -1 none; NULL for stateless rules
+    # rare campaign costs 4 bytes per subscriber (its slot), not a row.  The
+    # slots of one subscriber for all stateful rules are adjacent: one cache
+    # line finds every row of an event's subscriber.
+    cdef Py_ssize_t n_stateful    # rules with width > 0
+    cdef int32_t* stateful_index  # per rule: its column in `slots`; -1 for stateless rules
+    cdef int32_t* slots           # [dense id * n_stateful + stateful index] -> state row, -1 none
     cdef int64_t** state          # [rule] rows of width[rule] words
     cdef int64_t* state_rows
     cdef int64_t* state_capacity
@@ -64,6 +67,10 @@ cdef class Kernel:
     cdef int32_t* pair_next
     cdef int32_t* pair_rule
     cdef int32_t* survivors       # rules that survived policy on one event
+    cdef uint8_t* row_stateful    # per chunk row: some candidate rule keeps state
+    cdef int64_t* row_sub         # per chunk row: dense subscriber id, when row_stateful
+    cdef int32_t* need_rows       # chunk rows with row_stateful set, ascending
+    cdef uint64_t* need_hash      # mix64(msisdn) of each of need_rows
 
     cdef bint _op_is_valid(self, Op op, Py_ssize_t n_constants)
     cdef object _copy_i64(self, const int64_t* src, Py_ssize_t n)
@@ -71,7 +78,9 @@ cdef class Kernel:
     cdef _load_counter(self, dict state, str name, int64_t* dst)
     cdef int grow_subscribers(self) except -1 nogil
     cdef int rebuild_table(self, int64_t capacity) except -1 nogil
-    cdef int64_t find_or_insert(self, int64_t msisdn) except -1 nogil
+    cdef int64_t find_or_insert(self, int64_t msisdn, uint64_t hash) except -1 nogil
+    cdef int find_subscribers(self, const int64_t* msisdn, Py_ssize_t base, Py_ssize_t m) except -1 nogil
+    cdef void prefetch_state(self, Py_ssize_t i) noexcept nogil
     cdef int64_t* state_row(self, Py_ssize_t rule, int64_t sub) except NULL nogil
     cdef void run_where(self, Py_ssize_t rule, const Column* cols, Py_ssize_t base,
                         const int32_t* sel, Py_ssize_t n) noexcept nogil

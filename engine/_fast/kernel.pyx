@@ -9,10 +9,14 @@
 #      its `on`, one op at a time over the whole selection, producing the
 #      (row, rule) candidate pairs.  Cost is proportional to the rows a rule
 #      listens to, not to the batch.
-#   2. Deciding, in row order.  For each row with candidates, the subscriber is
-#      looked up once; each candidate rule's stateful condition is evaluated and
-#      its state moved; matches go through cooldown and then arbitration by
-#      priority; the winner is written out and starts its cooldown.
+#   2. Deciding, in row order.  The subscribers of rows whose candidates keep
+#      state are looked up first, in one pass that prefetches hash buckets a
+#      few rows ahead.  Then, row by row, each candidate rule's stateful
+#      condition is evaluated and its state moved (state rows prefetched
+#      PREFETCH_DISTANCE rows ahead); matches go through cooldown and then
+#      arbitration by priority; the winner is written out and starts its
+#      cooldown.  With a million subscribers the state does not fit in cache,
+#      so hiding memory latency is most of this phase's speed.
 #
 # Both phases run without the GIL and make no Python call.  State is plain C
 # arrays indexed by a dense subscriber id, so a checkpoint is a handful of
@@ -23,7 +27,7 @@
 # tests in tests/test_differential.py hold the two to identical output.
 
 from libc.stdint cimport INT64_MIN, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memcpy, memset
 
 import numpy as np
@@ -32,13 +36,27 @@ from engine._fast._types cimport (
     COL_ABSENT, COL_I32, COL_I64, COL_U16, COL_U8,
     COND_CHANGED, COND_COUNT, COND_FIRST, COND_NONE,
     OP_AND, OP_EQ, OP_GE, OP_GT, OP_IN, OP_LE, OP_LT, OP_NE, OP_NOT, OP_OR, OP_PREFIX,
-    Column, Op, mix64,
+    Bucket, Column, Op, mix64,
 )
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define KAIROS_PREFETCH(p) __builtin_prefetch((p))
+    #else
+    #define KAIROS_PREFETCH(p) ((void)0)
+    #endif
+    """
+    # A hint to start loading p's cache line; never faults.
+    void prefetch "KAIROS_PREFETCH"(const void* p) noexcept nogil
 
 # Rows per chunk: registers (CHUNK bytes each) and the gathered column
 # (CHUNK int64) of one rule stay in L1/L2 while its program runs.
 cdef enum:
     CHUNK = 2048
+    # Rows ahead that the decide phase prefetches state for: far enough to
+    # hide a DRAM access behind the work on the rows in between.
+    PREFETCH_DISTANCE = 8
     N_COLUMNS = 12
     KIND_COLUMN = 2
     TS_COLUMN = 0
@@ -257,26 +275,26 @@ cdef class Kernel:
     def __cinit__(self, dict program, int64_t initial_subscribers=1024):
         cdef Py_ssize_t r, n = len(program["kinds"])
         self.n_rules = n
-        self.kinds = <uint32_t*>checked_alloc(n * sizeof(uint32_t) + 1)
-        self.op_begin = <int32_t*>checked_alloc(n * sizeof(int32_t) + 1)
-        self.op_end = <int32_t*>checked_alloc(n * sizeof(int32_t) + 1)
-        self.result_reg = <int32_t*>checked_alloc(n * sizeof(int32_t) + 1)
-        self.cond = <int32_t*>checked_alloc(n * sizeof(int32_t) + 1)
-        self.cond_n = <int64_t*>checked_alloc(n * sizeof(int64_t) + 1)
-        self.cond_window = <int64_t*>checked_alloc(n * sizeof(int64_t) + 1)
-        self.cond_column = <int32_t*>checked_alloc(n * sizeof(int32_t) + 1)
-        self.cooldown = <int64_t*>checked_alloc(n * sizeof(int64_t) + 1)
-        self.priority = <int32_t*>checked_alloc(n * sizeof(int32_t) + 1)
-        self.width = <int32_t*>checked_alloc(n * sizeof(int32_t) + 1)
-        self.slot_of = <int32_t**>checked_alloc(n * sizeof(int32_t*) + 1)
-        self.state = <int64_t**>checked_alloc(n * sizeof(int64_t*) + 1)
-        self.state_rows = <int64_t*>checked_alloc(n * sizeof(int64_t) + 1)
-        self.state_capacity = <int64_t*>checked_alloc(n * sizeof(int64_t) + 1)
-        self.matched = <int64_t*>checked_alloc(n * sizeof(int64_t) + 1)
-        self.stopped_cooldown = <int64_t*>checked_alloc(n * sizeof(int64_t) + 1)
-        self.stopped_arbitrated = <int64_t*>checked_alloc(n * sizeof(int64_t) + 1)
-        self.emitted = <int64_t*>checked_alloc(n * sizeof(int64_t) + 1)
-        self.survivors = <int32_t*>checked_alloc(n * sizeof(int32_t) + 1)
+        self.kinds = <uint32_t*>checked_alloc(n * sizeof(uint32_t))
+        self.op_begin = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.op_end = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.result_reg = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.cond = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.cond_n = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.cond_window = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.cond_column = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.cooldown = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.priority = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.width = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.stateful_index = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.state = <int64_t**>checked_alloc(n * sizeof(int64_t*))
+        self.state_rows = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.state_capacity = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.matched = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.stopped_cooldown = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.stopped_arbitrated = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.emitted = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.survivors = <int32_t*>checked_alloc(n * sizeof(int32_t))
 
         cdef const uint32_t[::1] kinds = program["kinds"]
         cdef const int32_t[::1] op_begin = program["op_begin"]
@@ -291,6 +309,8 @@ cdef class Kernel:
         cdef const Op[::1] ops = program["ops"]
         cdef const int64_t[::1] constants = program["constants"]
         cdef const int32_t[::1] constant_digits = program["constant_digits"]
+        self.n_regs = program["n_regs"]
+        self.n_stateful = 0
         for r in range(n):
             self.kinds[r] = kinds[r]
             self.op_begin[r] = op_begin[r]
@@ -302,6 +322,13 @@ cdef class Kernel:
             self.cond_column[r] = cond_column[r]
             self.cooldown[r] = cooldown[r]
             self.priority[r] = priority[r]
+            if not (COND_NONE <= cond[r] <= COND_CHANGED
+                    and 0 <= op_begin[r] <= op_end[r] <= ops.shape[0]
+                    and -1 <= result_reg[r] < self.n_regs
+                    and (result_reg[r] >= 0) == (op_end[r] > op_begin[r])
+                    and (cond[r] != COND_COUNT or 1 <= cond_n[r] <= 1024)
+                    and (cond[r] != COND_CHANGED or 1 < cond_column[r] < N_COLUMNS)):
+                raise ValueError(f"malformed program for rule {r}")
             if cond[r] == COND_COUNT:
                 self.width[r] = <int32_t>cond_n[r]       # last instruction ts + (at_least - 1) ts
             elif cond[r] != COND_NONE:
@@ -310,61 +337,62 @@ cdef class Kernel:
                 self.width[r] = 1
             else:
                 self.width[r] = 0
-            if (cond[r] == COND_CHANGED and not 0 <= cond_column[r] < N_COLUMNS) or not (
-                    0 <= op_begin[r] <= op_end[r] <= ops.shape[0]):
-                raise ValueError(f"malformed program for rule {r}")
+            self.stateful_index[r] = -1
+            if self.width[r]:
+                self.stateful_index[r] = <int32_t>self.n_stateful
+                self.n_stateful += 1
         self.n_ops = ops.shape[0]
-        self.ops = <Op*>checked_alloc(self.n_ops * sizeof(Op) + 1)
-        self.n_regs = program["n_regs"]
+        self.ops = <Op*>checked_alloc(self.n_ops * sizeof(Op))
         for r in range(self.n_ops):
             self.ops[r] = ops[r]
             if not self._op_is_valid(ops[r], constants.shape[0]):
                 raise ValueError(f"malformed op {r}")
         self.n_constants = constants.shape[0]
-        self.constants = <int64_t*>checked_alloc(self.n_constants * sizeof(int64_t) + 1)
-        self.constant_digits = <int32_t*>checked_alloc(self.n_constants * sizeof(int32_t) + 1)
+        self.constants = <int64_t*>checked_alloc(self.n_constants * sizeof(int64_t))
+        self.constant_digits = <int32_t*>checked_alloc(self.n_constants * sizeof(int32_t))
         for r in range(self.n_constants):
             self.constants[r] = constants[r]
             self.constant_digits[r] = constant_digits[r]
 
-        self.regs = <uint8_t*>checked_alloc(<size_t>self.n_regs * CHUNK + 1)
+        self.regs = <uint8_t*>checked_alloc(<size_t>self.n_regs * CHUNK)
         self.vals = <int64_t*>checked_alloc(CHUNK * sizeof(int64_t))
         self.bucket_rows = <int32_t*>checked_alloc(CHUNK * sizeof(int32_t))
         self.row_head = <int32_t*>checked_alloc(CHUNK * sizeof(int32_t))
         self.row_tail = <int32_t*>checked_alloc(CHUNK * sizeof(int32_t))
-        self.pair_next = <int32_t*>checked_alloc(CHUNK * (n + 1) * sizeof(int32_t))
-        self.pair_rule = <int32_t*>checked_alloc(CHUNK * (n + 1) * sizeof(int32_t))
+        self.pair_next = <int32_t*>checked_alloc(CHUNK * n * sizeof(int32_t))
+        self.pair_rule = <int32_t*>checked_alloc(CHUNK * n * sizeof(int32_t))
+        self.row_stateful = <uint8_t*>checked_alloc(CHUNK * sizeof(uint8_t))
+        self.row_sub = <int64_t*>checked_alloc(CHUNK * sizeof(int64_t))
+        self.need_rows = <int32_t*>checked_alloc(CHUNK * sizeof(int32_t))
+        self.need_hash = <uint64_t*>checked_alloc(CHUNK * sizeof(uint64_t))
 
         # Subscriber index.  initial_subscribers only sizes the first
         # allocation; tests set it tiny to exercise growth.
         self.sub_capacity = max(initial_subscribers, 1)
         self.sub_msisdn = <int64_t*>checked_alloc(self.sub_capacity * sizeof(int64_t))
+        self.slots = <int32_t*>checked_alloc(self.sub_capacity * self.n_stateful * sizeof(int32_t))
+        memset(self.slots, 0xFF, self.sub_capacity * self.n_stateful * sizeof(int32_t))   # -1: no row
         self.table_capacity = 2
         while self.table_capacity < 2 * self.sub_capacity:
             self.table_capacity *= 2
-        self.table_keys = <int64_t*>checked_alloc(self.table_capacity * sizeof(int64_t))
-        self.table_ids = <int32_t*>checked_alloc(self.table_capacity * sizeof(int32_t))
-        for r in range(n):
-            if self.width[r]:
-                self.slot_of[r] = <int32_t*>checked_alloc(self.sub_capacity * sizeof(int32_t))
-                memset(self.slot_of[r], 0xFF, self.sub_capacity * sizeof(int32_t))   # -1: no row
+        self.table = <Bucket*>checked_alloc(self.table_capacity * sizeof(Bucket))
 
     def __dealloc__(self):
         cdef Py_ssize_t r
-        if self.slot_of != NULL and self.state != NULL:
+        if self.state != NULL:
             for r in range(self.n_rules):
-                free(self.slot_of[r])
                 free(self.state[r])
         free(self.kinds); free(self.op_begin); free(self.op_end); free(self.result_reg)
         free(self.cond); free(self.cond_n); free(self.cond_window); free(self.cond_column)
-        free(self.cooldown); free(self.priority); free(self.width)
-        free(self.slot_of); free(self.state); free(self.state_rows); free(self.state_capacity)
+        free(self.cooldown); free(self.priority); free(self.width); free(self.stateful_index)
+        free(self.slots); free(self.state); free(self.state_rows); free(self.state_capacity)
         free(self.matched); free(self.stopped_cooldown); free(self.stopped_arbitrated)
         free(self.emitted); free(self.survivors)
         free(self.ops); free(self.constants); free(self.constant_digits)
         free(self.regs); free(self.vals); free(self.bucket_rows); free(self.row_head)
         free(self.row_tail); free(self.pair_next); free(self.pair_rule)
-        free(self.sub_msisdn); free(self.table_keys); free(self.table_ids)
+        free(self.row_stateful); free(self.row_sub); free(self.need_rows); free(self.need_hash)
+        free(self.sub_msisdn); free(self.table)
 
     cdef bint _op_is_valid(self, Op op, Py_ssize_t n_constants):
         if not (0 <= op.dst < self.n_regs and 0 <= op.code <= OP_NOT and op.a >= 0):
@@ -381,82 +409,111 @@ cdef class Kernel:
 
     cdef int grow_subscribers(self) except -1 nogil:
         cdef int64_t old = self.sub_capacity, new = 2 * old
-        cdef Py_ssize_t r
         if new > 2147483647:
             with gil:
                 raise OverflowError("a kernel holds at most 2**31 - 1 subscribers: shard by msisdn")
         self.sub_msisdn = <int64_t*>checked_realloc(self.sub_msisdn, new * sizeof(int64_t))
-        for r in range(self.n_rules):
-            if self.width[r]:
-                self.slot_of[r] = <int32_t*>checked_realloc(self.slot_of[r], new * sizeof(int32_t))
-                memset(self.slot_of[r] + old, 0xFF, (new - old) * sizeof(int32_t))
+        self.slots = <int32_t*>checked_realloc(self.slots, new * self.n_stateful * sizeof(int32_t))
+        memset(self.slots + old * self.n_stateful, 0xFF, (new - old) * self.n_stateful * sizeof(int32_t))
         self.sub_capacity = new
         return 0
 
     cdef int rebuild_table(self, int64_t capacity) except -1 nogil:
         """Re-create the hash table at `capacity` (a power of two) from the dense msisdn array."""
         cdef int64_t mask = capacity - 1, i, h
-        cdef int64_t* keys = <int64_t*>checked_alloc(capacity * sizeof(int64_t))
-        cdef int32_t* ids = <int32_t*>calloc(capacity, sizeof(int32_t))
-        if ids == NULL:
-            free(keys)
-            with gil:
-                raise MemoryError("kernel: cannot grow the subscriber table")
+        cdef Bucket* table = <Bucket*>checked_alloc(capacity * sizeof(Bucket))
         for i in range(self.n_subs):
             h = <int64_t>(mix64(<uint64_t>self.sub_msisdn[i]) & <uint64_t>mask)
-            while keys[h] != 0:
+            while table[h].msisdn != 0:
                 h = (h + 1) & mask
-            keys[h] = self.sub_msisdn[i]
-            ids[h] = <int32_t>i
-        free(self.table_keys)
-        free(self.table_ids)
-        self.table_keys = keys
-        self.table_ids = ids
+            table[h].msisdn = self.sub_msisdn[i]
+            table[h].id = <int32_t>i
+        free(self.table)
+        self.table = table
         self.table_capacity = capacity
         return 0
 
-    cdef int64_t find_or_insert(self, int64_t msisdn) except -1 nogil:
+    cdef int64_t find_or_insert(self, int64_t msisdn, uint64_t hash) except -1 nogil:
+        """Dense id of msisdn, inserting it if new; hash is mix64(msisdn)."""
         cdef int64_t mask = self.table_capacity - 1
-        cdef int64_t h = <int64_t>(mix64(<uint64_t>msisdn) & <uint64_t>mask)
-        while self.table_keys[h] != 0:
-            if self.table_keys[h] == msisdn:
-                return self.table_ids[h]
+        cdef int64_t h = <int64_t>(hash & <uint64_t>mask)
+        while self.table[h].msisdn != 0:
+            if self.table[h].msisdn == msisdn:
+                return self.table[h].id
             h = (h + 1) & mask
         if self.n_subs == self.sub_capacity:
             self.grow_subscribers()
         if 2 * (self.n_subs + 1) > self.table_capacity:
             self.rebuild_table(2 * self.table_capacity)
             mask = self.table_capacity - 1
-            h = <int64_t>(mix64(<uint64_t>msisdn) & <uint64_t>mask)
-            while self.table_keys[h] != 0:
+            h = <int64_t>(hash & <uint64_t>mask)
+            while self.table[h].msisdn != 0:
                 h = (h + 1) & mask
-        self.table_keys[h] = msisdn
-        self.table_ids[h] = <int32_t>self.n_subs
+        self.table[h].msisdn = msisdn
+        self.table[h].id = <int32_t>self.n_subs
         self.sub_msisdn[self.n_subs] = msisdn
         self.n_subs += 1
         return self.n_subs - 1
 
+    cdef int find_subscribers(self, const int64_t* msisdn, Py_ssize_t base, Py_ssize_t m) except -1 nogil:
+        """row_sub[i] for every chunk row i with row_stateful[i], in row order.
+
+        Dense ids are assigned in row order, exactly as if each row looked its
+        subscriber up when decided; doing all lookups first lets the bucket of
+        the row PREFETCH_DISTANCE ahead load while this one is probed.
+        """
+        cdef Py_ssize_t i, q, n_need = 0
+        for i in range(m):
+            if self.row_stateful[i]:
+                self.need_rows[n_need] = <int32_t>i
+                self.need_hash[n_need] = mix64(<uint64_t>msisdn[base + i])
+                n_need += 1
+        for q in range(min(n_need, <Py_ssize_t>PREFETCH_DISTANCE)):
+            prefetch(&self.table[self.need_hash[q] & <uint64_t>(self.table_capacity - 1)])
+        for q in range(n_need):
+            if q + PREFETCH_DISTANCE < n_need:
+                prefetch(&self.table[self.need_hash[q + PREFETCH_DISTANCE]
+                                     & <uint64_t>(self.table_capacity - 1)])
+            i = self.need_rows[q]
+            self.row_sub[i] = self.find_or_insert(msisdn[base + i], self.need_hash[q])
+            prefetch(&self.slots[self.row_sub[i] * self.n_stateful])
+        return 0
+
+    cdef void prefetch_state(self, Py_ssize_t i) noexcept nogil:
+        """Start loading the state rows chunk row i's candidate rules will touch."""
+        cdef int32_t p = self.row_head[i], r, slot
+        if not self.row_stateful[i]:
+            return
+        while p >= 0:
+            r = self.pair_rule[p]
+            p = self.pair_next[p]
+            if self.width[r]:
+                slot = self.slots[self.row_sub[i] * self.n_stateful + self.stateful_index[r]]
+                if slot >= 0:
+                    prefetch(self.state[r] + <int64_t>slot * self.width[r])
+
     cdef int64_t* state_row(self, Py_ssize_t rule, int64_t sub) except NULL nogil:
         """The rule's state row for a subscriber, allocated on first use."""
-        cdef int32_t slot = self.slot_of[rule][sub]
+        cdef int32_t* slot = &self.slots[sub * self.n_stateful + self.stateful_index[rule]]
         cdef int64_t w = self.width[rule], k, capacity
         cdef int64_t* row
-        if slot < 0:
-            if self.state_rows[rule] == self.state_capacity[rule]:
-                capacity = max(2 * self.state_capacity[rule], 64)
-                self.state[rule] = <int64_t*>checked_realloc(
-                    self.state[rule], capacity * w * sizeof(int64_t))
-                self.state_capacity[rule] = capacity
-            slot = <int32_t>self.state_rows[rule]
-            self.state_rows[rule] += 1
-            self.slot_of[rule][sub] = slot
-            row = self.state[rule] + slot * w
-            for k in range(w):
-                row[k] = NO_TS
-            if self.cond[rule] == COND_CHANGED:
-                row[1] = 0
-            return row
-        return self.state[rule] + slot * w
+        if slot[0] >= 0:
+            return self.state[rule] + <int64_t>slot[0] * w
+        if self.state_rows[rule] == self.state_capacity[rule]:
+            capacity = max(2 * self.state_capacity[rule], 64)
+            if capacity > 2147483647:
+                with gil:
+                    raise OverflowError("a rule holds at most 2**31 - 1 state rows: shard by msisdn")
+            self.state[rule] = <int64_t*>checked_realloc(self.state[rule], capacity * w * sizeof(int64_t))
+            self.state_capacity[rule] = capacity
+        slot[0] = <int32_t>self.state_rows[rule]
+        self.state_rows[rule] += 1
+        row = self.state[rule] + <int64_t>slot[0] * w
+        for k in range(w):
+            row[k] = NO_TS
+        if self.cond[rule] == COND_CHANGED:
+            row[1] = 0
+        return row
 
     # -- the two phases ----------------------------------------------------------
 
@@ -527,6 +584,7 @@ cdef class Kernel:
         cdef const uint8_t* res
         cdef int64_t ts, sub, lo, c, v, last
         cdef int64_t* row
+        cdef int32_t slot
         cdef bint match
         base = 0
         while base < n:
@@ -544,6 +602,7 @@ cdef class Kernel:
                 self.bucket_rows[bucket_fill[kind[base + i]]] = <int32_t>i
                 bucket_fill[kind[base + i]] += 1
                 self.row_head[i] = -1
+                self.row_stateful[i] = 0
             n_pairs = 0
             for r in range(self.n_rules):
                 for k in range(32):
@@ -568,24 +627,30 @@ cdef class Kernel:
                         else:
                             self.pair_next[self.row_tail[i]] = <int32_t>n_pairs
                         self.row_tail[i] = <int32_t>n_pairs
+                        if self.width[r]:
+                            self.row_stateful[i] = 1
                         n_pairs += 1
 
-            # Phase 2: conditions, cooldown and arbitration, in row order.
+            # Phase 2: subscribers, then conditions, cooldown and arbitration
+            # in row order.
+            self.find_subscribers(msisdn_col, base, m)
+            for i in range(min(m, <Py_ssize_t>PREFETCH_DISTANCE)):
+                self.prefetch_state(i)
             for i in range(m):
+                if i + PREFETCH_DISTANCE < m:
+                    self.prefetch_state(i + PREFETCH_DISTANCE)
                 p = self.row_head[i]
                 if p < 0:
                     continue
                 g = base + i
                 ts = ts_col[g]
-                sub = -1
+                sub = self.row_sub[i]
                 n_surv = 0
                 best = -1
                 while p >= 0:
                     r = self.pair_rule[p]
                     p = self.pair_next[p]
                     match = 1
-                    if self.width[r] and sub < 0:
-                        sub = self.find_or_insert(msisdn_col[g])
                     if self.cond[r] == COND_COUNT:
                         # Window (ts - W, ts]; the current event counts itself.
                         row = self.state_row(r, sub)
@@ -621,9 +686,9 @@ cdef class Kernel:
                     if not match:
                         continue
                     self.matched[r] += 1
-                    if self.cooldown[r] > 0 and self.slot_of[r][sub] >= 0:
-                        last = self.state[r][<int64_t>self.slot_of[r][sub] * self.width[r]]
-                        if last > ts - self.cooldown[r]:
+                    if self.cooldown[r] > 0:
+                        slot = self.slots[sub * self.n_stateful + self.stateful_index[r]]
+                        if slot >= 0 and self.state[r][<int64_t>slot * self.width[r]] > ts - self.cooldown[r]:
                             self.stopped_cooldown[r] += 1
                             continue
                     self.survivors[n_surv] = <int32_t>r
@@ -651,7 +716,8 @@ cdef class Kernel:
 
         `columns` are the batch's canonical columns (engine.schema.EVENT_COLUMNS
         order, typed as column_dtypes(), C-contiguous, None for an absent
-        optional column); the arrays may be read-only.  At most one
+        optional column); the arrays may be read-only.  The caller guarantees
+        msisdn > 0 (engine.schema.validate_events checks it).  At most one
         instruction per event, so n rows of output space always suffice.
         """
         cdef Column cols[12]
@@ -683,14 +749,12 @@ cdef class Kernel:
         }
 
     def memory_bytes(self):
-        """Bytes held for subscriber state: index, slot maps and state rows."""
-        cdef int64_t total = self.table_capacity * (sizeof(int64_t) + sizeof(int32_t))
+        """Bytes held for subscriber state: index, slots and state rows."""
+        cdef int64_t total = self.table_capacity * sizeof(Bucket)
         cdef Py_ssize_t r
-        total += self.sub_capacity * sizeof(int64_t)
+        total += self.sub_capacity * (sizeof(int64_t) + self.n_stateful * sizeof(int32_t))
         for r in range(self.n_rules):
-            if self.width[r]:
-                total += self.sub_capacity * sizeof(int32_t)
-                total += self.state_capacity[r] * self.width[r] * sizeof(int64_t)
+            total += self.state_capacity[r] * self.width[r] * sizeof(int64_t)
         return total
 
     cdef object _copy_i64(self, const int64_t* src, Py_ssize_t n):
@@ -710,18 +774,19 @@ cdef class Kernel:
     def export_state(self):
         """All subscriber state and counters as flat numpy arrays (copies).
 
-        Keys: 'msisdn' (dense id -> msisdn), 'width' (per rule), the four
-        counters, and per stateful rule r: 'slot_of.r' (dense id -> row) and
-        'state.r' (rows * width int64 words).  Whole-array copies: no
-        per-subscriber loop.
+        Keys: 'msisdn' (dense id -> msisdn), 'width' (per rule), 'slots'
+        (n_subs x stateful rules: state row, -1 none), the four counters, and
+        per stateful rule r 'state.r' (rows * width int64 words).
+        Whole-array copies: no per-subscriber loop.
         """
         cdef Py_ssize_t r
         state = {"msisdn": self._copy_i64(self.sub_msisdn, self.n_subs),
-                 "width": self._copy_i32(self.width, self.n_rules)}
+                 "width": self._copy_i32(self.width, self.n_rules),
+                 "slots": self._copy_i32(self.slots, self.n_subs * self.n_stateful).reshape(
+                     self.n_subs, self.n_stateful)}
         state.update(self.counters())
         for r in range(self.n_rules):
             if self.width[r]:
-                state[f"slot_of.{r}"] = self._copy_i32(self.slot_of[r], self.n_subs)
                 state[f"state.{r}"] = self._copy_i64(self.state[r], self.state_rows[r] * self.width[r])
         return state
 
@@ -734,29 +799,38 @@ cdef class Kernel:
         if width.shape[0] != self.n_rules or any(width[r] != self.width[r] for r in range(self.n_rules)):
             raise ValueError("state was written by a kernel with different rules")
         cdef const int64_t[::1] msisdn = np.ascontiguousarray(state["msisdn"], dtype=np.int64)
-        cdef const int64_t[::1] i64
-        cdef const int32_t[::1] i32
-        cdef int64_t n = msisdn.shape[0], rows
+        cdef int64_t n = msisdn.shape[0], rows, capacity
+        slots_array = np.ascontiguousarray(state["slots"], dtype=np.int32)
+        if slots_array.shape != (n, self.n_stateful):
+            raise ValueError("slots are malformed")
+        if n and (np.min(msisdn) <= 0 or len(np.unique(msisdn)) != n):
+            raise ValueError("msisdn are malformed (not positive or not unique)")
+        words_of = {}
+        for r in range(self.n_rules):
+            if self.width[r]:
+                words = np.ascontiguousarray(state[f"state.{r}"], dtype=np.int64)
+                if words.shape[0] % self.width[r]:
+                    raise ValueError(f"state of rule {r} is malformed")
+                column = slots_array[:, self.stateful_index[r]]
+                if n and not -1 <= column.min() <= column.max() < words.shape[0] // self.width[r]:
+                    raise ValueError(f"slots of rule {r} are malformed")
+                words_of[r] = words
         while self.sub_capacity < n:
             self.grow_subscribers()
+        cdef const int64_t[::1] i64
+        cdef const int32_t[::1] i32 = slots_array.reshape(-1)
         if n:
             memcpy(self.sub_msisdn, &msisdn[0], n * sizeof(int64_t))
+        if n * self.n_stateful:
+            memcpy(self.slots, &i32[0], n * self.n_stateful * sizeof(int32_t))
         self.n_subs = n
-        cdef int64_t capacity = self.table_capacity
+        capacity = self.table_capacity
         while capacity < 2 * n:
             capacity *= 2
         self.rebuild_table(capacity)
-        for r in range(self.n_rules):
-            if not self.width[r]:
-                continue
-            i32 = np.ascontiguousarray(state[f"slot_of.{r}"], dtype=np.int32)
-            i64 = np.ascontiguousarray(state[f"state.{r}"], dtype=np.int64)
+        for r, words in words_of.items():
+            i64 = words
             rows = i64.shape[0] // self.width[r]
-            if (i32.shape[0] != n or i64.shape[0] % self.width[r]
-                    or (n and not -1 <= np.min(i32) <= np.max(i32) < rows)):
-                raise ValueError(f"state of rule {r} is malformed")
-            if n:
-                memcpy(self.slot_of[r], &i32[0], n * sizeof(int32_t))
             self.state[r] = <int64_t*>checked_realloc(self.state[r], max(rows, 1) * self.width[r] * sizeof(int64_t))
             if rows:
                 memcpy(self.state[r], &i64[0], rows * self.width[r] * sizeof(int64_t))
