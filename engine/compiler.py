@@ -15,22 +15,59 @@ from engine.schema import COLUMN_INDEX
 
 # Mirrors engine/_fast/_types.pxd; tests/test_kernel_types.py checks the sizes.
 OP_DTYPE = np.dtype(
-    [("code", np.int32), ("dst", np.int32), ("a", np.int32), ("b", np.int32), ("imm", np.int64)],
+    [
+        ("code", np.int32),
+        ("dst", np.int32),
+        ("a", np.int32),
+        ("b", np.int32),
+        ("imm", np.int64),
+        ("sel", np.int32),
+        ("unused", np.int32),
+    ],
     align=True,
 )
-OPCODES = {"==": 0, "!=": 1, "<": 2, "<=": 3, ">": 4, ">=": 5, "in": 6, "prefix": 7, "and": 8, "or": 9, "not": 10}
+OPCODES = {
+    "==": 0, "!=": 1, "<": 2, "<=": 3, ">": 4, ">=": 5, "in": 6, "prefix": 7,
+    "and": 8, "or": 9, "not": 10, "narrow_true": 11, "narrow_false": 12,
+}
+ALL_POSITIONS = 0  # the list id meaning "every position of the selection"
 CONDITIONS = {None: 0, Count: 1, First: 2, Changed: 3}
 
 
+def _cost(expr: Expr) -> int:
+    """Rough relative cost per row, so cheap tests run first and narrow the rest."""
+    if isinstance(expr, Compare):
+        return 1
+    if isinstance(expr, InSet):
+        return 2 + len(expr.values).bit_length()
+    if isinstance(expr, Prefix):
+        return 8 + len({len(str(p)) for p in expr.prefixes}) * 6
+    if isinstance(expr, Not):
+        return 1 + _cost(expr.item)
+    return sum(_cost(item) for item in expr.items) + 1
+
+
 class _ProgramBuilder:
-    """Lowers expressions to ops; registers are numbered afresh for each rule."""
+    """Lowers expressions to ops; registers and lists are numbered afresh per rule.
+
+    `and` and `or` short-circuit: each operand after the first runs only on
+    the positions the earlier ones left undecided (a NARROW op computes them),
+    and operands run cheapest first.  Both are pure, so order never changes
+    a result.
+    """
 
     def __init__(self):
-        self.ops: list[tuple[int, int, int, int, int]] = []
+        self.ops: list[tuple[int, int, int, int, int, int, int]] = []
         self.constants: list[int] = []
         self.digits: list[int] = []
         self.next_reg = 0
+        self.next_list = ALL_POSITIONS + 1
         self.max_regs = 1
+        self.max_lists = 1
+
+    def start_rule(self) -> None:
+        self.next_reg = 0
+        self.next_list = ALL_POSITIONS + 1
 
     def register(self) -> int:
         reg = self.next_reg
@@ -38,36 +75,53 @@ class _ProgramBuilder:
         self.max_regs = max(self.max_regs, self.next_reg)
         return reg
 
+    def list(self) -> int:
+        lst = self.next_list
+        self.next_list += 1
+        self.max_lists = max(self.max_lists, self.next_list)
+        return lst
+
+    def op(self, code: str, dst: int, a: int, b: int, imm: int, sel: int) -> None:
+        self.ops.append((OPCODES[code], dst, a, b, imm, sel, 0))
+
     def pool(self, values: tuple[int, ...]) -> int:
         offset = len(self.constants)
         self.constants.extend(values)
         self.digits.extend(len(str(v)) if v > 0 else 0 for v in values)
         return offset
 
-    def emit(self, expr: Expr) -> int:
+    def emit(self, expr: Expr, sel: int = ALL_POSITIONS) -> int:
         if isinstance(expr, Compare):
             dst = self.register()
-            self.ops.append((OPCODES[expr.op], dst, COLUMN_INDEX[expr.column], 0, expr.value))
+            self.op(expr.op, dst, COLUMN_INDEX[expr.column], 0, expr.value, sel)
         elif isinstance(expr, InSet):
             dst = self.register()
             offset = self.pool(expr.values)
-            self.ops.append((OPCODES["in"], dst, COLUMN_INDEX[expr.column], offset, len(expr.values)))
+            self.op("in", dst, COLUMN_INDEX[expr.column], offset, len(expr.values), sel)
         elif isinstance(expr, Prefix):
             dst = self.register()
-            offset = self.pool(expr.prefixes)
-            self.ops.append((OPCODES["prefix"], dst, COLUMN_INDEX[expr.column], offset, len(expr.prefixes)))
+            prefixes = tuple(sorted(set(expr.prefixes), key=lambda p: (len(str(p)), p)))
+            offset = self.pool(prefixes)
+            self.op("prefix", dst, COLUMN_INDEX[expr.column], offset, len(prefixes), sel)
         elif isinstance(expr, (And, Or)):
-            code = OPCODES["and" if isinstance(expr, And) else "or"]
-            dst = self.emit(expr.items[0])
-            for item in expr.items[1:]:
-                other = self.emit(item)
+            is_and = isinstance(expr, And)
+            items = sorted(expr.items, key=_cost)
+            results = [self.emit(items[0], sel)]
+            undecided = sel
+            for item in items[1:]:
+                narrowed = self.list()
+                self.op("narrow_true" if is_and else "narrow_false", narrowed, results[-1], 0, 0, undecided)
+                undecided = narrowed
+                results.append(self.emit(item, undecided))
+            dst = results[0]
+            for other in results[1:]:
                 combined = self.register()
-                self.ops.append((code, combined, dst, other, 0))
+                self.op("and" if is_and else "or", combined, dst, other, 0, sel)
                 dst = combined
         elif isinstance(expr, Not):
-            inner = self.emit(expr.item)
+            inner = self.emit(expr.item, sel)
             dst = self.register()
-            self.ops.append((OPCODES["not"], dst, inner, inner, 0))
+            self.op("not", dst, inner, inner, 0, sel)
         else:  # pragma: no cover - the parser builds nothing else
             raise TypeError(f"cannot compile {expr!r}")
         return dst
@@ -100,7 +154,7 @@ def compile_program(ruleset: RuleSet) -> dict[str, np.ndarray | int]:
         program["kinds"][r] = _kind_mask(rule)
         program["op_begin"][r] = len(builder.ops)
         if rule.where is not None:
-            builder.next_reg = 0
+            builder.start_rule()
             program["result_reg"][r] = builder.emit(rule.where)
         program["op_end"][r] = len(builder.ops)
         cond = rule.condition
@@ -116,6 +170,7 @@ def compile_program(ruleset: RuleSet) -> dict[str, np.ndarray | int]:
         program["priority"][r] = rule.priority
     program["ops"] = np.array(builder.ops, dtype=OP_DTYPE) if builder.ops else np.zeros(0, OP_DTYPE)
     program["n_regs"] = builder.max_regs
+    program["n_lists"] = builder.max_lists
     program["constants"] = np.array(builder.constants, dtype=np.int64)
     program["constant_digits"] = np.array(builder.digits, dtype=np.int32)
     return program

@@ -24,8 +24,11 @@ cdef struct Column:
 
 
 # Opcodes of a compiled `where` program.  A program is a straight-line list of
-# Ops; each writes one register (a byte per selected row) and the rule's
-# result is the register written last.
+# Ops over one selection of rows (the chunk rows of one kind).  Registers hold
+# a byte per position of that selection; lists hold positions.  Each op works
+# on the positions of its list `sel` (0: every position), which is how
+# and/or short-circuit: the right operand of `and` runs only where the left
+# was true, and a register may hold stale bytes (always 0 or 1) elsewhere.
 cdef enum OpCode:
     OP_EQ = 0           # dst = column[a] == imm
     OP_NE = 1
@@ -35,17 +38,22 @@ cdef enum OpCode:
     OP_GE = 5
     OP_IN = 6           # dst = column[a] in constants[b : b + imm] (sorted)
     OP_PREFIX = 7       # dst = decimal digits of column[a] start with one of constants[b : b + imm]
+                        #       (sorted by digit count, then value)
     OP_AND = 8          # dst = reg[a] & reg[b]
     OP_OR = 9           # dst = reg[a] | reg[b]
     OP_NOT = 10         # dst = !reg[a]
+    OP_NARROW_TRUE = 11     # list dst = positions of list sel where reg[a] is 1
+    OP_NARROW_FALSE = 12    # list dst = positions of list sel where reg[a] is 0
 
 
 cdef struct Op:
     int32_t code        # an OpCode
-    int32_t dst         # register written
-    int32_t a           # column index (tests) or first register (logic)
+    int32_t dst         # register written (list written, for NARROW ops)
+    int32_t a           # column index (tests) or first register (logic, NARROW)
     int32_t b           # second register (AND/OR) or offset into the constant pool (IN/PREFIX)
     int64_t imm         # comparison literal, or number of constants (IN/PREFIX)
+    int32_t sel         # list of positions the op runs on; 0: all positions
+    int32_t unused      # keeps the struct 8-byte aligned, identical to OP_DTYPE
 
 
 # One bucket of the subscriber hash table.  Key and id share a cache line,

@@ -24,6 +24,7 @@ cdef class Kernel:
     cdef Op* ops
     cdef Py_ssize_t n_ops
     cdef int32_t n_regs           # registers one program may use
+    cdef int32_t n_lists          # position lists one program may use (list 0: all positions)
     cdef int64_t* constants       # IN sets (sorted) and PREFIX prefixes
     cdef int32_t* constant_digits # decimal digit count of each constant (PREFIX only)
     cdef Py_ssize_t n_constants
@@ -60,7 +61,11 @@ cdef class Kernel:
 
     # -- scratch reused by every batch -----------------------------------------
     cdef uint8_t* regs            # n_regs registers of CHUNK bytes
+    cdef int32_t* lists           # n_lists lists of up to CHUNK positions
+    cdef int32_t* list_len        # length of each list
     cdef int64_t* vals            # a gathered column, CHUNK values
+    cdef int32_t* list_rows       # chunk rows of a list's positions
+    cdef uint8_t* list_result     # a test's result per list entry, before scattering
     cdef int32_t* bucket_rows     # chunk rows grouped by kind
     cdef int32_t* row_head        # per chunk row: first (row, rule) pair, -1 none
     cdef int32_t* row_tail

@@ -35,7 +35,8 @@ import numpy as np
 from engine._fast._types cimport (
     COL_ABSENT, COL_I32, COL_I64, COL_U16, COL_U8,
     COND_CHANGED, COND_COUNT, COND_FIRST, COND_NONE,
-    OP_AND, OP_EQ, OP_GE, OP_GT, OP_IN, OP_LE, OP_LT, OP_NE, OP_NOT, OP_OR, OP_PREFIX,
+    OP_AND, OP_EQ, OP_GE, OP_GT, OP_IN, OP_LE, OP_LT, OP_NARROW_FALSE, OP_NARROW_TRUE, OP_NE, OP_NOT,
+    OP_OR, OP_PREFIX,
     Bucket, Column, Op, mix64,
 )
 
@@ -56,7 +57,7 @@ cdef enum:
     CHUNK = 2048
     # Rows ahead that the decide phase prefetches state for: far enough to
     # hide a DRAM access behind the work on the rows in between.
-    PREFETCH_DISTANCE = 8
+    PREFETCH_DISTANCE = 16
     N_COLUMNS = 12
     KIND_COLUMN = 2
     TS_COLUMN = 0
@@ -167,13 +168,22 @@ cdef inline bint in_sorted(const int64_t* values, int64_t n, int64_t v) noexcept
 
 cdef inline bint has_prefix(int64_t v, const int64_t* prefixes, const int32_t* digits,
                             int64_t n) noexcept nogil:
+    """Prefixes come sorted by digit count, then value: one division per digit count."""
     if v <= 0:
         return 0
     cdef int64_t nd = digit_count(v)
-    cdef int64_t k
-    for k in range(n):
-        if digits[k] <= nd and v // POW10[nd - digits[k]] == prefixes[k]:
+    cdef int64_t k = 0, end
+    cdef int32_t d
+    while k < n:
+        d = digits[k]
+        if d > nd:
+            return 0
+        end = k + 1
+        while end < n and digits[end] == d:
+            end += 1
+        if in_sorted(prefixes + k, end - k, v // POW10[nd - d]):
             return 1
+        k = end
     return 0
 
 
@@ -310,6 +320,9 @@ cdef class Kernel:
         cdef const int64_t[::1] constants = program["constants"]
         cdef const int32_t[::1] constant_digits = program["constant_digits"]
         self.n_regs = program["n_regs"]
+        self.n_lists = program["n_lists"]
+        if self.n_regs < 1 or self.n_lists < 1:
+            raise ValueError("malformed program: n_regs and n_lists must be positive")
         self.n_stateful = 0
         for r in range(n):
             self.kinds[r] = kinds[r]
@@ -355,7 +368,11 @@ cdef class Kernel:
             self.constant_digits[r] = constant_digits[r]
 
         self.regs = <uint8_t*>checked_alloc(<size_t>self.n_regs * CHUNK)
+        self.lists = <int32_t*>checked_alloc(<size_t>self.n_lists * CHUNK * sizeof(int32_t))
+        self.list_len = <int32_t*>checked_alloc(<size_t>self.n_lists * sizeof(int32_t))
         self.vals = <int64_t*>checked_alloc(CHUNK * sizeof(int64_t))
+        self.list_rows = <int32_t*>checked_alloc(CHUNK * sizeof(int32_t))
+        self.list_result = <uint8_t*>checked_alloc(CHUNK * sizeof(uint8_t))
         self.bucket_rows = <int32_t*>checked_alloc(CHUNK * sizeof(int32_t))
         self.row_head = <int32_t*>checked_alloc(CHUNK * sizeof(int32_t))
         self.row_tail = <int32_t*>checked_alloc(CHUNK * sizeof(int32_t))
@@ -389,13 +406,18 @@ cdef class Kernel:
         free(self.matched); free(self.stopped_cooldown); free(self.stopped_arbitrated)
         free(self.emitted); free(self.survivors)
         free(self.ops); free(self.constants); free(self.constant_digits)
-        free(self.regs); free(self.vals); free(self.bucket_rows); free(self.row_head)
+        free(self.regs); free(self.lists); free(self.list_len); free(self.list_rows)
+        free(self.list_result); free(self.vals); free(self.bucket_rows); free(self.row_head)
         free(self.row_tail); free(self.pair_next); free(self.pair_rule)
         free(self.row_stateful); free(self.row_sub); free(self.need_rows); free(self.need_hash)
         free(self.sub_msisdn); free(self.table)
 
     cdef bint _op_is_valid(self, Op op, Py_ssize_t n_constants):
-        if not (0 <= op.dst < self.n_regs and 0 <= op.code <= OP_NOT and op.a >= 0):
+        if not (0 <= op.code <= OP_NARROW_FALSE and op.a >= 0 and 0 <= op.sel < self.n_lists):
+            return False
+        if op.code >= OP_NARROW_TRUE:
+            return 0 < op.dst < self.n_lists and op.dst != op.sel and op.a < self.n_regs
+        if not 0 <= op.dst < self.n_regs:
             return False
         if op.code <= OP_PREFIX and op.a >= N_COLUMNS:
             return False
@@ -519,57 +541,100 @@ cdef class Kernel:
 
     cdef void run_where(self, Py_ssize_t rule, const Column* cols, Py_ssize_t base,
                         const int32_t* sel, Py_ssize_t n) noexcept nogil:
-        """Run the rule's where program over the selected chunk rows."""
-        cdef Py_ssize_t o, j
+        """Run the rule's where program over the selected chunk rows sel[0:n].
+
+        Registers are indexed by position in `sel`.  An op on list 0 runs on
+        every position; on another list, only on that list's positions.
+        """
+        cdef Py_ssize_t o, j, t, cnt
         cdef const Op* op
         cdef uint8_t* dst
+        cdef uint8_t* out
         cdef const uint8_t* ra
         cdef const uint8_t* rb
+        cdef const int32_t* pos
+        cdef const int32_t* rows
+        cdef int32_t* narrowed
+        cdef uint8_t want
         cdef int64_t imm
         cdef int64_t* vals = self.vals
         for o in range(self.op_begin[rule], self.op_end[rule]):
             op = &self.ops[o]
-            dst = self.regs + <Py_ssize_t>op.dst * CHUNK
             imm = op.imm
-            if op.code <= OP_PREFIX:
-                gather(&cols[op.a], base, sel, n, vals)
-            if op.code == OP_EQ:
-                for j in range(n):
-                    dst[j] = vals[j] == imm
-            elif op.code == OP_NE:
-                for j in range(n):
-                    dst[j] = vals[j] != imm
-            elif op.code == OP_LT:
-                for j in range(n):
-                    dst[j] = vals[j] < imm
-            elif op.code == OP_LE:
-                for j in range(n):
-                    dst[j] = vals[j] <= imm
-            elif op.code == OP_GT:
-                for j in range(n):
-                    dst[j] = vals[j] > imm
-            elif op.code == OP_GE:
-                for j in range(n):
-                    dst[j] = vals[j] >= imm
-            elif op.code == OP_IN:
-                for j in range(n):
-                    dst[j] = in_sorted(self.constants + op.b, imm, vals[j])
-            elif op.code == OP_PREFIX:
-                for j in range(n):
-                    dst[j] = has_prefix(vals[j], self.constants + op.b,
-                                        self.constant_digits + op.b, imm)
-            else:
+            pos = self.lists + <Py_ssize_t>op.sel * CHUNK
+            cnt = n if op.sel == 0 else self.list_len[op.sel]
+            if op.code >= OP_NARROW_TRUE:
+                ra = self.regs + <Py_ssize_t>op.a * CHUNK
+                narrowed = self.lists + <Py_ssize_t>op.dst * CHUNK
+                want = op.code == OP_NARROW_TRUE
+                t = 0
+                for j in range(cnt):
+                    narrowed[t] = <int32_t>(j if op.sel == 0 else pos[j])
+                    t += ra[narrowed[t]] == want
+                self.list_len[op.dst] = <int32_t>t
+                continue
+            dst = self.regs + <Py_ssize_t>op.dst * CHUNK
+            if op.code >= OP_AND:
                 ra = self.regs + <Py_ssize_t>op.a * CHUNK
                 rb = self.regs + <Py_ssize_t>op.b * CHUNK
-                if op.code == OP_AND:
-                    for j in range(n):
-                        dst[j] = ra[j] & rb[j]
-                elif op.code == OP_OR:
-                    for j in range(n):
-                        dst[j] = ra[j] | rb[j]
+                if op.sel == 0:
+                    if op.code == OP_AND:
+                        for j in range(cnt):
+                            dst[j] = ra[j] & rb[j]
+                    elif op.code == OP_OR:
+                        for j in range(cnt):
+                            dst[j] = ra[j] | rb[j]
+                    else:
+                        for j in range(cnt):
+                            dst[j] = ra[j] ^ 1
                 else:
-                    for j in range(n):
-                        dst[j] = ra[j] ^ 1
+                    for t in range(cnt):
+                        j = pos[t]
+                        if op.code == OP_AND:
+                            dst[j] = ra[j] & rb[j]
+                        elif op.code == OP_OR:
+                            dst[j] = ra[j] | rb[j]
+                        else:
+                            dst[j] = ra[j] ^ 1
+                continue
+            # A test: gather the column at the op's rows, compare into `out`,
+            # and scatter to the register when the op runs on a list.
+            if op.sel == 0:
+                rows = sel
+                out = dst
+            else:
+                for t in range(cnt):
+                    self.list_rows[t] = sel[pos[t]]
+                rows = self.list_rows
+                out = self.list_result
+            gather(&cols[op.a], base, rows, cnt, vals)
+            if op.code == OP_EQ:
+                for t in range(cnt):
+                    out[t] = vals[t] == imm
+            elif op.code == OP_NE:
+                for t in range(cnt):
+                    out[t] = vals[t] != imm
+            elif op.code == OP_LT:
+                for t in range(cnt):
+                    out[t] = vals[t] < imm
+            elif op.code == OP_LE:
+                for t in range(cnt):
+                    out[t] = vals[t] <= imm
+            elif op.code == OP_GT:
+                for t in range(cnt):
+                    out[t] = vals[t] > imm
+            elif op.code == OP_GE:
+                for t in range(cnt):
+                    out[t] = vals[t] >= imm
+            elif op.code == OP_IN:
+                for t in range(cnt):
+                    out[t] = in_sorted(self.constants + op.b, imm, vals[t])
+            else:
+                for t in range(cnt):
+                    out[t] = has_prefix(vals[t], self.constants + op.b, self.constant_digits + op.b, imm)
+            if op.sel != 0:
+                for t in range(cnt):
+                    dst[pos[t]] = out[t]
 
     cdef Py_ssize_t process_columns(self, const Column* cols, Py_ssize_t n,
                                     int64_t* out_row, int32_t* out_rule) except -1 nogil:
