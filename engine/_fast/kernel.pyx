@@ -258,6 +258,50 @@ cdef Column as_column(object array, int layout, Py_ssize_t n) except *:
     return col
 
 
+cdef extern from *:
+    """
+    #include <stdlib.h>
+    #include <string.h>
+    #if defined(__linux__)
+    #include <sys/mman.h>
+    #endif
+    /* State arrays are read at random over hundreds of MB; with 4 KiB pages
+       nearly every access also misses the TLB.  Arrays of 2 MiB and more are
+       2 MiB-aligned and advised as transparent huge pages (Linux; elsewhere
+       they are plain zeroed allocations). */
+    #define KAIROS_HUGE_PAGE ((size_t)2 << 20)
+    static void* kairos_big_zalloc(size_t nbytes) {
+        void* p = NULL;
+        if (nbytes < KAIROS_HUGE_PAGE) return calloc(1, nbytes ? nbytes : 1);
+        nbytes = (nbytes + KAIROS_HUGE_PAGE - 1) & ~(KAIROS_HUGE_PAGE - 1);
+        if (posix_memalign(&p, KAIROS_HUGE_PAGE, nbytes) != 0) return NULL;
+    #if defined(__linux__) && defined(MADV_HUGEPAGE)
+        madvise(p, nbytes, MADV_HUGEPAGE);
+    #endif
+        memset(p, 0, nbytes);
+        return p;
+    }
+    """
+    void* big_zalloc "kairos_big_zalloc"(size_t nbytes) noexcept nogil
+
+
+cdef void* checked_big_alloc(size_t nbytes) except NULL nogil:
+    """Zeroed memory for a large state array (see kairos_big_zalloc)."""
+    cdef void* p = big_zalloc(nbytes)
+    if p == NULL:
+        with gil:
+            raise MemoryError(f"kernel: cannot allocate {nbytes} bytes")
+    return p
+
+
+cdef void* checked_big_realloc(void* p, size_t old_nbytes, size_t nbytes) except NULL nogil:
+    """Grow a state array: a fresh big allocation, the old contents copied over."""
+    cdef void* q = checked_big_alloc(nbytes)
+    memcpy(q, p, min(old_nbytes, nbytes))
+    free(p)
+    return q
+
+
 cdef void* checked_alloc(size_t nbytes) except NULL nogil:
     cdef void* p = calloc(1, nbytes if nbytes else 1)
     if p == NULL:
@@ -387,12 +431,12 @@ cdef class Kernel:
         # allocation; tests set it tiny to exercise growth.
         self.sub_capacity = max(initial_subscribers, 1)
         self.sub_msisdn = <int64_t*>checked_alloc(self.sub_capacity * sizeof(int64_t))
-        self.slots = <int32_t*>checked_alloc(self.sub_capacity * self.n_stateful * sizeof(int32_t))
+        self.slots = <int32_t*>checked_big_alloc(self.sub_capacity * self.n_stateful * sizeof(int32_t))
         memset(self.slots, 0xFF, self.sub_capacity * self.n_stateful * sizeof(int32_t))   # -1: no row
         self.table_capacity = 2
         while self.table_capacity < 2 * self.sub_capacity:
             self.table_capacity *= 2
-        self.table = <Bucket*>checked_alloc(self.table_capacity * sizeof(Bucket))
+        self.table = <Bucket*>checked_big_alloc(self.table_capacity * sizeof(Bucket))
 
     def __dealloc__(self):
         cdef Py_ssize_t r
@@ -435,7 +479,8 @@ cdef class Kernel:
             with gil:
                 raise OverflowError("a kernel holds at most 2**31 - 1 subscribers: shard by msisdn")
         self.sub_msisdn = <int64_t*>checked_realloc(self.sub_msisdn, new * sizeof(int64_t))
-        self.slots = <int32_t*>checked_realloc(self.slots, new * self.n_stateful * sizeof(int32_t))
+        self.slots = <int32_t*>checked_big_realloc(self.slots, old * self.n_stateful * sizeof(int32_t),
+                                                   new * self.n_stateful * sizeof(int32_t))
         memset(self.slots + old * self.n_stateful, 0xFF, (new - old) * self.n_stateful * sizeof(int32_t))
         self.sub_capacity = new
         return 0
@@ -443,7 +488,7 @@ cdef class Kernel:
     cdef int rebuild_table(self, int64_t capacity) except -1 nogil:
         """Re-create the hash table at `capacity` (a power of two) from the dense msisdn array."""
         cdef int64_t mask = capacity - 1, i, h
-        cdef Bucket* table = <Bucket*>checked_alloc(capacity * sizeof(Bucket))
+        cdef Bucket* table = <Bucket*>checked_big_alloc(capacity * sizeof(Bucket))
         for i in range(self.n_subs):
             h = <int64_t>(mix64(<uint64_t>self.sub_msisdn[i]) & <uint64_t>mask)
             while table[h].msisdn != 0:
@@ -526,7 +571,8 @@ cdef class Kernel:
             if capacity > 2147483647:
                 with gil:
                     raise OverflowError("a rule holds at most 2**31 - 1 state rows: shard by msisdn")
-            self.state[rule] = <int64_t*>checked_realloc(self.state[rule], capacity * w * sizeof(int64_t))
+            self.state[rule] = <int64_t*>checked_big_realloc(
+                self.state[rule], self.state_capacity[rule] * w * sizeof(int64_t), capacity * w * sizeof(int64_t))
             self.state_capacity[rule] = capacity
         slot[0] = <int32_t>self.state_rows[rule]
         self.state_rows[rule] += 1
@@ -896,7 +942,8 @@ cdef class Kernel:
         for r, words in words_of.items():
             i64 = words
             rows = i64.shape[0] // self.width[r]
-            self.state[r] = <int64_t*>checked_realloc(self.state[r], max(rows, 1) * self.width[r] * sizeof(int64_t))
+            free(self.state[r])
+            self.state[r] = <int64_t*>checked_big_alloc(max(rows, 1) * self.width[r] * sizeof(int64_t))
             if rows:
                 memcpy(self.state[r], &i64[0], rows * self.width[r] * sizeof(int64_t))
             self.state_rows[r] = rows
