@@ -192,6 +192,18 @@ def parse_duration(value: object) -> int:
     return total
 
 
+def format_duration(ms: int) -> str:
+    """Milliseconds in the rules-file notation, the inverse of parse_duration: 129600000 -> '1d12h'."""
+    if ms == 0:
+        return "0s"
+    parts = []
+    for unit in ("d", "h", "m", "s", "ms"):
+        count, ms = divmod(ms, _DURATION_UNITS[unit])
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts)
+
+
 # ---------------------------------------------------------------------------
 # The `where` expression parser.
 

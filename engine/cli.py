@@ -1,0 +1,259 @@
+"""The `kairos` command line (SPEC section 7).
+
+    kairos demo [--subscribers N] [--events N] [--batch-size N] [--seed N] [--rules PATH]
+    kairos check RULES
+
+`main(argv)` returns the exit status instead of exiting, so tests call it
+directly: 0 success, 2 bad input (a rules file that does not compile, a bad
+option).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import os
+import sys
+import time
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import pyarrow as pa
+
+from engine.engine import Engine
+from engine.rules import Changed, Count, First, RulesError, RuleSet, format_duration, load_rules, parse_rules
+from engine.schema import KINDS
+from engine.synth import TrafficGenerator
+
+DEMO_RULES = "demo_rules.toml"
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+def describe_condition(rule) -> str:
+    cond = rule.condition
+    if cond is None:
+        return "none (every event that passes on + where)"
+    if isinstance(cond, Count):
+        return f"count: at least {cond.at_least} within {format_duration(cond.within)}"
+    if isinstance(cond, First):
+        return f"first: none in the previous {format_duration(cond.within)}"
+    if isinstance(cond, Changed):
+        return f"changed: {cond.column} differs from its last non-zero value"
+    return repr(cond)  # pragma: no cover - the parser builds nothing else
+
+
+def _packaged_rules(name: str) -> RuleSet:
+    text = importlib.resources.files("engine").joinpath("data", name).read_text(encoding="utf-8")
+    return parse_rules(text, source=f"engine/data/{name} (packaged)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _table(headers: list[str], rows: list[list[str]], right: frozenset[int] = frozenset()) -> list[str]:
+    """Rows of text aligned under headers; columns in `right` are right-aligned (numbers)."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        return "  ".join(out).rstrip()
+
+    return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+# ---------------------------------------------------------------------------
+# kairos demo
+
+
+def _sample_instructions(table: pa.Table, rule_ids: list[str], k: int = 5) -> list[dict]:
+    """Up to k instructions: the first of each rule in file order, then the earliest others."""
+    rules = table.column("rule").to_pylist()
+    chosen: list[int] = []
+    for rule_id in rule_ids:
+        if rule_id in rules and len(chosen) < k:
+            chosen.append(rules.index(rule_id))
+    for i in range(len(rules)):
+        if len(chosen) >= k:
+            break
+        if i not in chosen:
+            chosen.append(i)
+    return table.take(sorted(chosen)).to_pylist() if chosen else []
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    ruleset = load_rules(args.rules) if args.rules else _packaged_rules(DEMO_RULES)
+    tz = ZoneInfo(ruleset.policy.timezone)
+    out = sys.stdout
+    print(f"Kairos demo: {len(ruleset.rules)} rules from {ruleset.source}", file=out)
+    print(f"Generating {args.events:,} synthetic events from {args.subscribers:,} subscribers "
+          f"(seed {args.seed}) ...", file=out, flush=True)
+    started = time.perf_counter()
+    generator = TrafficGenerator(args.subscribers, seed=args.seed)
+    batches = list(generator.batches(args.events, args.batch_size))
+    generated = time.perf_counter() - started
+    if batches:
+        first_ts = batches[0].column("ts")[0].as_py()
+        last_ts = batches[-1].column("ts")[-1].as_py()
+        print(f"  {args.events:,} events in {len(batches):,} batches in {generated:.2f} s; event time "
+              f"{_local(first_ts, tz)} to {_local(last_ts, tz)} ({tz.key})", file=out)
+
+    engine = Engine(ruleset)
+    outputs = []
+    print("Processing ...", file=out, flush=True)
+    started = time.perf_counter()
+    for batch in batches:
+        outputs.append(engine.process(batch))
+    elapsed = time.perf_counter() - started
+    stats = engine.stats()
+    instructions = pa.concat_tables(outputs) if outputs else None
+
+    rate = stats["events"] / elapsed if elapsed > 0 else float("inf")
+    print(file=out)
+    summary = [
+        ("events", f"{stats['events']:,}"),
+        ("batches", f"{stats['batches']:,} of up to {args.batch_size:,}"),
+        ("wall time", f"{elapsed:.3f} s (Engine.process only)"),
+        ("throughput", f"{rate:,.0f} events/s"),
+        ("subscribers with state", f"{stats['subscribers']:,}"),
+        ("state memory", _mib(stats["state_bytes"])),
+        ("instructions", f"{stats['instructions']:,}"),
+    ]
+    width = max(len(k) for k, _ in summary)
+    for key, value in summary:
+        print(f"  {key.ljust(width)}  {value}", file=out)
+
+    print("\nPer rule", file=out)
+    rows = []
+    totals = [0, 0, 0, 0]
+    for rule in ruleset.rules:
+        c = stats["rules"][rule.id]
+        values = [c["matched"], c["sent"], c["stopped"]["cooldown"], c["stopped"]["arbitrated"]]
+        totals = [a + b for a, b in zip(totals, values, strict=True)]
+        rows.append([rule.id, str(rule.priority), *(f"{v:,}" for v in values)])
+    rows.append(["total", "", *(f"{v:,}" for v in totals)])
+    headers = ["rule", "priority", "matched", "sent", "cooldown", "arbitrated"]
+    for line in _table(headers, rows, right=frozenset({1, 2, 3, 4, 5})):
+        print(f"  {line}", file=out)
+    silent = [rule.id for rule in ruleset.rules if stats["rules"][rule.id]["sent"] == 0]
+    if silent:
+        print(f"  (no instruction from: {', '.join(silent)})", file=out)
+
+    print("\nSample instructions", file=out)
+    samples = _sample_instructions(instructions, [r.id for r in ruleset.rules]) if instructions else []
+    if not samples:
+        print("  (none)", file=out)
+    else:
+        rows = [
+            [
+                s["id"],
+                _local(s["ts"], tz),
+                str(s["msisdn"]),
+                s["rule"],
+                s["channel"],
+                " ".join(f"{k}={v}" for k, v in s["params"]) or "-",
+            ]
+            for s in samples
+        ]
+        for line in _table(["id", "ts", "msisdn", "rule", "channel", "params"], rows):
+            print(f"  {line}", file=out)
+    return EXIT_OK
+
+
+def _local(ts_ms: int, tz: ZoneInfo) -> str:
+    return datetime.fromtimestamp(ts_ms / 1000, tz).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------
+# kairos check
+
+
+def run_check(args: argparse.Namespace) -> int:
+    ruleset = load_rules(args.rules)
+    out = sys.stdout
+    policy = ruleset.policy
+    print(f"{ruleset.source}: {len(ruleset.rules)} rules, {len(ruleset.sets)} sets, "
+          f"timezone {policy.timezone}, default cooldown {format_duration(policy.cooldown)}", file=out)
+    for name, values in ruleset.sets.items():
+        print(f"  set {name} = [{', '.join(str(v) for v in values)}]", file=out)
+    for rule in ruleset.rules:
+        fields = [
+            ("on", ", ".join(KINDS[k] for k in rule.on)),
+            ("where", rule.where_text.strip() or "(none)"),
+            ("condition", describe_condition(rule)),
+            ("channels", ", ".join(rule.channels)),
+            ("cooldown", format_duration(rule.cooldown) if rule.cooldown else "none"),
+            ("priority", str(rule.priority)),
+            ("template", rule.template),
+            ("params", ", ".join(rule.params) or "(none)"),
+        ]
+        print(f"\n{rule.id}", file=out)
+        for key, value in fields:
+            print(f"  {key:<10} {value}", file=out)
+    print("\nOK", file=out)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kairos", description="Kairos: real-time event engine for telecom marketing."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="run synthetic traffic through the sample rules and show what happened",
+        description="Generate synthetic traffic, run it through the engine in process, and print a summary. "
+        "Needs no configuration.",
+    )
+    demo.add_argument("--subscribers", type=_positive_int, default=100_000, help="default: %(default)s")
+    demo.add_argument("--events", type=_positive_int, default=2_000_000, help="default: %(default)s")
+    demo.add_argument("--batch-size", type=_positive_int, default=65_536, help="default: %(default)s")
+    demo.add_argument("--seed", type=int, default=0, help="traffic seed (default: %(default)s)")
+    demo.add_argument("--rules", metavar="PATH", help="rules file (default: the packaged demo_rules.toml)")
+    demo.set_defaults(run=run_demo)
+
+    check = commands.add_parser(
+        "check",
+        help="validate a rules file and show what each rule does",
+        description="Parse and check a rules file; print each rule, or the error (exit status 2).",
+    )
+    check.add_argument("rules", metavar="RULES", help="rules file (TOML)")
+    check.set_defaults(run=run_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.run(args)
+    except RulesError as exc:
+        print(f"kairos {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # Output piped into something that stopped reading (`kairos check x | head`):
+        # not an error of ours.  Point stdout at devnull so the exit flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
