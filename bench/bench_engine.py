@@ -38,20 +38,19 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 
 import numpy as np
 import pyarrow as pa
 
-from engine import Engine, validate_events
+from engine import Engine, shard_of, validate_events
 from engine._fast.kernel import Kernel
 from engine.compiler import compile_program
+from engine.engine import DEFAULT_INITIAL_SUBSCRIBERS
 from engine.reference import ReferenceEngine
 from engine.rules import RuleSet, load_rules, parse_rules
 from engine.synth import TrafficGenerator
-
-# Engine's default table size, so that the kernel alone starts where Engine does.
-INITIAL_SUBSCRIBERS = 1 << 16
 
 
 def _version() -> str | None:
@@ -92,7 +91,7 @@ def run_engine(ruleset: RuleSet, batches: list[pa.RecordBatch]) -> tuple[float, 
 
 
 def run_kernel(program: dict, validated: list) -> tuple[float, int]:
-    kernel = Kernel(program, INITIAL_SUBSCRIBERS)
+    kernel = Kernel(program, DEFAULT_INITIAL_SUBSCRIBERS)
     produced = 0
     clock = time.perf_counter
     started = clock()
@@ -100,6 +99,36 @@ def run_kernel(program: dict, validated: list) -> tuple[float, int]:
         rows, _ = kernel.process(cols.columns, cols.n)
         produced += len(rows)
     return clock() - started, produced
+
+
+def partition(batches: list[pa.RecordBatch], n_shards: int) -> list[list[pa.RecordBatch]]:
+    """Each batch split by engine.shard_of, as an ingest adapter feeding n shards would."""
+    parts: list[list[pa.RecordBatch]] = [[] for _ in range(n_shards)]
+    for batch in batches:
+        shard = shard_of(batch.column("msisdn").to_numpy(), n_shards)
+        for s in range(n_shards):
+            parts[s].append(batch.filter(pa.array(shard == s)))
+    return parts
+
+
+def run_shards(ruleset: RuleSet, parts: list[list[pa.RecordBatch]]) -> tuple[float, set[str]]:
+    """One Engine per shard, each on its own thread; returns (seconds, instruction ids)."""
+    engines = [Engine(ruleset) for _ in parts]
+    outputs: list[list[pa.Table]] = [[] for _ in parts]
+
+    def work(s: int) -> None:
+        for batch in parts[s]:
+            outputs[s].append(engines[s].process(batch))
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(len(parts))]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    ids = {i for tables in outputs for table in tables for i in table.column("id").to_pylist()}
+    return elapsed, ids
 
 
 def summary(rates: list[float]) -> dict:
@@ -120,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="events for the plain-Python reference (0 to skip); default %(default)s")
     parser.add_argument("--repeat", type=int, default=3, help="runs of engine and kernel; default %(default)s")
     parser.add_argument("--rules", metavar="PATH", help="rules file (default: the packaged bench_rules.toml)")
+    parser.add_argument("--shards", type=int, default=min(2, os.cpu_count() or 1),
+                        help="also run this many shard Engines on as many threads (0 skips); default %(default)s")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = parser.parse_args(argv)
     if min(args.subscribers, args.events, args.batch_size, args.repeat) < 1 or args.reference_events < 0:
@@ -167,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     warm = Engine(ruleset)
     for batch, cols in zip(batches[:2], validated[:2], strict=True):
         warm.process(batch)
-        Kernel(program, INITIAL_SUBSCRIBERS).process(cols.columns, cols.n)
+        Kernel(program, DEFAULT_INITIAL_SUBSCRIBERS).process(cols.columns, cols.n)
     del warm
 
     # -- engine and kernel, interleaved so neither always runs on a colder machine -----
@@ -184,6 +215,23 @@ def main(argv: list[str] | None = None) -> int:
         say(f"   kernel {elapsed:7.3f} s {fmt_rate(kernel_rates[-1])}")
     stats = last_engine.stats()
     del validated
+
+    # -- shards on threads: the kernel releases the GIL --------------------------------
+    sharded = None
+    if args.shards > 1:
+        say(f"\n{args.shards} shard Engines on {args.shards} threads ({os.cpu_count()} CPUs) ...")
+        parts = partition(batches, args.shards)
+        single = Engine(ruleset)
+        single_ids = {i for b in batches for i in single.process(b).column("id").to_pylist()}
+        shard_rates = []
+        for run in range(args.repeat):
+            elapsed, ids = run_shards(ruleset, parts)
+            shard_rates.append(n_events / elapsed)
+            say(f"  run {run + 1}  {elapsed:7.3f} s {fmt_rate(shard_rates[-1])}")
+        sharded = {"shards": args.shards, **summary(shard_rates), "same_instructions": ids == single_ids}
+        say(f"  instructions of the shards together vs one Engine: "
+            f"{'identical' if sharded['same_instructions'] else 'DIFFERENT'}")
+        del parts
 
     # -- reference -------------------------------------------------------------------
     reference = None
@@ -235,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
         say(f"  engine / reference  {ratios['engine_over_reference_same_events']:,.0f}x  (both on the same "
             f"{reference['events']:,} events, one Engine run: "
             f"{fmt_rate(reference['engine_events_per_second_same_events']).strip()})")
+    if sharded:
+        ratios["shards_over_engine"] = sharded["median"] / engine_s["median"]
+        say(f"  shards     {fmt_rate(sharded['median'])}   [{fmt_rate(sharded['min']).strip()} - "
+            f"{fmt_rate(sharded['max']).strip()}]   {sharded['shards']} Engines on {sharded['shards']} threads, "
+            f"{ratios['shards_over_engine']:.2f}x one Engine")
     say(f"  kernel / engine     {ratios['kernel_over_engine']:.2f}x  "
         f"(validation and instruction building are {1 - 1 / ratios['kernel_over_engine']:.0%} of Engine.process)")
     say(f"  latency    Engine.process per batch of {args.batch_size:,}: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
@@ -265,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             "validation_events_per_second": n_events / validation_s,
             "engine": {**engine_s, "latency_ms": {"p50": p50, "p99": p99}},
             "kernel": kernel_s,
+            "shards": sharded,
             "reference": reference,
             "ratios": ratios,
             "instructions": stats["instructions"],
@@ -277,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"\nJSON written to {args.json}")
     if reference and not reference["engine_agrees"]:
         print("error: Engine and reference disagree on the reference slice", file=sys.stderr)
+        return 1
+    if sharded and not sharded["same_instructions"]:
+        print("error: the shards together produced other instructions than one Engine", file=sys.stderr)
         return 1
     return 0
 

@@ -22,6 +22,8 @@ from engine.rules import RuleSet, load_rules, parse_rules
 from engine.schema import validate_events
 
 _CHECKPOINT_FORMAT = 1
+# Subscribers the kernel's first allocation holds; it doubles as needed.
+DEFAULT_INITIAL_SUBSCRIBERS = 1 << 16
 
 
 class Engine:
@@ -31,7 +33,7 @@ class Engine:
     releases the GIL, so Engines of different shards run in parallel).
     """
 
-    def __init__(self, ruleset: RuleSet, *, initial_subscribers: int = 1 << 16):
+    def __init__(self, ruleset: RuleSet, *, initial_subscribers: int = DEFAULT_INITIAL_SUBSCRIBERS):
         self.ruleset = ruleset
         self._kernel = Kernel(compile_program(ruleset), initial_subscribers)
         self._builder = InstructionBuilder(ruleset)
