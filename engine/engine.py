@@ -91,18 +91,19 @@ class Engine:
     def checkpoint(self, directory: str | os.PathLike) -> None:
         """Write rules, subscriber state and counters to `directory`, atomically.
 
-        The state goes out as whole arrays (no per-subscriber loop).  The
-        directory is written beside its final name and renamed into place, so
-        a crash leaves either the old checkpoint or the new one.
+        The state goes out as whole arrays (no per-subscriber loop).  The new
+        checkpoint is written complete beside its final name (`NAME.partial`,
+        meta.json last, everything fsynced), then renamed into place, the old
+        one moving aside to `NAME.old` for the instant between the two
+        renames.  Whenever a crash strikes, `restore(directory)` finds the new
+        checkpoint or the old one.
         """
         final = Path(directory)
-        staging = final.with_name(final.name + ".partial")
+        staging, previous = _staging(final), _previous(final)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         with open(staging / "state.npz", "wb") as f:
             np.savez(f, **self._kernel.export_state())
-            f.flush()
-            os.fsync(f.fileno())
         (staging / "rules.toml").write_text(self.ruleset.text, encoding="utf-8")
         meta = {
             "format": _CHECKPOINT_FORMAT,
@@ -112,27 +113,66 @@ class Engine:
             "instructions": self._instructions,
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        for name in ("state.npz", "rules.toml", "meta.json"):
+            _fsync(staging / name)
+        _fsync(staging)
         if final.exists():
-            previous = final.with_name(final.name + ".old")
             shutil.rmtree(previous, ignore_errors=True)
             final.rename(previous)
-            staging.rename(final)
-            shutil.rmtree(previous)
-        else:
-            staging.rename(final)
+        staging.rename(final)
+        _fsync(final.parent)
+        shutil.rmtree(previous, ignore_errors=True)
 
     @classmethod
     def restore(cls, directory: str | os.PathLike, **options) -> Engine:
-        """An Engine that continues exactly where `checkpoint(directory)` left off."""
-        directory = Path(directory)
+        """An Engine that continues exactly where `checkpoint(directory)` left off.
+
+        If a crash struck between checkpoint()'s two renames, the complete new
+        checkpoint (`NAME.partial`) or else the old one (`NAME.old`) is used.
+        """
+        directory = _complete_checkpoint(Path(directory))
         meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
         if meta.get("format") != _CHECKPOINT_FORMAT:
             raise ValueError(f"{directory}: checkpoint format {meta.get('format')!r} is not {_CHECKPOINT_FORMAT}")
         text = (directory / "rules.toml").read_text(encoding="utf-8")
         engine = cls(parse_rules(text, meta["rules_source"]), **options)
-        with np.load(directory / "state.npz") as arrays:
-            engine._kernel.import_state({name: arrays[name] for name in arrays.files})
+        # np.load given a path leaks the file when the archive is damaged;
+        # owning the file object closes it on every path.
+        with open(directory / "state.npz", "rb") as f, np.load(f) as arrays:
+            state = {name: arrays[name] for name in arrays.files}
+        try:
+            engine._kernel.import_state(state)
+        except KeyError as exc:
+            raise ValueError(f"{directory}: checkpoint state lacks array {exc.args[0]!r}") from None
         engine._events = meta["events"]
         engine._batches = meta["batches"]
         engine._instructions = meta["instructions"]
         return engine
+
+
+def _staging(final: Path) -> Path:
+    return final.with_name(final.name + ".partial")
+
+
+def _previous(final: Path) -> Path:
+    return final.with_name(final.name + ".old")
+
+
+def _complete_checkpoint(final: Path) -> Path:
+    """The directory restore() reads: the checkpoint, or what a crash mid-rename left."""
+    if final.exists():
+        return final
+    staging = _staging(final)
+    if (staging / "meta.json").exists():  # written last: the staged checkpoint is whole
+        return staging
+    if _previous(final).exists():
+        return _previous(final)
+    raise FileNotFoundError(f"no checkpoint at {final}")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -565,4 +565,6 @@ def load_rules(path: str | Path) -> RuleSet:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RulesError(str(path), None, None, f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise RulesError(str(path), None, None, f"not UTF-8 text (byte {exc.start})") from None
     return parse_rules(text, source=str(path))

@@ -1,0 +1,461 @@
+"""The compiled kernel (engine.Engine) held to the plain-Python reference.
+
+Hypothesis writes random, valid rules files as TOML text (random `on` kinds,
+nested `where` expressions over every event column with comparisons, literal
+lists, named sets, `not in`, `prefix`, and/or/not; at most one stateful
+condition; priorities with ties; cooldowns zero, absent or inherited from
+[policy]) and random event streams over small value domains, so that
+conditions, windows, cooldowns and arbitration actually come into play.
+
+For streams in event-time order the two implementations must give identical
+instruction tables and identical per-rule counters, whatever the batch
+boundaries and however small the kernel's first allocation.  For streams out
+of event-time order the kernel keeps bounded state (engine/reference.py
+explains it): every kernel match must still be a reference match, and rules
+whose conditions do not depend on order must agree exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from hypothesis import assume, given, note, settings
+from hypothesis import strategies as st
+
+from engine import EVENT_COLUMNS, KIND_CODES, Engine, parse_rules
+from engine.reference import ReferenceEngine
+from engine.schema import COLUMN_DTYPES
+
+# ---------------------------------------------------------------------------
+# Value domains: small, and overlapping the literals the rules use.
+
+KIND_POOL = ("call_out", "sms_out", "data", "device", "balance")
+KIND_POOL_CODES = tuple(KIND_CODES[k] for k in KIND_POOL)
+MSISDNS = (1, 2, 3, 8613800138000)
+MANY_MSISDNS = tuple(range(1, 33)) + (8613800138000, 8613800138001, 85291234567, 2**62)
+DOMAINS: dict[str, tuple[int, ...]] = {
+    "peer": (0, 7, 12122, 96122, 95555, 955551234, 1095555, 95588, 9558812, 8613800138000),
+    "duration": (0, 10, 30, 59, 60, 61, 300),
+    "volume": (0, 1, 1024, 10**9),
+    "amount": (0, 100, 500, 5000),
+    "balance": (-100, 0, 100, 499, 500, 1000),
+    "cell": (0, 1, 2, 3, 460001234),
+    "mcc": (0, 460, 454, 455),
+    "imei": (0, 1, 2, 3, 356938035643809),
+    "code": (-1, 0, 1, 2),
+}
+OPTIONAL_COLUMNS = tuple(DOMAINS)
+SETS: dict[str, tuple[int, ...]] = {
+    "hotlines": (12122, 96122),
+    "banks": (95555, 95588, 95533),
+    "roaming": (454, 455),
+    "small": (1, 2, 3),
+    "subs": (1, 2, 8613800138000),
+}
+PREFIXES = (1, 9, 95, 955, 95555, 9558, 12122, 86138, 8613800138000, 9555512345, 460)
+BASES = (0, 1_700_000_000_000)
+STEPS = (0, 0, 0, 1, 1, 2, 3, 4, 5, 9, 10, 11, 50, 999, 1000, 1001)
+# A stream draws its steps from one of these: fine steps fill short windows.
+STEP_POOLS = ((0, 1), (0, 1, 2), (0, 1, 2, 3, 5), (0, 5, 10, 11), (0, 1, 10, 100, 1000), STEPS)
+WINDOWS = ("1ms", "2ms", "3ms", "5ms", "10ms", "11ms", "1s", "1s1ms", "1m")
+COOLDOWNS = ("0ms", "0s", "1ms", "2ms", "5ms", "10ms", "1s", "1m")
+CHANGED_COLUMNS = tuple(c for c in EVENT_COLUMNS if c not in ("ts", "msisdn"))
+
+
+def literal_domain(column: str) -> tuple[int, ...]:
+    """Values worth comparing a column with: its domain plus off-by-one neighbours."""
+    if column == "kind":
+        base = KIND_POOL_CODES + (12,)
+    elif column == "msisdn":
+        base = MSISDNS
+    elif column == "ts":
+        base = (0, 1, 5, 10, 1_700_000_000_000, 1_700_000_000_005)
+    else:
+        base = DOMAINS[column]
+    return tuple(sorted({v + d for v in base for d in (-1, 0, 1)}))
+
+
+def int_text(value: int, underscore: bool) -> str:
+    if underscore and abs(value) >= 1000:
+        return f"{value:_}"
+    return str(value)
+
+
+# ---------------------------------------------------------------------------
+# Rules files as TOML text.
+
+
+@st.composite
+def comparisons(draw) -> str:
+    column = draw(st.sampled_from(EVENT_COLUMNS))
+    op = draw(st.sampled_from(("==", "!=", "<", "<=", ">", ">=")))
+    value = draw(st.sampled_from(literal_domain(column)))
+    space = draw(st.sampled_from(("", " ")))
+    return f"{column}{space}{op}{space}{int_text(value, draw(st.booleans()))}"
+
+
+@st.composite
+def memberships(draw) -> str:
+    column = draw(st.sampled_from(EVENT_COLUMNS))
+    negated = "not in" if draw(st.booleans()) else "in"
+    if draw(st.booleans()):
+        target = draw(st.sampled_from(sorted(SETS)))
+    else:
+        values = draw(st.lists(st.sampled_from(literal_domain(column)), min_size=1, max_size=4))
+        trailing = "," if draw(st.booleans()) else ""
+        target = "[" + ", ".join(str(v) for v in values) + trailing + "]"
+    return f"{column} {negated} {target}"
+
+
+@st.composite
+def prefix_tests(draw) -> str:
+    column = draw(st.sampled_from(("peer", "msisdn", "cell", "imei", "mcc", "balance")))
+    shape = draw(st.integers(0, 2))
+    if shape == 0:
+        target = str(draw(st.sampled_from(PREFIXES)))
+    elif shape == 1:
+        prefixes = draw(st.lists(st.sampled_from(PREFIXES), min_size=1, max_size=3))
+        target = "[" + ", ".join(str(p) for p in prefixes) + "]"
+    else:
+        target = draw(st.sampled_from(sorted(SETS)))
+    return f"{column} prefix {target}"
+
+
+def _combine(children):
+    def paren(text: str, wrap: bool) -> str:
+        return f"({text})" if wrap else text
+
+    pairs = st.tuples(children, children, st.booleans(), st.booleans())
+    return st.one_of(
+        pairs.map(lambda t: paren(f"{t[0]} and {t[1]}", t[2])),
+        pairs.map(lambda t: paren(f"{t[0]} or {t[1]}", t[2])),
+        st.tuples(children, st.booleans()).map(lambda t: f"not ({t[0]})" if t[1] else f"not {t[0]}"),
+    )
+
+
+where_leaves = st.one_of(comparisons(), memberships(), prefix_tests())
+where_texts = st.recursive(where_leaves, _combine, max_leaves=5)
+deep_where_texts = st.recursive(where_leaves, _combine, max_leaves=16)
+
+
+@st.composite
+def rule_tables(draw, index: int, *, cooldown_zero: bool = False, conditions=("none", "count", "first", "changed"),
+                where=where_texts):
+    lines = ["[[rule]]", f'id = "r{index}"']
+    kinds = draw(st.lists(st.sampled_from(KIND_POOL), min_size=1, max_size=3, unique=True))
+    if len(kinds) == 1 and draw(st.booleans()):
+        lines.append(f'on = "{kinds[0]}"')
+    else:
+        lines.append("on = [" + ", ".join(f'"{k}"' for k in kinds) + "]")
+    if draw(st.booleans()):
+        lines.append(f'where = "{draw(where)}"')
+    condition = draw(st.sampled_from(conditions))
+    if condition == "count":
+        at_least = draw(st.integers(1, 5))
+        lines.append(f'count = {{ at_least = {at_least}, within = "{draw(st.sampled_from(WINDOWS))}" }}')
+    elif condition == "first":
+        lines.append(f'first = {{ within = "{draw(st.sampled_from(WINDOWS))}" }}')
+    elif condition == "changed":
+        lines.append(f'changed = {{ column = "{draw(st.sampled_from(CHANGED_COLUMNS))}" }}')
+    lines.append(draw(st.sampled_from(('channels = ["sms"]', 'channels = ["portal", "sms"]', 'channels = ["crm"]'))))
+    if draw(st.booleans()):
+        lines.append(f'template = "t{draw(st.integers(0, 3))}"')
+    params = draw(st.lists(st.sampled_from(EVENT_COLUMNS), max_size=4, unique=True))
+    if params or draw(st.booleans()):
+        lines.append("params = [" + ", ".join(f'"{p}"' for p in params) + "]")
+    priority = draw(st.sampled_from((None, -1, 0, 0, 1, 1, 5)))
+    if priority is not None:
+        lines.append(f"priority = {priority}")
+    if cooldown_zero:
+        cooldown = draw(st.sampled_from((None, "0ms", "0s")))
+    else:
+        cooldown = draw(st.sampled_from((None,) + COOLDOWNS))
+    if cooldown is not None:
+        lines.append(f'cooldown = "{cooldown}"')
+    return "\n".join(lines)
+
+
+@st.composite
+def rules_files(draw, *, min_rules: int = 1, max_rules: int = 6, cooldown_zero: bool = False,
+                conditions=("none", "count", "first", "changed"), where=where_texts) -> str:
+    parts = []
+    if not cooldown_zero and draw(st.booleans()):
+        parts.append(f'[policy]\ncooldown = "{draw(st.sampled_from(COOLDOWNS))}"\n')
+    parts.append("[sets]\n" + "\n".join(f"{name} = {list(values)}" for name, values in SETS.items()) + "\n")
+    n = draw(st.integers(min_rules, max_rules))
+    for i in range(n):
+        parts.append(draw(rule_tables(i, cooldown_zero=cooldown_zero, conditions=conditions, where=where)) + "\n")
+    text = "\n".join(parts)
+    parse_rules(text)  # the generator only writes valid files
+    return text
+
+
+# ---------------------------------------------------------------------------
+# Event streams.
+
+
+@st.composite
+def event_streams(draw, *, ordered: bool = True, msisdns=MSISDNS, kind_pool=KIND_POOL_CODES, max_size: int = 60):
+    """A dict-of-numpy batch of random events over small domains (some optional columns absent)."""
+    n = draw(st.integers(0, max_size))
+    base = draw(st.sampled_from(BASES))
+    # Each stream concentrates on a few subscribers and kinds, so that
+    # windows fill up and conditions fire.
+    subscribers = draw(st.lists(st.sampled_from(msisdns), min_size=1, max_size=len(msisdns), unique=True))
+    kinds = draw(st.lists(st.sampled_from(kind_pool), min_size=1, max_size=4, unique=True))
+    if ordered:
+        steps = draw(st.lists(st.sampled_from(draw(st.sampled_from(STEP_POOLS))), min_size=n, max_size=n))
+        ts = base + np.cumsum(np.array(steps, dtype=np.int64))
+    else:
+        ts = base + np.array(draw(st.lists(st.integers(0, 60), min_size=n, max_size=n)), dtype=np.int64)
+    columns: dict[str, np.ndarray] = {
+        "ts": ts.astype(np.int64),
+        "msisdn": np.array(draw(st.lists(st.sampled_from(subscribers), min_size=n, max_size=n)), dtype=np.int64),
+        "kind": np.array(draw(st.lists(st.sampled_from(kinds), min_size=n, max_size=n)), dtype=np.uint8),
+    }
+    absent = draw(st.sets(st.sampled_from(OPTIONAL_COLUMNS), max_size=3))
+    for name in OPTIONAL_COLUMNS:
+        if name in absent:
+            continue
+        values = draw(st.lists(st.sampled_from(DOMAINS[name]), min_size=n, max_size=n))
+        columns[name] = np.array(values, dtype=COLUMN_DTYPES[name])
+    if draw(st.booleans()):
+        columns["kind"] = columns["kind"].astype(np.int64)  # validation casts to uint8
+    return columns
+
+
+@st.composite
+def scenarios(draw, rules=None, **stream_options):
+    """(rules text, event stream), the stream's kinds drawn mostly from the kinds the rules listen to."""
+    text = draw(rules if rules is not None else rules_files())
+    used = sorted({code for rule in parse_rules(text).rules for code in rule.on})
+    if draw(st.integers(0, 4)) == 0:
+        used.append(KIND_CODES["portal"])  # a kind no rule listens to
+    stream = draw(event_streams(kind_pool=tuple(used), **stream_options))
+    return text, stream
+
+
+def as_input(columns: dict[str, np.ndarray], form: str):
+    """The same events in one of the accepted input forms."""
+    if form == "dict":
+        return columns
+    if form == "record_batch":
+        return pa.RecordBatch.from_pydict(columns)
+    return pa.Table.from_pydict(columns)
+
+
+input_forms = st.sampled_from(("dict", "record_batch", "table"))
+
+
+def slices(columns: dict[str, np.ndarray], cuts: list[int]) -> list[dict[str, np.ndarray]]:
+    n = len(columns["ts"])
+    bounds = [0] + sorted(min(c, n) for c in cuts) + [n]
+    return [{k: v[a:b] for k, v in columns.items()} for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+# ---------------------------------------------------------------------------
+# Comparison helpers.
+
+
+def describe(text: str, columns: dict[str, np.ndarray]) -> None:
+    note(f"rules:\n{text}")
+    note("events: " + repr({k: v.tolist() for k, v in columns.items()}))
+
+
+def assert_same_table(kernel: pa.Table, reference: pa.Table) -> None:
+    assert kernel.schema == reference.schema
+    assert kernel.to_pylist() == reference.to_pylist()
+    assert kernel.equals(reference)
+
+
+def assert_same_counters(kernel: Engine, reference: ReferenceEngine) -> None:
+    k, r = kernel.stats(), reference.stats()
+    assert k["rules"] == r["rules"]
+    assert k["events"] == r["events"]
+    assert k["instructions"] == sum(rule["sent"] for rule in r["rules"].values())
+
+
+def concat(tables: list[pa.Table]) -> pa.Table:
+    return pa.concat_tables(tables)
+
+
+def is_subsequence(small: list, big: list) -> bool:
+    it = iter(big)
+    return all(any(x == y for y in it) for x in small)
+
+
+# ---------------------------------------------------------------------------
+# In event-time order: identical.
+
+
+@given(scenario=scenarios(), form=input_forms)
+def test_kernel_equals_reference(scenario, form):
+    text, columns = scenario
+    describe(text, columns)
+    kernel = Engine.from_text(text)
+    reference = ReferenceEngine(parse_rules(text))
+    assert_same_table(kernel.process(as_input(columns, form)), reference.process(as_input(columns, form)))
+    assert_same_counters(kernel, reference)
+
+
+@given(scenario=scenarios(), cuts=st.lists(st.integers(0, 60), max_size=5))
+def test_batch_boundaries_do_not_matter(scenario, cuts):
+    text, columns = scenario
+    describe(text, columns)
+    note(f"cuts: {sorted(cuts)}")
+    whole = Engine.from_text(text)
+    expected = whole.process(columns)
+
+    split = Engine.from_text(text)
+    got = concat([split.process(part) for part in slices(columns, cuts)])
+    assert_same_table(got, expected)
+    assert split.stats()["rules"] == whole.stats()["rules"]
+
+    reference = ReferenceEngine(parse_rules(text))
+    ref_got = concat([reference.process(part) for part in slices(columns, cuts)])
+    assert_same_table(got, ref_got)
+    assert_same_counters(split, reference)
+
+
+@given(scenario=scenarios(msisdns=MANY_MSISDNS, max_size=80))
+def test_tiny_initial_allocation_grows_correctly(scenario):
+    """initial_subscribers=1: the subscriber table and slot maps grow many times."""
+    text, columns = scenario
+    describe(text, columns)
+    kernel = Engine(parse_rules(text), initial_subscribers=1)
+    reference = ReferenceEngine(parse_rules(text))
+    assert_same_table(kernel.process(columns), reference.process(columns))
+    assert_same_counters(kernel, reference)
+    assert kernel.stats()["subscribers"] <= len(set(columns["msisdn"].tolist()))
+
+
+@settings(max_examples=max(5, settings().max_examples // 20))
+@given(text=rules_files(), seed=st.integers(0, 2**32 - 1), cuts=st.lists(st.integers(0, 3000), max_size=3))
+def test_long_streams_across_kernel_chunks(text, seed, cuts):
+    """Thousands of events: several kernel chunks, hundreds of subscribers, state rows regrown."""
+    note(f"rules:\n{text}\nseed: {seed}, cuts: {sorted(cuts)}")
+    rng = np.random.default_rng(seed)
+    n = 3000
+    hot = np.array(MSISDNS, dtype=np.int64)
+    cold = np.arange(10_000, 10_300, dtype=np.int64)
+    columns = {
+        "ts": rng.choice(BASES) + np.cumsum(rng.choice(np.array(STEPS), n)).astype(np.int64),
+        "msisdn": np.where(rng.random(n) < 0.5, rng.choice(hot, n), rng.choice(cold, n)).astype(np.int64),
+        "kind": rng.choice(np.array(KIND_POOL_CODES, dtype=np.uint8), n),
+    }
+    for name, domain in DOMAINS.items():
+        columns[name] = rng.choice(np.array(domain), n).astype(COLUMN_DTYPES[name])
+    kernel = Engine(parse_rules(text), initial_subscribers=1)
+    got = concat([kernel.process(part) for part in slices(columns, cuts)])
+    reference = ReferenceEngine(parse_rules(text))
+    assert_same_table(got, reference.process(columns))
+    assert_same_counters(kernel, reference)
+
+
+# ---------------------------------------------------------------------------
+# Out of event-time order.
+
+
+@given(scenario=scenarios(rules=rules_files(max_rules=1, cooldown_zero=True), ordered=False))
+def test_out_of_order_kernel_matches_are_reference_matches(scenario):
+    """Bounded state may miss a late count/first match, never invent one."""
+    text, columns = scenario
+    describe(text, columns)
+    kernel = Engine.from_text(text)
+    reference = ReferenceEngine(parse_rules(text))
+    got = kernel.process(columns).to_pylist()
+    expected = reference.process(columns).to_pylist()
+    assert is_subsequence(got, expected)
+    (k_rule,) = kernel.stats()["rules"].values()
+    (r_rule,) = reference.stats()["rules"].values()
+    assert k_rule["matched"] <= r_rule["matched"]
+    # Cooldown 0 and a single rule: every match is an instruction, in both.
+    assert k_rule["sent"] == k_rule["matched"] == len(got)
+    assert r_rule["sent"] == r_rule["matched"] == len(expected)
+    assert k_rule["stopped"] == r_rule["stopped"] == {"cooldown": 0, "arbitrated": 0}
+
+
+@given(
+    scenario=scenarios(rules=rules_files(conditions=("none", "changed")), ordered=False),
+    cuts=st.lists(st.integers(0, 60), max_size=3),
+)
+def test_out_of_order_is_exact_for_order_free_conditions(scenario, cuts):
+    """No condition or `changed` does not look at time: cooldown and arbitration agree even out of order."""
+    text, columns = scenario
+    describe(text, columns)
+    kernel = Engine.from_text(text)
+    reference = ReferenceEngine(parse_rules(text))
+    got = concat([kernel.process(part) for part in slices(columns, cuts)])
+    assert_same_table(got, reference.process(columns))
+    assert_same_counters(kernel, reference)
+
+
+# ---------------------------------------------------------------------------
+# The where filter alone, harder: deep expressions, full-range values.
+
+
+@given(
+    scenario=scenarios(
+        rules=rules_files(conditions=("none",), cooldown_zero=True, where=deep_where_texts), max_size=120
+    )
+)
+def test_deep_where_expressions(scenario):
+    """Stateless rules with deeply nested and/or/not: the kernel's short-circuit filter equals plain evaluation."""
+    text, columns = scenario
+    describe(text, columns)
+    kernel = Engine.from_text(text)
+    reference = ReferenceEngine(parse_rules(text))
+    assert_same_table(kernel.process(columns), reference.process(columns))
+    assert_same_counters(kernel, reference)
+
+
+int64s = st.one_of(
+    st.integers(-(2**63), 2**63 - 1),
+    st.integers(-10, 10**6),
+    st.integers(10**17, 2**63 - 1),
+)
+
+
+@given(
+    values=st.lists(int64s, min_size=1, max_size=40),
+    cut=st.lists(st.tuples(st.integers(0, 39), st.integers(1, 19)), max_size=6),
+    extra=st.lists(st.integers(1, 2**63 - 1), max_size=4),
+    negate=st.booleans(),
+)
+def test_prefix_and_in_over_full_int64_range(values, cut, extra, negate):
+    """`prefix` compares decimal digits; `in` is exact membership: any int64, any prefix length."""
+    # Prefixes taken from the values' own digits, so many of them match.
+    prefixes = {int(str(values[i % len(values)])[:k]) for i, k in cut if values[i % len(values)] > 0} | set(extra)
+    prefixes.discard(0)
+    members = sorted(set(values[::3]) | set(extra))
+    assume(prefixes)
+    prefix_list = ", ".join(str(p) for p in sorted(prefixes))
+    member_list = ", ".join(str(v) for v in members)
+    where_prefix = f"not (peer prefix [{prefix_list}])" if negate else f"peer prefix [{prefix_list}]"
+    text = (
+        f'[[rule]]\nid = "p"\non = "call_out"\nwhere = "{where_prefix}"\nchannels = ["sms"]\n\n'
+        f'[[rule]]\nid = "m"\non = "sms_out"\nwhere = "imei in [{member_list}]"\nchannels = ["sms"]\n'
+    )
+    n = len(values)
+    columns = {
+        "ts": np.arange(n, dtype=np.int64),
+        "msisdn": np.ones(n, np.int64),
+        "kind": np.array([KIND_CODES["call_out"], KIND_CODES["sms_out"]] * n, np.uint8)[:n],
+        "peer": np.array(values, np.int64),
+        "imei": np.array(values, np.int64),
+    }
+    note(text)
+    got = Engine.from_text(text).process(columns)
+    assert_same_table(got, ReferenceEngine(parse_rules(text)).process(columns))
+
+    # And against the definition, independently of both implementations.
+    def has_prefix(v: int) -> bool:
+        return v > 0 and any(str(v).startswith(str(p)) for p in prefixes)
+
+    expected_ts = []
+    for i, v in enumerate(values):
+        if i % 2 == 0 and has_prefix(v) != negate:
+            expected_ts.append(i)
+        if i % 2 == 1 and v in members:
+            expected_ts.append(i)
+    assert got.column("ts").to_pylist() == expected_ts
