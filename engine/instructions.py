@@ -106,7 +106,8 @@ class InstructionBuilder:
             for position, column in enumerate(self.params[r]):
                 slots = offsets[which] + position
                 key_index[slots] = column
-                values[slots] = events[EVENT_COLUMNS[column]][rows[which]]
+                source = events.columns[column]
+                values[slots] = 0 if source is None else source[rows[which]]
         keys = pa.array(EVENT_COLUMNS, pa.string()).take(pa.array(key_index))
         items = pa.array(values, pa.int64()).cast(pa.string())
         return pa.MapArray.from_arrays(pa.array(offsets), keys, items)
