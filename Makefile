@@ -28,7 +28,7 @@ bench: $(INSTALLED)
 # Bounds checks, line tracing and -O0 -g (setup.py); `make test` afterwards
 # runs the suite against it.  Remove .venv/.kairos-installed to go back.
 debug-build: $(INSTALLED)
-	$(PY) -m pip install -q 'Cython>=3.0.10' 'setuptools>=69' wheel
+	$(PY) -m pip install -q wheel
 	KAIROS_DEBUG=1 $(PY) -m pip install -q --no-build-isolation -e '.[test]'
 
 clean:
