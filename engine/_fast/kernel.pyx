@@ -297,7 +297,8 @@ cdef void* checked_big_alloc(size_t nbytes) except NULL nogil:
 cdef void* checked_big_realloc(void* p, size_t old_nbytes, size_t nbytes) except NULL nogil:
     """Grow a state array: a fresh big allocation, the old contents copied over."""
     cdef void* q = checked_big_alloc(nbytes)
-    memcpy(q, p, min(old_nbytes, nbytes))
+    if p != NULL:   # a pool's first allocation has nothing to copy
+        memcpy(q, p, min(old_nbytes, nbytes))
     free(p)
     return q
 
