@@ -48,7 +48,7 @@ cdef class Kernel:
     # line finds every row of an event's subscriber.
     cdef Py_ssize_t n_stateful    # rules with width > 0
     cdef int32_t* stateful_index  # per rule: its column in `slots`; -1 for stateless rules
-    cdef int32_t* slots           # [dense id * n_stateful + stateful index] -> state row, -1 none
+    cdef int32_t* slots           # [dense id * n_stateful + stateful index] -> state row + 1, 0 none
     cdef int64_t** state          # [rule] rows of width[rule] words
     cdef int64_t* state_rows
     cdef int64_t* state_capacity

@@ -265,29 +265,65 @@ cdef extern from *:
     #if defined(__linux__)
     #include <sys/mman.h>
     #endif
-    /* State arrays are read at random over hundreds of MB; with 4 KiB pages
-       nearly every access also misses the TLB.  Arrays of 2 MiB and more are
-       2 MiB-aligned and advised as transparent huge pages (Linux; elsewhere
-       they are plain zeroed allocations). */
-    #define KAIROS_HUGE_PAGE ((size_t)2 << 20)
-    static void* kairos_big_zalloc(size_t nbytes) {
-        void* p = NULL;
-        if (nbytes < KAIROS_HUGE_PAGE) return calloc(1, nbytes ? nbytes : 1);
-        nbytes = (nbytes + KAIROS_HUGE_PAGE - 1) & ~(KAIROS_HUGE_PAGE - 1);
-        if (posix_memalign(&p, KAIROS_HUGE_PAGE, nbytes) != 0) return NULL;
-    #if defined(__linux__) && defined(MADV_HUGEPAGE)
-        madvise(p, nbytes, MADV_HUGEPAGE);
+    /* State arrays (hash table, slots, row pools) are read at random over
+       hundreds of MB.  Arrays of 2 MiB and more come straight from mmap:
+       zero without a memset, faulted in only where touched, advised as
+       transparent huge pages (with 4 KiB pages nearly every access also
+       misses the TLB), and grown with mremap, which moves page tables
+       instead of copying.  Smaller arrays use the C heap.  Elsewhere than
+       Linux everything uses the C heap. */
+    #define KAIROS_BIG ((size_t)2 << 20)
+    #define KAIROS_PAGE_ROUND(n) (((n) + 4095) & ~(size_t)4095)
+    static void* kairos_big_alloc(size_t nbytes) {
+    #if defined(__linux__)
+        if (nbytes >= KAIROS_BIG) {
+            void* p = mmap(NULL, KAIROS_PAGE_ROUND(nbytes), PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (p == MAP_FAILED) return NULL;
+    #if defined(MADV_HUGEPAGE)
+            madvise(p, KAIROS_PAGE_ROUND(nbytes), MADV_HUGEPAGE);
     #endif
-        memset(p, 0, nbytes);
-        return p;
+            return p;
+        }
+    #endif
+        return calloc(1, nbytes ? nbytes : 1);
+    }
+    static void kairos_big_free(void* p, size_t nbytes) {
+        if (p == NULL) return;
+    #if defined(__linux__)
+        if (nbytes >= KAIROS_BIG) { munmap(p, KAIROS_PAGE_ROUND(nbytes)); return; }
+    #endif
+        free(p);
+    }
+    /* Grow (never shrink) to new_nbytes; the added bytes are zero. */
+    static void* kairos_big_realloc(void* p, size_t old_nbytes, size_t new_nbytes) {
+        void* q;
+        if (p == NULL) return kairos_big_alloc(new_nbytes);
+    #if defined(__linux__) && defined(MREMAP_MAYMOVE)
+        if (old_nbytes >= KAIROS_BIG) {
+            q = mremap(p, KAIROS_PAGE_ROUND(old_nbytes), KAIROS_PAGE_ROUND(new_nbytes), MREMAP_MAYMOVE);
+            if (q == MAP_FAILED) return NULL;
+    #if defined(MADV_HUGEPAGE)
+            madvise(q, KAIROS_PAGE_ROUND(new_nbytes), MADV_HUGEPAGE);
+    #endif
+            return q;
+        }
+    #endif
+        q = kairos_big_alloc(new_nbytes);
+        if (q == NULL) return NULL;
+        memcpy(q, p, old_nbytes);
+        kairos_big_free(p, old_nbytes);
+        return q;
     }
     """
-    void* big_zalloc "kairos_big_zalloc"(size_t nbytes) noexcept nogil
+    void* big_alloc "kairos_big_alloc"(size_t nbytes) noexcept nogil
+    void* big_realloc "kairos_big_realloc"(void* p, size_t old_nbytes, size_t new_nbytes) noexcept nogil
+    void big_free "kairos_big_free"(void* p, size_t nbytes) noexcept nogil
 
 
 cdef void* checked_big_alloc(size_t nbytes) except NULL nogil:
-    """Zeroed memory for a large state array (see kairos_big_zalloc)."""
-    cdef void* p = big_zalloc(nbytes)
+    """Zeroed memory for a state array; release with big_free(p, nbytes)."""
+    cdef void* p = big_alloc(nbytes)
     if p == NULL:
         with gil:
             raise MemoryError(f"kernel: cannot allocate {nbytes} bytes")
@@ -295,11 +331,11 @@ cdef void* checked_big_alloc(size_t nbytes) except NULL nogil:
 
 
 cdef void* checked_big_realloc(void* p, size_t old_nbytes, size_t nbytes) except NULL nogil:
-    """Grow a state array: a fresh big allocation, the old contents copied over."""
-    cdef void* q = checked_big_alloc(nbytes)
-    if p != NULL:   # a pool's first allocation has nothing to copy
-        memcpy(q, p, min(old_nbytes, nbytes))
-    free(p)
+    """Grow a state array from old_nbytes to nbytes; the new part is zero."""
+    cdef void* q = big_realloc(p, old_nbytes, nbytes)
+    if q == NULL:
+        with gil:
+            raise MemoryError(f"kernel: cannot grow to {nbytes} bytes")
     return q
 
 
@@ -433,7 +469,6 @@ cdef class Kernel:
         self.sub_capacity = max(initial_subscribers, 1)
         self.sub_msisdn = <int64_t*>checked_alloc(self.sub_capacity * sizeof(int64_t))
         self.slots = <int32_t*>checked_big_alloc(self.sub_capacity * self.n_stateful * sizeof(int32_t))
-        memset(self.slots, 0xFF, self.sub_capacity * self.n_stateful * sizeof(int32_t))   # -1: no row
         self.table_capacity = 2
         while self.table_capacity < 2 * self.sub_capacity:
             self.table_capacity *= 2
@@ -441,13 +476,14 @@ cdef class Kernel:
 
     def __dealloc__(self):
         cdef Py_ssize_t r
-        if self.state != NULL:
+        if self.state != NULL and self.state_capacity != NULL and self.width != NULL:
             for r in range(self.n_rules):
-                free(self.state[r])
+                big_free(self.state[r], self.state_capacity[r] * self.width[r] * sizeof(int64_t))
         free(self.kinds); free(self.op_begin); free(self.op_end); free(self.result_reg)
         free(self.cond); free(self.cond_n); free(self.cond_window); free(self.cond_column)
         free(self.cooldown); free(self.priority); free(self.width); free(self.stateful_index)
-        free(self.slots); free(self.state); free(self.state_rows); free(self.state_capacity)
+        big_free(self.slots, self.sub_capacity * self.n_stateful * sizeof(int32_t))
+        free(self.state); free(self.state_rows); free(self.state_capacity)
         free(self.matched); free(self.stopped_cooldown); free(self.stopped_arbitrated)
         free(self.emitted); free(self.survivors)
         free(self.ops); free(self.constants); free(self.constant_digits)
@@ -455,7 +491,8 @@ cdef class Kernel:
         free(self.list_result); free(self.vals); free(self.bucket_rows); free(self.row_head)
         free(self.row_tail); free(self.pair_next); free(self.pair_rule)
         free(self.row_stateful); free(self.row_sub); free(self.need_rows); free(self.need_hash)
-        free(self.sub_msisdn); free(self.table)
+        free(self.sub_msisdn)
+        big_free(self.table, self.table_capacity * sizeof(Bucket))
 
     cdef bint _op_is_valid(self, Op op, Py_ssize_t n_constants):
         if not (0 <= op.code <= OP_NARROW_FALSE and op.a >= 0 and 0 <= op.sel < self.n_lists):
@@ -482,7 +519,6 @@ cdef class Kernel:
         self.sub_msisdn = <int64_t*>checked_realloc(self.sub_msisdn, new * sizeof(int64_t))
         self.slots = <int32_t*>checked_big_realloc(self.slots, old * self.n_stateful * sizeof(int32_t),
                                                    new * self.n_stateful * sizeof(int32_t))
-        memset(self.slots + old * self.n_stateful, 0xFF, (new - old) * self.n_stateful * sizeof(int32_t))
         self.sub_capacity = new
         return 0
 
@@ -496,7 +532,7 @@ cdef class Kernel:
                 h = (h + 1) & mask
             table[h].msisdn = self.sub_msisdn[i]
             table[h].id = <int32_t>i
-        free(self.table)
+        big_free(self.table, self.table_capacity * sizeof(Bucket))
         self.table = table
         self.table_capacity = capacity
         return 0
@@ -557,27 +593,27 @@ cdef class Kernel:
             p = self.pair_next[p]
             if self.width[r]:
                 slot = self.slots[self.row_sub[i] * self.n_stateful + self.stateful_index[r]]
-                if slot >= 0:
-                    prefetch(self.state[r] + <int64_t>slot * self.width[r])
+                if slot > 0:
+                    prefetch(self.state[r] + <int64_t>(slot - 1) * self.width[r])
 
     cdef int64_t* state_row(self, Py_ssize_t rule, int64_t sub) except NULL nogil:
         """The rule's state row for a subscriber, allocated on first use."""
         cdef int32_t* slot = &self.slots[sub * self.n_stateful + self.stateful_index[rule]]
         cdef int64_t w = self.width[rule], k, capacity
         cdef int64_t* row
-        if slot[0] >= 0:
-            return self.state[rule] + <int64_t>slot[0] * w
+        if slot[0] > 0:
+            return self.state[rule] + <int64_t>(slot[0] - 1) * w
         if self.state_rows[rule] == self.state_capacity[rule]:
             capacity = max(2 * self.state_capacity[rule], 64)
-            if capacity > 2147483647:
+            if capacity >= 2147483647:
                 with gil:
-                    raise OverflowError("a rule holds at most 2**31 - 1 state rows: shard by msisdn")
+                    raise OverflowError("a rule holds at most 2**31 - 2 state rows: shard by msisdn")
             self.state[rule] = <int64_t*>checked_big_realloc(
                 self.state[rule], self.state_capacity[rule] * w * sizeof(int64_t), capacity * w * sizeof(int64_t))
             self.state_capacity[rule] = capacity
-        slot[0] = <int32_t>self.state_rows[rule]
+        row = self.state[rule] + self.state_rows[rule] * w
         self.state_rows[rule] += 1
-        row = self.state[rule] + <int64_t>slot[0] * w
+        slot[0] = <int32_t>self.state_rows[rule]      # row index + 1
         for k in range(w):
             row[k] = NO_TS
         if self.cond[rule] == COND_CHANGED:
@@ -800,7 +836,7 @@ cdef class Kernel:
                     self.matched[r] += 1
                     if self.cooldown[r] > 0:
                         slot = self.slots[sub * self.n_stateful + self.stateful_index[r]]
-                        if slot >= 0 and self.state[r][<int64_t>slot * self.width[r]] > ts - self.cooldown[r]:
+                        if slot > 0 and self.state[r][<int64_t>(slot - 1) * self.width[r]] > ts - self.cooldown[r]:
                             self.stopped_cooldown[r] += 1
                             continue
                     self.survivors[n_surv] = <int32_t>r
@@ -894,8 +930,9 @@ cdef class Kernel:
         cdef Py_ssize_t r
         state = {"msisdn": self._copy_i64(self.sub_msisdn, self.n_subs),
                  "width": self._copy_i32(self.width, self.n_rules),
+                 # stored as row + 1 (so zeroed memory means "no row"); exported as row, -1 none
                  "slots": self._copy_i32(self.slots, self.n_subs * self.n_stateful).reshape(
-                     self.n_subs, self.n_stateful)}
+                     self.n_subs, self.n_stateful) - 1}
         state.update(self.counters())
         for r in range(self.n_rules):
             if self.width[r]:
@@ -930,7 +967,7 @@ cdef class Kernel:
         while self.sub_capacity < n:
             self.grow_subscribers()
         cdef const int64_t[::1] i64
-        cdef const int32_t[::1] i32 = slots_array.reshape(-1)
+        cdef const int32_t[::1] i32 = (slots_array + 1).reshape(-1)
         if n:
             memcpy(self.sub_msisdn, &msisdn[0], n * sizeof(int64_t))
         if n * self.n_stateful:
@@ -943,7 +980,9 @@ cdef class Kernel:
         for r, words in words_of.items():
             i64 = words
             rows = i64.shape[0] // self.width[r]
-            free(self.state[r])
+            big_free(self.state[r], self.state_capacity[r] * self.width[r] * sizeof(int64_t))
+            self.state[r] = NULL
+            self.state_capacity[r] = 0
             self.state[r] = <int64_t*>checked_big_alloc(max(rows, 1) * self.width[r] * sizeof(int64_t))
             if rows:
                 memcpy(self.state[r], &i64[0], rows * self.width[r] * sizeof(int64_t))
