@@ -30,11 +30,16 @@ Times are time.perf_counter wall time.  See bench/README.md.
 
 from __future__ import annotations
 
+import os
+
+# Kairos makes no BLAS call; OpenBLAS worker threads would only compete with
+# the shard threads for the cores.  Must be set before numpy is imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import importlib.metadata
 import importlib.resources
 import json
-import os
 import platform
 import statistics
 import sys
