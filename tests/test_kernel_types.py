@@ -60,3 +60,15 @@ def test_shard_of_is_stable_and_balanced():
     assert counts.min() > 0.95 * len(msisdn) / 4
     with pytest.raises(ValueError):
         shard_of(msisdn, 0)
+
+
+@pytest.mark.parametrize(("msisdn", "ts"), [(0, 5), (-3, 5), (7, -1)])
+def test_kernel_refuses_rows_that_would_corrupt_its_state(msisdn, ts):
+    k = _kernel('[[rule]]\nid = "a"\non = "call_out"\ncount = { at_least = 2, within = "1h" }\nchannels = ["sms"]\n')
+    cols = [None] * len(EVENT_COLUMNS)
+    cols[0] = np.array([5, ts, 6], np.int64)
+    cols[1] = np.array([7, msisdn, 7], np.int64)
+    cols[2] = np.zeros(3, np.uint8)
+    with pytest.raises(ValueError, match="row 1"):
+        k.process(tuple(cols), 3)
+    assert k.n_subs == 0

@@ -227,6 +227,22 @@ cdef inline int64_t read(const Column* col, Py_ssize_t row) noexcept nogil:
     return 0
 
 
+cdef Py_ssize_t first_out_of_range(const Column* cols, Py_ssize_t n) noexcept nogil:
+    """First row with msisdn <= 0 or ts < 0, or -1."""
+    cdef const int64_t* msisdn = <const int64_t*>cols[MSISDN_COLUMN].data
+    cdef const int64_t* ts = <const int64_t*>cols[TS_COLUMN].data
+    cdef Py_ssize_t i
+    cdef bint bad = 0
+    for i in range(n):
+        bad |= (msisdn[i] <= 0) | (ts[i] < 0)
+    if not bad:
+        return -1
+    for i in range(n):
+        if msisdn[i] <= 0 or ts[i] < 0:
+            return i
+    return -1
+
+
 cdef Column as_column(object array, int layout, Py_ssize_t n) except *:
     """Borrow a pointer to a caller's array; read-only arrays are fine."""
     cdef Column col
@@ -883,6 +899,11 @@ cdef class Kernel:
         cdef int32_t[::1] out_rule = rules
         if n == 0:
             return rows, rules
+        cdef Py_ssize_t bad = first_out_of_range(cols, n)
+        if bad >= 0:
+            # msisdn 0 is the hash table's empty marker and ts < 0 could
+            # overflow ts - W: refuse before any state moves.
+            raise ValueError(f"row {bad}: msisdn must be > 0 and ts >= 0 (validate_events checks both)")
         with nogil:
             n_out = self.process_columns(cols, n, &out_row[0], &out_rule[0])
         return rows[:n_out], rules[:n_out]
