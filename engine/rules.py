@@ -137,12 +137,6 @@ class RuleSet:
     source: str = "<string>"
     text: str = ""  # the file as read: checkpoints carry it so a restore needs no other file
 
-    def rule_index(self, rule_id: str) -> int:
-        for i, rule in enumerate(self.rules):
-            if rule.id == rule_id:
-                return i
-        raise KeyError(rule_id)
-
 
 class RulesError(ValueError):
     """A rules file that cannot be compiled.

@@ -360,7 +360,6 @@ def test_rule_defaults_and_fields():
     assert ruleset.sets == {"hotlines": (12122, 96122), "banks": (95555, 95588)}
     a, b, c_, d = ruleset.rules
     assert [r.id for r in ruleset.rules] == ["a", "b", "c", "d"]  # file order
-    assert ruleset.rule_index("c") == 2
     assert (a.on, a.where, a.condition, a.channels, a.template, a.params, a.priority, a.cooldown) == (
         (KIND_CODES["call_out"],), None, None, ("sms",), "a", (), 0, 86_400_000,
     )
