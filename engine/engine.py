@@ -18,8 +18,8 @@ import pyarrow as pa
 from engine._fast.kernel import Kernel
 from engine.compiler import compile_program
 from engine.instructions import InstructionBuilder
-from engine.rules import RuleSet, load_rules, parse_rules
-from engine.schema import validate_events
+from engine.rules import Rule, RuleSet, load_rules, parse_rules
+from engine.schema import INSTRUCTION_SCHEMA, validate_events
 
 _CHECKPOINT_FORMAT = 1
 # Subscribers the kernel's first allocation holds; it doubles as needed.
@@ -40,6 +40,8 @@ class Engine:
         self._events = 0
         self._batches = 0
         self._instructions = 0
+        # Event-time watermark: the largest ts seen or advanced to; never moves back.
+        self._watermark = -1
 
     @classmethod
     def from_files(cls, rules: str | os.PathLike, **options) -> Engine:
@@ -61,10 +63,86 @@ class Engine:
         """
         events = validate_events(batch)
         rows, rules = self._kernel.process(events.columns, events.n)
+        if events.n:
+            self._watermark = max(self._watermark, int(events["ts"].max()))
         self._events += events.n
         self._batches += 1
         self._instructions += len(rows)
         return self._builder.build(events, rows, rules)
+
+    @property
+    def watermark(self) -> int:
+        """Largest event time (ms) seen in a batch or given to `advance`; -1 before any."""
+        return self._watermark
+
+    def advance(self, ts: int) -> pa.Table:
+        """Move event time to `ts` without events, as an event with that ts would.
+
+        Returns the instructions of timers that fall due (SPEC section 8).  No
+        condition of the current rule language keeps timers, so the table is
+        empty; the watermark moves forward and never back.
+        """
+        self._watermark = max(self._watermark, int(ts))
+        return INSTRUCTION_SCHEMA.empty_table()
+
+    def reload_rules(self, rules: str | os.PathLike | RuleSet) -> dict[str, list[str]]:
+        """Swap in new rules while keeping subscribers and the state of unchanged rules.
+
+        `rules` is a path or a parsed RuleSet.  A file that does not compile
+        raises RulesError before anything changes: the old rules keep running.
+        A rule keeps its state (condition and cooldown history) when a rule of
+        the same id has the same kinds, filter (set contents included) and
+        condition; a rule whose definition changed starts fresh.  Template,
+        channels, priority, params and cooldown length may change without
+        losing state.  Counters continue per rule id.  The state moves as whole
+        arrays, a pause of about one checkpoint's copy.
+
+        Returns the rule ids by fate: {"kept": [...], "fresh": [...], "removed": [...]}.
+        """
+        new_set = rules if isinstance(rules, RuleSet) else load_rules(rules)
+        new_kernel = Kernel(compile_program(new_set), max(self._kernel.n_subs, DEFAULT_INITIAL_SUBSCRIBERS))
+        old_state = self._kernel.export_state()
+        new_width = new_kernel.export_state()["width"]
+        old_index = {rule.id: r for r, rule in enumerate(self.ruleset.rules)}
+        n_subs = len(old_state["msisdn"])
+        old_stateful = np.cumsum(old_state["width"] > 0) - 1
+        new_stateful = np.cumsum(new_width > 0) - 1
+        state = {
+            "msisdn": old_state["msisdn"],
+            "width": new_width,
+            "slots": np.full((n_subs, int((new_width > 0).sum())), -1, np.int32),
+        }
+        counter_names = [name for name in old_state if name not in ("msisdn", "width", "slots")
+                         and not name.startswith("state.")]
+        for name in counter_names:
+            state[name] = np.zeros(len(new_set.rules), np.int64)
+        fate: dict[str, list[str]] = {"kept": [], "fresh": [], "removed": []}
+        for r, rule in enumerate(new_set.rules):
+            old = old_index.get(rule.id)
+            if old is None:
+                fate["fresh"].append(rule.id)
+                if new_width[r]:
+                    state[f"state.{r}"] = np.zeros(0, np.int64)
+                continue
+            for name in counter_names:
+                state[name][r] = old_state[name][old]
+            if not new_width[r]:
+                fate["kept" if _same_definition(self.ruleset.rules[old], rule) else "fresh"].append(rule.id)
+                continue
+            if _same_definition(self.ruleset.rules[old], rule) and old_state["width"][old] == new_width[r]:
+                state["slots"][:, new_stateful[r]] = old_state["slots"][:, old_stateful[old]]
+                state[f"state.{r}"] = old_state[f"state.{old}"]
+                fate["kept"].append(rule.id)
+            else:
+                state[f"state.{r}"] = np.zeros(0, np.int64)
+                fate["fresh"].append(rule.id)
+        new_ids = {rule.id for rule in new_set.rules}
+        fate["removed"] = [rule.id for rule in self.ruleset.rules if rule.id not in new_ids]
+        new_kernel.import_state(state)
+        self.ruleset = new_set
+        self._kernel = new_kernel
+        self._builder = InstructionBuilder(new_set)
+        return fate
 
     def stats(self) -> dict:
         """Totals and per-rule counters: matched, sent, and stops by reason."""
@@ -148,6 +226,11 @@ class Engine:
         engine._batches = meta["batches"]
         engine._instructions = meta["instructions"]
         return engine
+
+
+def _same_definition(old: Rule, new: Rule) -> bool:
+    """Whether a rule's state means the same under `new` as under `old`."""
+    return (old.on, old.where, old.condition) == (new.on, new.where, new.condition)
 
 
 def _staging(final: Path) -> Path:

@@ -1,0 +1,300 @@
+"""The daemon's configuration file, `kairos.toml` (SPEC section 7).
+
+One file names everything `kairos run` needs: the rules, the state
+directory, the inputs (ZeroMQ feeds), the outputs, batching, metrics and the
+dead-letter directory.  `docs/daemon.md` documents every key and
+`examples/kairos.toml` is an annotated example.  Relative paths are relative
+to the directory of the config file, so a config and its rules travel
+together.
+
+Parsing only: nothing here opens a socket or a file other than the config
+itself.  Every error names the file, the key and the reason, and unknown keys
+are errors (a misspelt key must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.rules import parse_duration
+
+FORMATS = ("arrow", "msgpack", "ndjson")
+SOCKET_TYPES = ("pull", "sub")
+ROLES = ("events", "feedback")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used: names the file, the key and the reason."""
+
+    def __init__(self, source: str, key: str | None, reason: str):
+        self.source = source
+        self.key = key
+        self.reason = reason
+        super().__init__(f"{source}: {key}: {reason}" if key else f"{source}: {reason}")
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """One ZeroMQ feed: where it listens, what it carries and how it is decoded."""
+
+    name: str
+    endpoint: str  # ZeroMQ endpoint, e.g. "tcp://127.0.0.1:5555" or "ipc:///run/kairos/switch"
+    socket: str = "pull"  # "pull": lossless, the sender blocks at the high-water mark; "sub": drops when full
+    bind: bool = True  # bind the endpoint (feeders connect) or connect to a feeder that binds
+    format: str = "arrow"  # wire format: arrow | msgpack | ndjson
+    role: str = "events"  # "events" for switch and signalling feeds, "feedback" for channel outcomes
+    rcvhwm: int = 1000  # messages queued in the socket before backpressure (pull) or drops (sub)
+    max_message_bytes: int = 64 << 20  # larger messages are refused by ZeroMQ and counted (SPEC section 9)
+    subscribe: tuple[str, ...] = ("",)  # sub only: topic prefixes; "" is everything
+    columns: tuple[str, ...] | None = None  # msgpack arrays of arrays: the field order (default SPEC order)
+    fields: dict = field(default_factory=dict)  # field map (rename, scale, constant, value map)
+    allow_remote: bool = False  # a non-loopback endpoint must be allowed explicitly (SPEC section 9)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Everything `kairos run` needs, with defaults filled in and paths made absolute."""
+
+    source: str
+    rules: Path
+    inputs: tuple[InputConfig, ...]
+    outputs: dict[str, dict]  # name -> the [outputs.NAME] table, "type" included
+    profiles: Path | None = None
+    state_dir: Path | None = None  # checkpoint written on shutdown and restored at start
+    timezone: str | None = None  # overrides the rules file's [policy] timezone when set
+    initial_subscribers: int = 1 << 20
+    max_batch_events: int = 65_536  # coalesce messages up to this many events ...
+    linger_ms: int = 5  # ... or until the oldest waiting event has waited this long
+    idle_advance_ms: int = 1_000  # after this long with no events, event time follows the wall clock
+    metrics_host: str | None = "127.0.0.1"  # None: no HTTP server
+    metrics_port: int = 9464
+    metrics_token: str | None = None
+    deadletter_dir: Path = Path("deadletter")
+    deadletter_rotate_bytes: int = 64 << 20
+    log_level: str = "info"
+
+
+class _Table:
+    """One TOML table being read: tracks which keys were used so leftovers are refused."""
+
+    def __init__(self, source: str, prefix: str, table: object):
+        if not isinstance(table, dict):
+            raise ConfigError(source, prefix, f"must be a table, not {type(table).__name__}")
+        self.source, self.prefix, self.table = source, prefix, table
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, reason: str) -> ConfigError:
+        return ConfigError(self.source, self.key(name), reason)
+
+    def get(self, name: str, kind: type | tuple[type, ...], default=None):
+        self.used.add(name)
+        if name not in self.table:
+            return default
+        value = self.table[name]
+        # bool is an int in Python; a flag given where a number belongs is a mistake
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise self.error(name, f"expected {_kind_name(kind)}, got {value!r}")
+        if not isinstance(value, kind):
+            raise self.error(name, f"expected {_kind_name(kind)}, got {value!r}")
+        return value
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.get(name, str, default)
+        if value not in choices:
+            raise self.error(name, f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    def positive(self, name: str, default: int) -> int:
+        value = self.get(name, int, default)
+        if value < 1:
+            raise self.error(name, f"must be at least 1, got {value}")
+        return value
+
+    def duration_ms(self, name: str, default: int) -> int:
+        value = self.get(name, str, None)
+        if value is None:
+            return default
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise self.error(name, str(exc)) from None
+
+    def done(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {int: "an integer", str: "a string", bool: "true or false", dict: "a table", list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """Whether a ZeroMQ endpoint stays on this machine (ipc/inproc, or tcp on a loopback address)."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface name or a host name: not provably loopback
+
+
+def _input(source: str, name: str, table: object) -> InputConfig:
+    t = _Table(source, f"inputs.{name}", table)
+    endpoint = t.get("endpoint", str)
+    if endpoint is None:
+        raise t.error("endpoint", "required (e.g. \"tcp://127.0.0.1:5555\")")
+    allow_remote = t.get("allow_remote", bool, False)
+    if not allow_remote and not is_loopback_endpoint(endpoint):
+        raise t.error("endpoint", f"{endpoint!r} is not a loopback address; set allow_remote = true to listen beyond "
+                      "this machine")
+    socket = t.choice("socket", SOCKET_TYPES, "pull")
+    subscribe = t.get("subscribe", list, [""])
+    if socket != "sub" and "subscribe" in t.table:
+        raise t.error("subscribe", "only a sub socket subscribes")
+    if not all(isinstance(s, str) for s in subscribe):
+        raise t.error("subscribe", "must be a list of strings")
+    columns = t.get("columns", list, None)
+    if columns is not None and not all(isinstance(c, str) for c in columns):
+        raise t.error("columns", "must be a list of field names")
+    fields = t.get("fields", dict, {})
+    config = InputConfig(
+        name=name,
+        endpoint=endpoint,
+        socket=socket,
+        bind=t.get("bind", bool, True),
+        format=t.choice("format", FORMATS, "arrow"),
+        role=t.choice("role", ROLES, "events"),
+        rcvhwm=t.positive("rcvhwm", 1000),
+        max_message_bytes=t.positive("max_message_bytes", 64 << 20),
+        subscribe=tuple(subscribe),
+        columns=tuple(columns) if columns is not None else None,
+        fields=fields,
+        allow_remote=allow_remote,
+    )
+    t.done()
+    return config
+
+
+def _listen(t: _Table, default: str) -> tuple[str | None, int]:
+    listen = t.get("listen", str, default)
+    if listen == "":
+        return None, 0
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise t.error("listen", f"{listen!r} is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def parse_config(text: str, source: str = "<string>", base: Path | None = None) -> DaemonConfig:
+    """A DaemonConfig from TOML text; relative paths resolve against `base` (default: cwd)."""
+    base = Path.cwd() if base is None else base
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, None, f"not valid TOML: {exc}") from None
+    top = _Table(source, "", doc)
+
+    def path(t: _Table, name: str, default: str | None) -> Path | None:
+        value = t.get(name, str, default)
+        if value is None:
+            return None
+        if not value:
+            raise t.error(name, "must not be empty")
+        return base / value
+
+    eng = _Table(source, "engine", top.get("engine", dict, {}))
+    rules = path(eng, "rules", None)
+    if rules is None:
+        raise eng.error("rules", "required: the rules file (TOML, docs/rules.md)")
+    profiles = path(eng, "profiles", None)
+    state_dir = path(eng, "state_dir", None)
+    timezone = eng.get("timezone", str, None)
+    initial_subscribers = eng.positive("initial_subscribers", 1 << 20)
+    eng.done()
+
+    batching = _Table(source, "batching", top.get("batching", dict, {}))
+    max_batch_events = batching.positive("max_events", 65_536)
+    linger_ms = batching.duration_ms("linger", 5)
+    idle_advance_ms = batching.duration_ms("idle_advance", 1_000)
+    if idle_advance_ms < 1:
+        raise batching.error("idle_advance", "must be longer than 0ms")
+    batching.done()
+
+    metrics = _Table(source, "metrics", top.get("metrics", dict, {}))
+    metrics_host, metrics_port = _listen(metrics, "127.0.0.1:9464")
+    metrics_token = metrics.get("token", str, None) or None
+    metrics.done()
+
+    deadletter = _Table(source, "deadletter", top.get("deadletter", dict, {}))
+    deadletter_dir = path(deadletter, "path", "deadletter")
+    deadletter_rotate = deadletter.positive("rotate_bytes", 64 << 20)
+    deadletter.done()
+
+    log = _Table(source, "log", top.get("log", dict, {}))
+    log_level = log.choice("level", LOG_LEVELS, "info")
+    log.done()
+
+    inputs_table = _Table(source, "inputs", top.get("inputs", dict, {}))
+    inputs = tuple(_input(source, name, inputs_table.get(name, dict)) for name in inputs_table.table)
+    if not any(i.role == "events" for i in inputs):
+        raise ConfigError(source, "inputs", "at least one input with role = \"events\" is required")
+    endpoints = [i.endpoint for i in inputs]
+    if len(set(endpoints)) != len(endpoints):
+        raise ConfigError(source, "inputs", "two inputs share an endpoint")
+
+    outputs_table = _Table(source, "outputs", top.get("outputs", dict, {}))
+    outputs = {}
+    for name in outputs_table.table:
+        table = outputs_table.get(name, dict)
+        if not isinstance(table.get("type"), str):
+            raise ConfigError(source, f"outputs.{name}.type", "required: the output type (file, zmq)")
+        outputs[name] = table
+    if not outputs:
+        raise ConfigError(source, "outputs", "at least one output is required, or instructions go nowhere")
+    top.done()
+
+    return DaemonConfig(
+        source=source,
+        rules=rules,
+        inputs=inputs,
+        outputs=outputs,
+        profiles=profiles,
+        state_dir=state_dir,
+        timezone=timezone,
+        initial_subscribers=initial_subscribers,
+        max_batch_events=max_batch_events,
+        linger_ms=linger_ms,
+        idle_advance_ms=idle_advance_ms,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
+        metrics_token=metrics_token,
+        deadletter_dir=deadletter_dir,
+        deadletter_rotate_bytes=deadletter_rotate,
+        log_level=log_level,
+    )
+
+
+def load_config(path: str | Path) -> DaemonConfig:
+    """Read and check a config file; raises ConfigError naming the file and key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), None, f"cannot read: {exc.strerror}") from None
+    return parse_config(text, str(path), path.resolve().parent)
