@@ -31,7 +31,6 @@ Both built-in outputs write instructions in one of two formats:
 from __future__ import annotations
 
 import abc
-import ipaddress
 import os
 import re
 import time
@@ -45,6 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import zmq
 
+from engine.metrics import is_loopback_host
 from engine.schema import INSTRUCTION_SCHEMA
 
 FORMATS: tuple[str, ...] = ("arrow", "jsonl")
@@ -492,19 +492,13 @@ def is_loopback_bind(endpoint: str) -> bool:
     """Whether binding a ZeroMQ `endpoint` listens on this machine only.
 
     ipc:// and inproc:// endpoints are local.  A tcp:// endpoint is loopback
-    when its host is a loopback address or ``localhost``; ``*``, wildcard
-    addresses, interface names and other hosts are not.
+    when its host is loopback by `engine.metrics.is_loopback_host`; ``*``,
+    wildcard addresses, interface names and other hosts are not.
     """
     transport, _, address = endpoint.partition("://")
     if transport in ("ipc", "inproc"):
         return True
-    host = address.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(address.rpartition(":")[0])
 
 
 # The retry hint given with Backpressure: a PUSH socket's queue drains as fast
