@@ -10,7 +10,7 @@ INSTALLED := $(VENV)/.kairos-installed
 
 .PHONY: demo test bench debug-build clean
 
-$(INSTALLED): pyproject.toml setup.py $(wildcard engine/_fast/*.pyx engine/_fast/*.pxd)
+$(INSTALLED): pyproject.toml setup.py $(wildcard engine/_fast/*.pyx engine/_fast/*.pxd adapters/*.pyx)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

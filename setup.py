@@ -1,4 +1,4 @@
-"""Builds the Cython kernels under engine/_fast.
+"""Builds the Cython kernels under engine/_fast and the msgpack decoder of adapters/wire.py.
 
 Compiler directives are set here, once.  KAIROS_DEBUG=1 gives a debug build:
 bounds and wraparound checks on, line tracing for coverage and profilers,
@@ -39,6 +39,13 @@ extensions = [
     Extension(
         "engine._fast.kernel",
         ["engine/_fast/kernel.pyx"],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+        define_macros=macros,
+    ),
+    Extension(
+        "adapters._msgpack",
+        ["adapters/_msgpack.pyx"],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
         define_macros=macros,

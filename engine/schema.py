@@ -6,6 +6,10 @@ an `EventColumns`: one contiguous numpy array per canonical column, typed as
 the schema says, zero-copy where the input already has that type.  A missing
 optional column stays `None` and means 0 for every row; the kernel reads it as
 zeros without allocating anything.
+
+`validate_rows` applies the same value checks row by row: instead of raising at
+the first bad row it returns which rows pass, so wire decoders
+(adapters/wire.py) keep the good rows of a message and reject the others.
 """
 
 from __future__ import annotations
@@ -181,6 +185,10 @@ def validate_events(batch) -> EventColumns:
     required column, a non-integer or null column, a value that does not fit
     the column's type, ts < 0, msisdn <= 0, or an unknown kind code.  Columns that are
     not in the schema are ignored (feeds may carry extra fields).
+
+    This is the embedding API's check: a batch is accepted whole or refused.
+    `validate_rows` is its per-row counterpart for ingest, where the good rows
+    of a batch are kept and the bad ones rejected one by one.
     """
     sources, n = _column_sources(batch)
     for name in REQUIRED_COLUMNS:
@@ -197,3 +205,112 @@ def validate_events(batch) -> EventColumns:
         _check_range(columns, "ts", 0, None, "is before the Unix epoch")
         _check_range(columns, "kind", None, len(KINDS) - 1, f"is not a kind code (0..{len(KINDS) - 1})")
     return EventColumns(n=n, columns=tuple(columns))
+
+
+# Why validate_rows refuses a row.  Decoders use these strings as reject
+# reasons (adapters.wire.REJECT_REASONS), so they are metric labels: keep the set small.
+ROW_REASONS: tuple[str, ...] = ("bad_value", "kind", "msisdn", "ts")
+
+
+def _fit_violations(name: str, array: np.ndarray) -> np.ndarray | None:
+    """Mask of the values of `array` outside `name`'s canonical dtype, None if all fit.
+
+    A bound is compared only where the source dtype can pass it, so the scalar
+    always fits the array's dtype (no uint64-vs-negative promotion).
+    """
+    target, source = np.iinfo(COLUMN_DTYPES[name]), np.iinfo(array.dtype)
+    low = target.min if source.min < target.min else None
+    high = target.max if source.max > target.max else None
+    if (low is None and high is None) or not array.size:
+        return None
+    if (low is None or array.min() >= low) and (high is None or array.max() <= high):
+        return None
+    bad = np.zeros(len(array), dtype=bool)
+    if low is not None:
+        bad |= array < low
+    if high is not None:
+        bad |= array > high
+    return bad
+
+
+def validate_rows(
+    columns: dict[str, np.ndarray], n: int, valid: np.ndarray | None = None
+) -> tuple[np.ndarray, list[tuple[int, str, str]]]:
+    """Check each row of a batch against SPEC section 2; keep what passes.
+
+    `columns` maps column names to 1-d integer numpy arrays of length `n`, of
+    any integer dtype (a decoder may hand over int64 for a uint8 column);
+    names that are not event columns are ignored.  `valid`, when given, is a
+    bool mask of rows already known bad elsewhere (False): they are neither
+    checked nor reported again.
+
+    Returns `(valid, failures)`: a new bool mask of the rows that pass every
+    check, and for each row that fails here `(row, reason, detail)` in row
+    order, `reason` from ROW_REASONS, one entry per row (its first failure in
+    the order below):
+
+    - "bad_value": a value that does not fit its column's dtype (kind excepted)
+    - "kind": a kind outside the code table (0..12)
+    - "msisdn": msisdn <= 0
+    - "ts": ts < 0
+
+    These are the value checks of `validate_events`, which raises BatchError at
+    the first bad row instead.  Problems of the batch as a whole are not row
+    failures and raise BatchError here as well: a missing required column, a
+    column of another length, or a non-integer dtype.
+
+    When every row passes, the cost is one min/max reduction per checked
+    column: no per-row Python.  Python runs per failing row only.
+    """
+    for name in REQUIRED_COLUMNS:
+        if name not in columns:
+            raise BatchError(name, None, "required column is missing")
+    arrays: dict[str, np.ndarray] = {}
+    for name in EVENT_COLUMNS:
+        if name not in columns:
+            continue
+        array = np.asarray(columns[name])
+        if array.ndim != 1 or len(array) != n:
+            raise BatchError(name, None, f"expected {n} values, got shape {array.shape}")
+        if array.dtype.kind not in "iu":
+            raise BatchError(name, None, f"dtype {array.dtype} is not an integer type")
+        arrays[name] = array
+    ok = np.ones(n, dtype=bool) if valid is None else valid.copy()
+    failures: list[tuple[int, str, str]] = []
+
+    def fail(bad: np.ndarray, name: str, reason: str, why: str) -> None:
+        bad &= ok
+        rows = np.flatnonzero(bad)
+        if not len(rows):
+            return
+        ok[rows] = False
+        values = arrays[name][rows].tolist()
+        failures.extend(
+            (row, reason, f"column {name!r}: value {value} {why}")
+            for row, value in zip(rows.tolist(), values, strict=True)
+        )
+
+    def below(name: str, low: int) -> np.ndarray | None:
+        array = arrays[name]
+        if not n or array.min() >= low:
+            return None
+        return array < low
+
+    for name, array in arrays.items():
+        if name == "kind":
+            continue
+        bad = _fit_violations(name, array)
+        if bad is not None:
+            fail(bad, name, "bad_value", f"does not fit {COLUMN_DTYPES[name]}")
+    kind = arrays["kind"]
+    if n and (kind.max() > len(KINDS) - 1 or (kind.dtype.kind == "i" and kind.min() < 0)):
+        fail((kind < 0) | (kind > len(KINDS) - 1), "kind", "kind", f"is not a kind code (0..{len(KINDS) - 1})")
+    bad = below("msisdn", 1)
+    if bad is not None:
+        fail(bad, "msisdn", "msisdn", "is not a subscriber number (must be > 0)")
+    bad = below("ts", 0)
+    if bad is not None:
+        fail(bad, "ts", "ts", "is before the Unix epoch")
+    if len(failures) > 1:
+        failures.sort(key=lambda failure: failure[0])
+    return ok, failures
