@@ -31,6 +31,8 @@ Both built-in outputs write instructions in one of two formats:
 from __future__ import annotations
 
 import abc
+import io
+import logging
 import os
 import re
 import time
@@ -46,6 +48,8 @@ import zmq
 
 from engine.metrics import is_loopback_host
 from engine.schema import INSTRUCTION_SCHEMA
+
+log = logging.getLogger(__name__)
 
 FORMATS: tuple[str, ...] = ("arrow", "jsonl")
 
@@ -250,6 +254,9 @@ _OUTPUT_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _EXTENSIONS = {"arrow": ".arrows", "jsonl": ".jsonl"}
 _FORMAT_OF_EXTENSION = {extension: fmt for fmt, extension in _EXTENSIONS.items()}
 PARTIAL_SUFFIX = ".partial"
+# A stream file is these messages end to end, byte for byte what
+# pyarrow.ipc.new_stream writes: schema, record batches, end-of-stream marker.
+_ARROW_SCHEMA_MESSAGE = INSTRUCTION_SCHEMA.serialize()
 _ARROW_END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 
 
@@ -278,6 +285,10 @@ class FileOutput(Output):
     finished, so quiet periods leave no empty files.  It is finished once it
     holds `rotate_bytes` or more, or, at the next `send` or `flush`, once it
     has been open `rotate_seconds`.  `flush()` fsyncs the open file.
+
+    A send that fails part way (a full disk) is cut back off the file, so the
+    file holds whole tables only; the error propagates and the table counts
+    as not taken.
 
     A ``.partial`` file of this output left by a crash is finished when the
     output is made: cut back to its last complete record batch (Arrow) or
@@ -312,9 +323,9 @@ class FileOutput(Output):
         self._pattern = re.compile(
             re.escape(name) + r"-\d{8}T\d{6}Z-(\d+)(\.arrows|\.jsonl)(" + re.escape(PARTIAL_SUFFIX) + ")?"
         )
-        self._file = None  # the open .partial file, or None between files
-        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
+        self._file: io.FileIO | None = None  # the open .partial file, or None between files
         self._partial: Path | None = None
+        self._size = 0  # bytes in the open file
         self._opened_at = 0.0
         self._closed = False
         self._instructions = 0
@@ -353,20 +364,24 @@ class FileOutput(Output):
         _check_instructions(instructions)
         if not instructions.num_rows:
             return
+        if self.format == "arrow":
+            chunks = [batch.serialize() for batch in instructions.to_batches() if batch.num_rows]
+        else:
+            chunks = jsonl_chunks(instructions)
         if self._file is not None and self._clock() - self._opened_at >= self.rotate_seconds:
             self._finish()
         if self._file is None:
             self._open()
-        before = self._file.tell()
-        if self._writer is not None:
-            self._writer.write_table(instructions)
-        else:
-            for chunk in jsonl_chunks(instructions):
-                self._file.write(chunk)
-        self._bytes += self._file.tell() - before
+        before = self._size
+        try:
+            for chunk in chunks:
+                self._write(chunk)
+        except BaseException:
+            self._cut(before)
+            raise
         self._instructions += instructions.num_rows
         self._batches += 1
-        if self._file.tell() >= self.rotate_bytes:
+        if self._size >= self.rotate_bytes:
             self._finish()
 
     def flush(self) -> None:
@@ -375,7 +390,6 @@ class FileOutput(Output):
         if self._clock() - self._opened_at >= self.rotate_seconds:
             self._finish()
         else:
-            self._file.flush()
             os.fsync(self._file.fileno())
 
     def close(self) -> None:
@@ -398,26 +412,51 @@ class FileOutput(Output):
         stamp = datetime.fromtimestamp(self._clock(), UTC).strftime("%Y%m%dT%H%M%SZ")
         final = f"{self.name}-{stamp}-{self._sequence:06d}{_EXTENSIONS[self.format]}"
         self._partial = self.directory / (final + PARTIAL_SUFFIX)
-        self._file = open(self._partial, "xb")
+        # Unbuffered: every byte handed to write() is in the file or the write
+        # failed, so a failed send can be cut off exactly (see _cut).
+        self._file = open(self._partial, "xb", buffering=0)
+        self._size = 0
         self._opened_at = self._clock()
         self._sequence += 1
         if self.format == "arrow":
-            self._writer = pa.ipc.new_stream(self._file, INSTRUCTION_SCHEMA)
-            self._bytes += self._file.tell()
+            self._write(_ARROW_SCHEMA_MESSAGE)
+
+    def _write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            written = self._file.write(view)
+            view = view[written:]
+            self._size += written
+            self._bytes += written
+
+    def _cut(self, size: int) -> None:
+        """Undo a send that failed part way (a full disk): cut the open file back to `size` bytes.
+
+        The file then ends with the last table taken whole and goes on being
+        written.  If even that fails, the file is left `.partial` for the next
+        start to finish (see `_recover`) and the next send opens a new one.
+        """
+        self._bytes -= self._size - size
+        try:
+            os.ftruncate(self._file.fileno(), size)
+            self._file.seek(size)  # or the next write leaves a hole of zeros where the cut was
+            self._size = size
+        except OSError:
+            log.exception(
+                "output %r: cannot cut %s back after a failed write; left for recovery", self.name, self._partial
+            )
+            file, self._file, self._partial = self._file, None, None
+            file.close()
 
     def _finish(self) -> None:
         """Complete, fsync and rename the open file."""
-        file, partial = self._file, self._partial
-        self._file = self._partial = None
+        partial = self._partial
         try:
-            if self._writer is not None:
-                writer, self._writer = self._writer, None
-                before = file.tell()
-                writer.close()
-                self._bytes += file.tell() - before
-            file.flush()
-            os.fsync(file.fileno())
+            if self.format == "arrow":
+                self._write(_ARROW_END_OF_STREAM)
+            os.fsync(self._file.fileno())
         finally:
+            file, self._file, self._partial = self._file, None, None
             file.close()
         os.rename(partial, partial.with_suffix(""))
         _fsync_directory(self.directory)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import resource
+import signal
 import time
 
 import orjson
@@ -231,6 +234,41 @@ def test_crash_leftovers_are_cut_to_whole_instructions_and_finished(tmp_path, fm
         assert read_arrow(files[2]).equals(instructions(6))
     else:
         assert read_jsonl(files[2]) == as_json_rows(instructions(11))
+
+
+@pytest.fixture
+def file_size_limit():
+    """Set a file size limit for this process (writes beyond it fail with EFBIG), restored after."""
+    saved_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    saved_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death by signal
+    try:
+        yield lambda size: resource.setrlimit(resource.RLIMIT_FSIZE, (size, saved_limit[1]))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, saved_limit)
+        signal.signal(signal.SIGXFSZ, saved_handler)
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "jsonl"])
+def test_a_failed_write_leaves_the_file_whole(tmp_path, fmt, file_size_limit):
+    with FileOutput("sms", tmp_path, format=fmt) as out:
+        out.send(instructions(5))
+        (partial,) = tmp_path.iterdir()
+        size = partial.stat().st_size
+        file_size_limit(size + 100)  # room for part of the next table, not all of it
+        with pytest.raises(OSError) as failed:
+            out.send(instructions(50, 5))
+        assert failed.value.errno == errno.EFBIG
+        assert partial.stat().st_size == size
+        assert out.stats()["instructions"] == 5 and out.stats()["bytes"] == size
+        file_size_limit(resource.RLIM_INFINITY)
+        out.send(instructions(3, 55))
+    (finished,) = out.finished_files()
+    expected = pa.concat_tables([instructions(5), instructions(3, 55)])
+    if fmt == "arrow":
+        assert read_arrow(finished).equals(expected)
+    else:
+        assert read_jsonl(finished) == as_json_rows(expected)
+    assert out.stats()["bytes"] == finished.stat().st_size
 
 
 def test_bad_tables_are_refused_whole(tmp_path):
