@@ -208,11 +208,13 @@ def _json_strings(strings: pa.Array) -> pa.Array:
 
 def _json_params(params: pa.MapArray) -> pa.Array:
     """Each map as the members of a JSON object, without the braces."""
-    # A sliced MapArray keeps its children whole and its offsets unshifted, so
-    # the offsets index straight into members built over the whole children.
-    values = pc.fill_null(_json_strings(params.items), "null")
-    members = pc.binary_join_element_wise(_json_strings(params.keys), values, ":")
-    return pc.binary_join(pa.ListArray.from_arrays(params.offsets, members), ",")
+    # A sliced MapArray keeps its children whole and its offsets unshifted:
+    # encode only the entries of the slice, not the whole children each time.
+    offsets = params.offsets
+    start, end = offsets[0].as_py(), offsets[-1].as_py()
+    keys, items = params.keys.slice(start, end - start), params.items.slice(start, end - start)
+    members = pc.binary_join_element_wise(_json_strings(keys), pc.fill_null(_json_strings(items), "null"), ":")
+    return pc.binary_join(pa.ListArray.from_arrays(pc.subtract(offsets, start), members), ",")
 
 
 def _string_data(strings: pa.Array) -> memoryview:
