@@ -66,11 +66,20 @@ mapped under its input in kairos.toml:
 - msgpack array records: `columns` (the input's `columns = [...]`, given to
   `make_decoder`) names the source field at each position.
 
-Rejects: `Reject.record` is the bytes to dead-letter: the message itself when
-it is rejected whole or from a row on ("undecodable" rest of a broken msgpack
-message, with `row` the first row lost) and for trailing bytes after a msgpack
-array (`row` None); for one row, the row as JSON (the ndjson line itself; a
-msgpack record re-encoded; an Arrow row as an object of its columns).
+Rejects: one per rejected row, in row order, plus at most one for the message:
+
+- the whole message (`row` None, `record` the message as received): too large,
+  empty, unparseable, not records, or an Arrow message lacking a required
+  column or carrying a column of an unusable type;
+- one row (`row` its index, `record` the row as JSON: the ndjson line itself, a
+  msgpack record re-encoded, an Arrow row as an object of its columns);
+- msgpack only: the rest of a message whose bytes run out or hold the
+  never-used byte 0xc1 ("undecodable", `row` the first row lost, `record` the
+  raw bytes from that row on; the rows before it are kept), or bytes after the
+  array ("undecodable", `row` None, `record` those bytes).
+
+Cost: the good path is columnar (no Python per row or value, except orjson's
+objects for ndjson); Python runs once per rejected row, to describe it.
 """
 
 from __future__ import annotations
@@ -369,7 +378,7 @@ def _json(value: object) -> bytes | None:
 
 
 class Decoder(abc.ABC):
-    """Decodes one wire message into valid rows and rejects.  Reusable, not thread-safe."""
+    """Decodes one wire message into valid rows and rejects.  Built once per input, reused for every message."""
 
     format: str
 
@@ -511,9 +520,12 @@ def _arrow_values(
     unmapped = ~found if nulls is None else ~found & ~nulls
     if unmapped.any():
         faults.add(unmapped, "kind" if name == "kind" else "bad_value",
-                   lambda row: f"field {source!r} ({name}): {array[row].as_py()!r} is not "
-                               + ("a kind name or mapped value" if name == "kind" else "in the value map"))
+                   lambda row: f"field {source!r} ({name}): {array[row].as_py()!r} {_unmapped(spec)}")
     return values
+
+
+def _unmapped(spec: FieldSource) -> str:
+    return "is not a kind code, kind name or mapped value" if spec.column == "kind" else "is not in the value map"
 
 
 def _null_faults(spec: FieldSource, nulls: np.ndarray, faults: _Faults, missing: Callable[[int], bool] | None) -> None:
@@ -539,7 +551,7 @@ def _map_integers(spec: FieldSource, values: np.ndarray, nulls: np.ndarray | Non
         found |= nulls
     if not found.all():
         faults.add(~found, "kind" if spec.column == "kind" else "bad_value",
-                   lambda row: f"field {spec.source!r} ({spec.column}): {values[row]} is not in the value map")
+                   lambda row: f"field {spec.source!r} ({spec.column}): {values[row]} {_unmapped(spec)}")
     return np.where(found, codes[at], 0)
 
 
@@ -627,7 +639,7 @@ def _json_column(
         if _is_int(value):
             if spec.integers is not None:
                 if value not in spec.integers:
-                    bad(row, "kind" if name == "kind" else "bad_value", f"{value} is not in the value map")
+                    bad(row, "kind" if name == "kind" else "bad_value", f"{value} {_unmapped(spec)}")
                     continue
                 value = spec.integers[value]
             if not -(2**63) <= value <= _INT64_MAX:
@@ -637,7 +649,7 @@ def _json_column(
         elif isinstance(value, str) and spec.strings:
             code = spec.strings.get(value)
             if code is None:
-                bad(row, "kind" if name == "kind" else "bad_value", f"{value!r} is not in the value map")
+                bad(row, "kind" if name == "kind" else "bad_value", f"{value!r} {_unmapped(spec)}")
                 continue
             values[row] = code
         else:
@@ -735,8 +747,7 @@ class MsgpackDecoder(Decoder):
                 4: f"{name}: {value} is not an integer",
                 5: f"{name}: nil in a required field",
                 6: f"{name}: {value} is beyond int64",
-                7: f"{name}: {value} is not " + ("a kind name or mapped value" if spec.column == "kind"
-                                                   else "in the value map"),
+                7: f"{name}: {value} {_unmapped(spec)}",
             }[status]
         return Reject(reason, f"row {row}: {detail}", row, record)
 
