@@ -2,6 +2,7 @@
 
     kairos demo [--subscribers N] [--events N] [--batch-size N] [--seed N] [--rules PATH]
     kairos check RULES
+    kairos run -c kairos.toml
 
 `main(argv)` returns the exit status instead of exiting, so tests call it
 directly: 0 success, 2 bad input (a rules file that does not compile, a bad
@@ -206,6 +207,30 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
+# kairos run
+
+
+def run_daemon(args: argparse.Namespace) -> int:
+    # Imported here: the daemon pulls in ZeroMQ and the adapters, which demo and check do not need.
+    import zmq
+
+    from engine.config import load_config
+    from engine.daemon import Daemon
+    from engine.logs import configure
+
+    try:
+        config = load_config(args.config)
+        configure(config.log_level)
+        daemon = Daemon(config)
+    except (ValueError, OSError, zmq.ZMQError) as exc:
+        # A config, rules, field map or output that cannot be used, or an endpoint or port in use:
+        # refuse to start, saying which.
+        print(f"kairos run: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return daemon.run()
+
+
+# ---------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("rules", metavar="RULES", help="rules file (TOML)")
     check.set_defaults(run=run_check)
+
+    run = commands.add_parser(
+        "run",
+        help="run the daemon: ZeroMQ feeds in, instructions to the outputs, metrics over HTTP",
+        description="Run Kairos as a long-lived process configured by one file (docs/daemon.md). "
+        "SIGHUP reloads the rules; SIGTERM drains and exits 0.",
+    )
+    run.add_argument("-c", "--config", metavar="PATH", required=True, help="daemon configuration (kairos.toml)")
+    run.set_defaults(run=run_daemon)
     return parser
 
 

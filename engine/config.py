@@ -264,6 +264,8 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
         table = outputs_table.get(name, dict)
         if not isinstance(table.get("type"), str):
             raise ConfigError(source, f"outputs.{name}.type", "required: the output type (file, zmq)")
+        if isinstance(table.get("path"), str) and table["path"]:
+            table = {**table, "path": str(base / table["path"])}  # relative to the config file, as all paths
         outputs[name] = table
     if not outputs:
         raise ConfigError(source, "outputs", "at least one output is required, or instructions go nowhere")

@@ -31,7 +31,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path):
     assert config.max_batch_events == 65_536 and config.linger_ms == 5 and config.idle_advance_ms == 1_000
     assert (config.metrics_host, config.metrics_port) == ("127.0.0.1", 9464)
     assert config.deadletter_dir == tmp_path / "deadletter"
-    assert config.outputs == {"file": {"type": "file", "path": "out"}}
+    assert config.outputs == {"file": {"type": "file", "path": str(tmp_path / "out")}}
     assert config.state_dir is None and config.timezone is None
 
 

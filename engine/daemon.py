@@ -1,0 +1,461 @@
+"""`kairos run`: the long-lived process beside the switch feed (SPEC section 7).
+
+One thread runs the loop; the kernel releases the GIL while it works, and the
+metrics server answers on a thread of its own from a snapshot the loop
+refreshes.  Each turn of the loop:
+
+1. polls the feed sockets (at most `POLL_MS` so signals and timers are seen),
+2. takes waiting messages, decodes them (bad rows go to the dead-letter file,
+   valid rows of the same message are kept) and coalesces the rows,
+3. runs a batch through the Engine once `max_events` rows wait or the oldest
+   has waited `linger`, and hands the instructions to every output,
+4. when no event has come for `idle_advance`, moves event time on at the
+   wall clock's pace from the last event seen, so that timers fire without
+   waiting for an unrelated event,
+5. applies a pending rules reload (SIGHUP or POST /control/reload).
+
+Backpressure: an output that cannot take more raises Backpressure; its
+instructions wait in a bounded queue and are retried.  While any output has
+`MAX_PENDING_INSTRUCTIONS` waiting, the loop stops reading the feeds, so
+PULL feeders block at their high-water mark instead of memory growing.
+
+SIGTERM or SIGINT: stop accepting from the network, read what ZeroMQ already
+queued, process it, hand every instruction to the outputs, write a checkpoint
+to `state_dir` when one is configured, exit 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import zmq
+
+from adapters.deadletter import DeadLetterFile
+from adapters.outputs import Backpressure, Output, make_output
+from adapters.wire import REJECT_REASONS, FieldMap, Reject, make_decoder
+from adapters.zmq_input import ZmqInput
+from engine.config import DaemonConfig
+from engine.engine import Engine
+from engine.metrics import Histogram, MetricFamily, MetricsServer, Registry, counter, gauge, histogram
+from engine.rules import RulesError, RuleSet, load_rules
+from engine.schema import COLUMN_DTYPES, BatchError
+
+log = logging.getLogger("kairos.daemon")
+
+POLL_MS = 50  # longest the loop sleeps in poll: bounds how late a signal, reload or timer is seen
+RECEIVE_BURST = 64  # messages taken from one socket before looking at the others
+MAX_PENDING_INSTRUCTIONS = 1_000_000  # per output; above it the feeds are not read
+DRAIN_SECONDS = 30.0  # on shutdown, how long a backpressured output is retried before giving up
+HEARTBEAT_SECONDS = 10.0  # /healthz fails when the loop has not turned for this long
+STATS_SECONDS = 0.25  # how stale the engine figures in /metrics may be
+
+
+class Batcher:
+    """Coalesces decoded messages into one batch of canonical columns."""
+
+    def __init__(self, max_events: int):
+        self.max_events = max_events
+        self.parts: list[tuple[dict[str, np.ndarray], int]] = []
+        self.n = 0
+        self.oldest = 0.0  # monotonic arrival time of the first waiting message
+
+    def add(self, batch: dict[str, np.ndarray], n: int, arrived: float) -> None:
+        if not n:
+            return
+        if not self.parts:
+            self.oldest = arrived
+        self.parts.append((batch, n))
+        self.n += n
+
+    def take(self) -> tuple[dict[str, np.ndarray], int, float]:
+        """The waiting rows as one batch (zero-copy when one message holds them all)."""
+        parts, n, oldest = self.parts, self.n, self.oldest
+        self.parts, self.n = [], 0
+        if len(parts) == 1:
+            return parts[0][0], n, oldest
+        names = [name for name in COLUMN_DTYPES if any(name in batch for batch, _ in parts)]
+        batch = {
+            name: np.concatenate([b[name] if name in b else np.zeros(k, COLUMN_DTYPES[name]) for b, k in parts])
+            for name in names
+        }
+        return batch, n, oldest
+
+
+class OutputQueue:
+    """One output and the instructions it could not take yet."""
+
+    def __init__(self, output: Output):
+        self.output = output
+        self.waiting: deque[pa.Table] = deque()
+        self.waiting_instructions = 0
+        self.retry_at = 0.0
+        self.backpressured = 0  # times the output refused a table
+
+    def hand_off(self, table: pa.Table, now: float) -> None:
+        self.waiting.append(table)
+        self.waiting_instructions += table.num_rows
+        self.retry(now)
+
+    def retry(self, now: float) -> None:
+        while self.waiting and now >= self.retry_at:
+            table = self.waiting[0]
+            try:
+                self.output.send(table)
+            except Backpressure as exc:
+                self.backpressured += 1
+                self.retry_at = now + max(exc.retry_after, 0.001)
+                return
+            self.waiting.popleft()
+            self.waiting_instructions -= table.num_rows
+
+
+class Daemon:
+    """The running daemon: feeds in, Engine, outputs out, metrics beside."""
+
+    def __init__(self, config: DaemonConfig, *, clock=time.monotonic, wall=time.time):
+        self.config = config
+        self.clock = clock
+        self.wall = wall
+        self.engine = self._load_engine()
+        self.context = zmq.Context()
+        self.inputs: list[ZmqInput] = []
+        self.outputs: list[OutputQueue] = []
+        self.metrics_server = None
+        try:
+            for input_config in config.inputs:
+                self.inputs.append(ZmqInput(input_config, self.context))
+            self.decoders = {
+                i.name: make_decoder(i.format, FieldMap.from_config(i.fields) if i.fields else None,
+                                     columns=list(i.columns) if i.columns else None,
+                                     max_message_bytes=i.max_message_bytes)
+                for i in config.inputs
+            }
+            for name, table in config.outputs.items():
+                self.outputs.append(OutputQueue(make_output(name, table)))
+        except BaseException:
+            self._close()
+            raise
+        self.deadletter = DeadLetterFile(config.deadletter_dir, config.deadletter_rotate_bytes, clock=wall)
+        self.batcher = Batcher(config.max_batch_events)
+        self.poller = zmq.Poller()
+        for feed in self.inputs:
+            self.poller.register(feed.socket, zmq.POLLIN)
+        self.rejected = {(i.name, reason): 0 for i in config.inputs for reason in REJECT_REASONS}
+        self.events_in = {i.name: 0 for i in config.inputs}
+        self.instructions_out = 0
+        self.idle_advances = 0
+        self.reloads = {"ok": 0, "refused": 0}
+        self.instructions_by_rule_channel: dict[tuple[str, str], int] = {}
+        self.batch_latency = Histogram()
+        self.engine_stats = self.engine.stats()  # refreshed by the loop; the metrics thread reads it
+        self._stats_at = 0.0
+        self._stopping = threading.Event()
+        self._draining = False
+        self._reloads: deque[Future] = deque()
+        self._last_event_at = clock()
+        self._watermark_at_last_event = self.engine.watermark
+        self.heartbeat = clock()
+        if config.metrics_host is not None:
+            registry = Registry()
+            registry.register(self.metric_families)
+            self.metrics_server = MetricsServer(
+                config.metrics_host, config.metrics_port, registry, health=self._health,
+                ready=lambda: (self.ready, "ok" if self.ready else "draining"),
+                control={"reload": lambda: self.request_reload().result(timeout=120)},
+                token=config.metrics_token,
+            )
+
+    # -- start-up -----------------------------------------------------------
+
+    def _rules(self) -> RuleSet:
+        ruleset = load_rules(self.config.rules)
+        if self.config.timezone:
+            ruleset = dataclasses.replace(
+                ruleset, policy=dataclasses.replace(ruleset.policy, timezone=self.config.timezone)
+            )
+        return ruleset
+
+    def _load_engine(self) -> Engine:
+        ruleset = self._rules()
+        state = self.config.state_dir
+        if state is not None and any(p.exists() for p in (state, _sibling(state, ".partial"), _sibling(state, ".old"))):
+            engine = Engine.restore(state, initial_subscribers=self.config.initial_subscribers)
+            fate = engine.reload_rules(ruleset)
+            log.info("state restored", extra={"fields": {"state_dir": str(state), "subscribers": engine.stats()[
+                "subscribers"], **fate}})
+            return engine
+        return Engine(ruleset, initial_subscribers=self.config.initial_subscribers)
+
+    # -- control from other threads -----------------------------------------
+
+    def request_stop(self) -> None:
+        """Begin a clean shutdown (thread- and signal-safe)."""
+        self._stopping.set()
+
+    def request_reload(self) -> Future:
+        """Ask the loop to reload the rules file; the future gets (ok, message)."""
+        future: Future = Future()
+        self._reloads.append(future)
+        return future
+
+    @property
+    def ready(self) -> bool:
+        return not self._draining and not self._stopping.is_set()
+
+    # -- the loop -------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until asked to stop; returns the exit status (0 after a clean drain)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
+            signal.signal(signal.SIGINT, lambda *_: self.request_stop())
+            signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+        if self.metrics_server is not None:
+            self.metrics_server.start()
+        log.info("started", extra={"fields": {
+            "inputs": {feed.name: feed.endpoint for feed in self.inputs},
+            "metrics": f"{self.metrics_server.host}:{self.metrics_server.port}" if self.metrics_server else None,
+            "outputs": [q.output.name for q in self.outputs],
+            "rules": str(self.config.rules), "rule_count": len(self.engine.ruleset.rules),
+        }})
+        try:
+            while not self._stopping.is_set():
+                self.turn()
+            self.drain()
+        finally:
+            self._close()
+        log.info("stopped", extra={"fields": {"events": self.engine.stats()["events"],
+                                              "instructions": self.instructions_out}})
+        return 0
+
+    def turn(self) -> None:
+        """One turn of the loop: read, batch, process, advance, reload."""
+        now = self.clock()
+        self.heartbeat = now
+        timeout = POLL_MS
+        if self.batcher.n:
+            timeout = max(0, min(timeout, int((self.batcher.oldest + self.config.linger_ms / 1000 - now) * 1000)))
+        if self._backlogged():
+            time.sleep(timeout / 1000)
+        else:
+            for socket, _ in self.poller.poll(timeout):
+                self._read(self._input_of(socket))
+        now = self.clock()
+        if self.batcher.n and (self.batcher.n >= self.batcher.max_events
+                               or now - self.batcher.oldest >= self.config.linger_ms / 1000):
+            self._process_batch()
+        self._advance_if_idle(now)
+        for queue in self.outputs:
+            queue.retry(now)
+        while self._reloads:
+            self._reload(self._reloads.popleft())
+        if now - self._stats_at >= STATS_SECONDS:
+            self._refresh_stats(now)
+
+    def _refresh_stats(self, now: float) -> None:
+        self.engine_stats = self.engine.stats()
+        self._stats_at = now
+
+    def _input_of(self, socket) -> ZmqInput:
+        for feed in self.inputs:
+            if feed.socket is socket:
+                return feed
+        raise KeyError(socket)  # pragma: no cover - the poller holds only our sockets
+
+    def _backlogged(self) -> bool:
+        return any(q.waiting_instructions >= MAX_PENDING_INSTRUCTIONS for q in self.outputs)
+
+    def _read(self, feed: ZmqInput) -> int:
+        """Take a burst of messages from one feed into the batcher; returns messages taken."""
+        payloads, sequence_events = feed.receive(RECEIVE_BURST)
+        for event in sequence_events:
+            kind = "sequence gap" if event.got > event.expected else "sequence regression"
+            log.warning(kind, extra={"fields": {"input": feed.name, "sender": event.sender,
+                                                "expected": event.expected, "got": event.got}})
+        decoder = self.decoders[feed.name]
+        for payload in payloads:
+            decoded = decoder.decode(payload)
+            if decoded.rejects:
+                self._dead_letter(feed.name, decoded.rejects)
+            if decoded.n:
+                self.events_in[feed.name] += decoded.n
+                self.batcher.add(decoded.batch, decoded.n, self.clock())
+                self._last_event_at = self.clock()
+                if self.batcher.n >= self.batcher.max_events:
+                    self._process_batch()
+        return len(payloads)
+
+    def _dead_letter(self, input_name: str, rejects: list[Reject]) -> None:
+        for reject in rejects:
+            self.rejected[(input_name, reject.reason)] += 1
+        self.deadletter.write(input_name, rejects)
+
+    def _process_batch(self) -> None:
+        batch, n, oldest = self.batcher.take()
+        try:
+            instructions = self.engine.process(batch)
+        except BatchError as exc:
+            # The decoders validate every row, so this is a defect; the batch is kept, not lost.
+            log.error("batch refused by the engine", extra={"fields": {"error": str(exc), "events": n}})
+            self._dead_letter("engine", [Reject("bad_value", str(exc), None, _batch_bytes(batch))])
+            return
+        self._watermark_at_last_event = self.engine.watermark
+        self._emit(instructions)
+        self.batch_latency.observe(self.clock() - oldest)
+
+    def _emit(self, instructions: pa.Table) -> None:
+        if not instructions.num_rows:
+            return
+        self.instructions_out += instructions.num_rows
+        counts = instructions.group_by(["rule", "channel"]).aggregate([([], "count_all")])
+        for rule, channel, count in zip(*(counts.column(i).to_pylist() for i in range(3)), strict=True):
+            key = (rule, channel)
+            self.instructions_by_rule_channel[key] = self.instructions_by_rule_channel.get(key, 0) + count
+        now = self.clock()
+        for queue in self.outputs:
+            queue.hand_off(instructions, now)
+
+    def _advance_if_idle(self, now: float) -> None:
+        """After `idle_advance` without events, let event time follow the wall clock."""
+        if self.batcher.n or self._watermark_at_last_event < 0:
+            return
+        idle_ms = int((now - self._last_event_at) * 1000)
+        if idle_ms < self.config.idle_advance_ms:
+            return
+        target = self._watermark_at_last_event + idle_ms
+        if target > self.engine.watermark:
+            self.idle_advances += 1
+            self._emit(self.engine.advance(target))
+
+    def _reload(self, future: Future) -> None:
+        try:
+            ruleset = self._rules()
+        except (RulesError, OSError) as exc:
+            self.reloads["refused"] += 1
+            log.error("rules reload refused; the old rules keep running", extra={"fields": {"error": str(exc)}})
+            future.set_result((False, str(exc)))
+            return
+        if self.batcher.n:
+            self._process_batch()  # events that arrived before the reload run under the old rules
+        fate = self.engine.reload_rules(ruleset)
+        self.reloads["ok"] += 1
+        log.info("rules reloaded", extra={"fields": {"rules": str(self.config.rules), **fate}})
+        future.set_result((True, f"kept {len(fate['kept'])}, fresh {len(fate['fresh'])}, "
+                                 f"removed {len(fate['removed'])} rules"))
+
+    # -- shutdown -------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Stop accepting, process what was queued, hand everything off, checkpoint."""
+        self._draining = True
+        log.info("draining")
+        for feed in self.inputs:
+            feed.stop_accepting()
+        for feed in self.inputs:
+            while self._read(feed):
+                pass
+        if self.batcher.n:
+            self._process_batch()
+        deadline = self.clock() + DRAIN_SECONDS
+        while any(q.waiting for q in self.outputs) and self.clock() < deadline:
+            time.sleep(0.01)
+            for queue in self.outputs:
+                queue.retry(self.clock())
+        for queue in self.outputs:
+            if queue.waiting_instructions:
+                log.error("output did not take every instruction before shutdown", extra={"fields": {
+                    "output": queue.output.name, "instructions": queue.waiting_instructions}})
+            queue.output.flush()
+        while self._reloads:
+            self._reloads.popleft().set_result((False, "shutting down"))
+        if self.config.state_dir is not None:
+            self.engine.checkpoint(self.config.state_dir)
+            log.info("checkpoint written", extra={"fields": {"state_dir": str(self.config.state_dir)}})
+        self._refresh_stats(self.clock())
+
+    # -- metrics and health (called on the metrics server's threads) ----------
+
+    def _health(self) -> tuple[bool, str]:
+        stalled = self.clock() - self.heartbeat
+        if stalled > HEARTBEAT_SECONDS:
+            return False, f"the loop has not turned for {stalled:.0f} s"
+        return True, "ok"
+
+    def metric_families(self) -> list[MetricFamily]:
+        stats = self.engine_stats
+        rules = stats["rules"]
+        feeds = self.inputs
+        return [
+            counter("kairos_input_messages", "Messages received per input.",
+                    [({"input": f.name}, f.counters.messages) for f in feeds]),
+            counter("kairos_input_bytes", "Payload bytes received per input.",
+                    [({"input": f.name}, f.counters.bytes) for f in feeds]),
+            counter("kairos_input_events", "Valid events decoded per input.",
+                    [({"input": name}, n) for name, n in self.events_in.items()]),
+            counter("kairos_dead_letters", "Messages or rows refused, per input and reason (see the dead-letter file).",
+                    [({"input": name, "reason": reason}, n) for (name, reason), n in self.rejected.items()]),
+            counter("kairos_input_sequence_gaps", "Jumps forward in a sender's sequence numbers, per input.",
+                    [({"input": f.name}, f.counters.gaps) for f in feeds]),
+            counter("kairos_input_sequence_missing", "Messages lost before arrival, from sequence gaps, per input.",
+                    [({"input": f.name}, f.counters.missing) for f in feeds]),
+            counter("kairos_input_sequence_regressions", "Sequence numbers that went back or repeated, per input.",
+                    [({"input": f.name}, f.counters.regressions) for f in feeds]),
+            counter("kairos_events", "Events processed by the engine.", stats["events"]),
+            counter("kairos_batches", "Batches processed by the engine.", stats["batches"]),
+            counter("kairos_instructions", "Instructions handed to the outputs, per rule and channel.",
+                    [({"rule": r, "channel": c}, n) for (r, c), n in self.instructions_by_rule_channel.items()]),
+            counter("kairos_rule_matches", "Rule matches before contact policy, per rule.",
+                    [({"rule": r}, s["matched"]) for r, s in rules.items()]),
+            counter("kairos_policy_stops", "Matches stopped by contact policy, per rule and reason.",
+                    [({"rule": r, "reason": reason}, n) for r, s in rules.items()
+                     for reason, n in s["stopped"].items()]),
+            counter("kairos_output_instructions", "Instructions each output took.",
+                    [({"output": q.output.name}, q.output.stats().get("instructions", 0)) for q in self.outputs]),
+            gauge("kairos_output_waiting_instructions", "Instructions waiting for an output that pushed back.",
+                  [({"output": q.output.name}, q.waiting_instructions) for q in self.outputs]),
+            counter("kairos_output_backpressure", "Times an output refused a table for now.",
+                    [({"output": q.output.name}, q.backpressured) for q in self.outputs]),
+            histogram("kairos_batch_latency_seconds",
+                      "From the arrival of a batch's first message to its instructions' hand-off.",
+                      self.batch_latency),
+            gauge("kairos_subscribers", "Subscribers with state.", stats["subscribers"]),
+            gauge("kairos_state_bytes", "Bytes held for subscriber state.", stats["state_bytes"]),
+            gauge("kairos_event_time_watermark_ms", "Event time reached: largest ts seen or advanced to.",
+                  self.engine.watermark),
+            counter("kairos_idle_advances", "Times event time moved on the wall clock for want of events.",
+                    self.idle_advances),
+            counter("kairos_rules_reloads", "Rules reloads, per result.",
+                    [({"result": result}, n) for result, n in self.reloads.items()]),
+        ]
+
+    def _close(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        for queue in self.outputs:
+            queue.output.close()
+        for feed in self.inputs:
+            feed.close()
+        if getattr(self, "deadletter", None) is not None:
+            self.deadletter.close()
+        self.context.term()
+
+
+def _sibling(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+def _batch_bytes(batch: dict[str, np.ndarray]) -> bytes:
+    sink = pa.BufferOutputStream()
+    table = pa.table(batch)
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
