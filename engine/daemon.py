@@ -31,7 +31,7 @@ import logging
 import signal
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -151,10 +151,12 @@ class Daemon:
             self.poller.register(feed.socket, zmq.POLLIN)
         self.rejected = {(i.name, reason): 0 for i in config.inputs for reason in REJECT_REASONS}
         self.events_in = {i.name: 0 for i in config.inputs}
+        self.events_processed = self.engine.stats()["events"]
+        self.batches_processed = self.engine.stats()["batches"]
         self.instructions_out = 0
         self.idle_advances = 0
         self.reloads = {"ok": 0, "refused": 0}
-        self.instructions_by_rule_channel: dict[tuple[str, str], int] = {}
+        self.instructions_by_rule_channel: Counter[tuple[str, str]] = Counter()
         self.batch_latency = Histogram()
         self.engine_stats = self.engine.stats()  # refreshed by the loop; the metrics thread reads it
         self._stats_at = 0.0
@@ -309,6 +311,8 @@ class Daemon:
             self._dead_letter("engine", [Reject("bad_value", str(exc), None, _batch_bytes(batch))])
             return
         self._watermark_at_last_event = self.engine.watermark
+        self.events_processed += n
+        self.batches_processed += 1
         self._emit(instructions)
         self.batch_latency.observe(self.clock() - oldest)
 
@@ -316,10 +320,9 @@ class Daemon:
         if not instructions.num_rows:
             return
         self.instructions_out += instructions.num_rows
-        counts = instructions.group_by(["rule", "channel"]).aggregate([([], "count_all")])
-        for rule, channel, count in zip(*(counts.column(i).to_pylist() for i in range(3)), strict=True):
-            key = (rule, channel)
-            self.instructions_by_rule_channel[key] = self.instructions_by_rule_channel.get(key, 0) + count
+        # A few hundred instructions per batch: a Counter beats Arrow's group_by and its fixed cost per call.
+        self.instructions_by_rule_channel.update(
+            zip(instructions.column("rule").to_pylist(), instructions.column("channel").to_pylist(), strict=True))
         now = self.clock()
         for queue in self.outputs:
             queue.hand_off(instructions, now)
@@ -409,8 +412,8 @@ class Daemon:
                     [({"input": f.name}, f.counters.missing) for f in feeds]),
             counter("kairos_input_sequence_regressions", "Sequence numbers that went back or repeated, per input.",
                     [({"input": f.name}, f.counters.regressions) for f in feeds]),
-            counter("kairos_events", "Events processed by the engine.", stats["events"]),
-            counter("kairos_batches", "Batches processed by the engine.", stats["batches"]),
+            counter("kairos_events", "Events processed by the engine.", self.events_processed),
+            counter("kairos_batches", "Batches processed by the engine.", self.batches_processed),
             counter("kairos_instructions", "Instructions handed to the outputs, per rule and channel.",
                     [({"rule": r, "channel": c}, n) for (r, c), n in self.instructions_by_rule_channel.items()]),
             counter("kairos_rule_matches", "Rule matches before contact policy, per rule.",

@@ -331,10 +331,18 @@ cdef extern from *:
         kairos_big_free(p, old_nbytes);
         return q;
     }
+    /* Fault every page of [p, p + nbytes) in now.  A read would map the shared
+       zero page; writing the byte back makes the kernel supply (huge) pages,
+       and compact memory for them, here rather than in the first batches. */
+    static void kairos_prefault(void* p, size_t nbytes) {
+        volatile char* c = (volatile char*)p;
+        for (size_t i = 0; i < nbytes; i += 4096) c[i] = c[i];
+    }
     """
     void* big_alloc "kairos_big_alloc"(size_t nbytes) noexcept nogil
     void* big_realloc "kairos_big_realloc"(void* p, size_t old_nbytes, size_t new_nbytes) noexcept nogil
     void big_free "kairos_big_free"(void* p, size_t nbytes) noexcept nogil
+    void prefault "kairos_prefault"(void* p, size_t nbytes) noexcept nogil
 
 
 cdef void* checked_big_alloc(size_t nbytes) except NULL nogil:
@@ -489,6 +497,12 @@ cdef class Kernel:
         while self.table_capacity < 2 * self.sub_capacity:
             self.table_capacity *= 2
         self.table = <Bucket*>checked_big_alloc(self.table_capacity * sizeof(Bucket))
+        # Pay for the index's memory at construction: otherwise the first batch
+        # faults it in page by page (330 ms for 2M subscribers, measured).
+        with nogil:
+            prefault(self.sub_msisdn, self.sub_capacity * sizeof(int64_t))
+            prefault(self.slots, self.sub_capacity * self.n_stateful * sizeof(int32_t))
+            prefault(self.table, self.table_capacity * sizeof(Bucket))
 
     def __dealloc__(self):
         cdef Py_ssize_t r
