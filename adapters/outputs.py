@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import zmq
 
-from engine.metrics import is_loopback_host
+from engine.exposure import is_loopback_endpoint
 from engine.schema import INSTRUCTION_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -529,19 +529,6 @@ def _arrow_complete_prefix(data: bytes) -> tuple[int, bool]:
 # ZeroMQ
 
 
-def is_loopback_bind(endpoint: str) -> bool:
-    """Whether binding a ZeroMQ `endpoint` listens on this machine only.
-
-    ipc:// and inproc:// endpoints are local.  A tcp:// endpoint is loopback
-    when its host is loopback by `engine.metrics.is_loopback_host`; ``*``,
-    wildcard addresses, interface names and other hosts are not.
-    """
-    transport, _, address = endpoint.partition("://")
-    if transport in ("ipc", "inproc"):
-        return True
-    return is_loopback_host(address.rpartition(":")[0])
-
-
 # The retry hint given with Backpressure: a PUSH socket's queue drains as fast
 # as its reader reads, so a short wait is the useful guess.
 _ZMQ_RETRY_AFTER = 0.05
@@ -583,7 +570,7 @@ class ZmqOutput(Output):
     ):
         if format not in FORMATS:
             raise ValueError(f"output {name!r}: format must be one of {FORMATS}, not {format!r}")
-        if bind and not allow_remote and not is_loopback_bind(endpoint):
+        if bind and not allow_remote and not is_loopback_endpoint(endpoint):
             raise ValueError(
                 f"output {name!r}: endpoint {endpoint!r} binds beyond loopback; "
                 "set allow_remote = true to allow it (SPEC section 9)"

@@ -14,11 +14,11 @@ are errors (a misspelt key must not silently fall back to a default).
 
 from __future__ import annotations
 
-import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.exposure import is_loopback_endpoint
 from engine.rules import parse_duration
 
 FORMATS = ("arrow", "msgpack", "ndjson")
@@ -136,22 +136,6 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     names = {int: "an integer", str: "a string", bool: "true or false", dict: "a table", list: "a list"}
     return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
-def is_loopback_endpoint(endpoint: str) -> bool:
-    """Whether a ZeroMQ endpoint stays on this machine (ipc/inproc, or tcp on a loopback address)."""
-    scheme, _, rest = endpoint.partition("://")
-    if scheme in ("ipc", "inproc"):
-        return True
-    if scheme != "tcp":
-        return False
-    host = rest.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # "*", an interface name or a host name: not provably loopback
 
 
 def _input(source: str, name: str, table: object) -> InputConfig:

@@ -27,7 +27,6 @@ it, for scrapers and probes.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import math
 import re
@@ -41,6 +40,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import orjson
+
+from engine.exposure import is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -255,27 +256,6 @@ class Registry:
 
 # ---------------------------------------------------------------------------
 # Exposure
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether listening on `host` is reachable from this machine only (SPEC section 9).
-
-    An address is judged by itself; a name by every address it resolves to.
-    The empty host and wildcard addresses listen everywhere, and a name that
-    does not resolve is not taken on trust.
-    """
-    host = host.strip("[]")
-    if not host:
-        return False
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
-    except OSError:
-        return False
-    return bool(addresses) and all(ipaddress.ip_address(a.partition("%")[0]).is_loopback for a in addresses)
 
 
 # ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, is_loopback_endpoint, load_config, parse_config
+from engine.config import ConfigError, load_config, parse_config
 
 MINIMAL = """
 [engine]
@@ -133,22 +133,3 @@ def test_remote_endpoint_needs_allow_remote(tmp_path):
     text = MINIMAL.replace("127.0.0.1:5555", "0.0.0.0:5555").replace(
         "[inputs.switch]", "[inputs.switch]\nallow_remote = true")
     assert parse_config(text, "k.toml", tmp_path).inputs[0].allow_remote
-
-
-@pytest.mark.parametrize(
-    ("endpoint", "loopback"),
-    [
-        ("tcp://127.0.0.1:5555", True),
-        ("tcp://localhost:5555", True),
-        ("tcp://[::1]:5555", True),
-        ("ipc:///tmp/x", True),
-        ("inproc://x", True),
-        ("tcp://*:5555", False),
-        ("tcp://0.0.0.0:5555", False),
-        ("tcp://10.1.2.3:5555", False),
-        ("tcp://eth0:5555", False),
-        ("pgm://239.192.1.1:5555", False),
-    ],
-)
-def test_loopback_endpoints(endpoint, loopback):
-    assert is_loopback_endpoint(endpoint) is loopback

@@ -22,7 +22,6 @@ from engine.metrics import (
     counter,
     gauge,
     histogram,
-    is_loopback_host,
 )
 
 # ---------------------------------------------------------------------------
@@ -362,23 +361,3 @@ def test_start_stop():
     server.stop()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
-
-
-@pytest.mark.parametrize(
-    ("host", "loopback"),
-    [
-        ("127.0.0.1", True),
-        ("127.1.2.3", True),
-        ("::1", True),
-        ("[::1]", True),
-        ("localhost", True),
-        ("", False),
-        ("0.0.0.0", False),
-        ("::", False),
-        ("192.168.1.10", False),
-        ("*", False),
-        ("no-such-host.invalid", False),
-    ],
-)
-def test_is_loopback_host(host, loopback):
-    assert is_loopback_host(host) is loopback

@@ -20,7 +20,6 @@ from adapters.outputs import (
     Backpressure,
     FileOutput,
     ZmqOutput,
-    is_loopback_bind,
     jsonl_chunks,
     make_output,
 )
@@ -440,25 +439,6 @@ def test_zmq_remote_bind_needs_allow_remote(context):
     with ZmqOutput("push", "tcp://192.0.2.1:5560", bind=False, linger=0.001, context=context):
         pass
 
-
-@pytest.mark.parametrize(
-    ("endpoint", "loopback"),
-    [
-        ("tcp://127.0.0.1:5560", True),
-        ("tcp://127.5.0.1:5560", True),
-        ("tcp://localhost:5560", True),
-        ("tcp://[::1]:5560", True),
-        ("ipc:///tmp/kairos.sock", True),
-        ("inproc://x", True),
-        ("tcp://*:5560", False),
-        ("tcp://0.0.0.0:5560", False),
-        ("tcp://[::]:5560", False),
-        ("tcp://10.1.2.3:5560", False),
-        ("tcp://eth0:5560", False),
-    ],
-)
-def test_is_loopback_bind(endpoint, loopback):
-    assert is_loopback_bind(endpoint) is loopback
 
 
 @pytest.mark.parametrize(
