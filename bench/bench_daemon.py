@@ -32,7 +32,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -190,26 +189,33 @@ def throughput(fmt: str, batches: list[pa.RecordBatch], directory: Path) -> dict
             "share_of_bare_transfer": rate / baseline, "message_bytes": int(np.median([len(m) for m in messages]))}
 
 
+def _latency_receiver(endpoint: str, stop, ready, results) -> None:
+    """Receive instructions; latency = arrival wall time - instruction ts (the stamped send time)."""
+    context = zmq.Context()
+    socket = context.socket(zmq.PULL)
+    socket.connect(endpoint)
+    ready.set()
+    latencies = []
+    while not stop.is_set() or socket.poll(500):
+        if socket.poll(100):
+            message = socket.recv()
+            now_ms = time.time() * 1000
+            ts = pa.ipc.open_stream(message).read_all().column("ts").to_numpy()
+            latencies.append(np.stack([ts.astype(np.float64), now_ms - ts]))
+    socket.close()
+    context.term()
+    results.put(np.concatenate(latencies, axis=1) if latencies else np.zeros((2, 0)))
+
+
 def latency(batches: list[pa.RecordBatch], rate: float, seconds: float, batch_size: int, directory: Path) -> dict:
     directory.mkdir(parents=True)
     daemon = Daemon(directory, "arrow", "zmq")
-    received: list[np.ndarray] = []
-    stop = threading.Event()
-    context = zmq.Context()
-
-    def receive() -> None:
-        socket = context.socket(zmq.PULL)
-        socket.connect(daemon.output_endpoint)
-        while not stop.is_set() or socket.poll(500):
-            if socket.poll(100):
-                message = socket.recv()
-                now_ms = time.time() * 1000
-                ts = pa.ipc.open_stream(message).read_all().column("ts").to_numpy()
-                received.append(now_ms - ts)
-        socket.close()
-
-    receiver = threading.Thread(target=receive)
+    stop, ready, results = multiprocessing.Event(), multiprocessing.Event(), multiprocessing.Queue()
+    receiver = multiprocessing.Process(target=_latency_receiver,
+                                       args=(daemon.output_endpoint, stop, ready, results))
     receiver.start()
+    ready.wait(30)
+    context = zmq.Context()
     try:
         socket = context.socket(zmq.PUSH)
         socket.connect(daemon.endpoint)
@@ -233,18 +239,26 @@ def latency(batches: list[pa.RecordBatch], rate: float, seconds: float, batch_si
         achieved = sent / (time.perf_counter() - start)
         daemon.wait_events(sent)
         stop.set()
+        sent_ms, lat = results.get(timeout=60)
+        seconds_in = (sent_ms - sent_ms.min()) / 1000 if sent_ms.size else sent_ms
+        p99_by_second = [float(np.percentile(lat[(seconds_in >= k) & (seconds_in < k + 1)], 99))
+                         for k in range(int(seconds)) if ((seconds_in >= k) & (seconds_in < k + 1)).any()]
+        with urllib.request.urlopen(daemon.url + "/metrics", timeout=10) as reply:
+            batch_buckets = [line for line in reply.read().decode().splitlines()
+                             if line.startswith("kairos_batch_latency_seconds_bucket")]
         receiver.join()
         socket.close()
     finally:
         daemon.stop()
         context.term()
-    lat = np.concatenate(received) if received else np.zeros(0)
     return {"offered_events_per_s": rate, "achieved_events_per_s": achieved, "events": sent,
             "instructions": int(lat.size), "late_sends": late,
             "p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
             "p90_ms": float(np.percentile(lat, 90)) if lat.size else None,
             "p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
-            "max_ms": float(lat.max()) if lat.size else None}
+            "max_ms": float(lat.max()) if lat.size else None,
+            "p99_ms_by_second": p99_by_second,
+            "daemon_batch_latency_buckets": batch_buckets}
 
 
 def main() -> None:
@@ -271,7 +285,8 @@ def main() -> None:
             batches = list(generator.batches(args.msgpack_events, args.batch_size))
             results["msgpack"] = throughput("msgpack", batches, directory / "msgpack")
         if args.only in (None, "latency"):
-            batches = list(generator.batches(200 * args.latency_batch, args.latency_batch))
+            # Fresh traffic for the whole run: repeated events would hit cooldowns and leave no instructions.
+            batches = list(generator.batches(int(args.rate * args.seconds), args.latency_batch))
             results["latency"] = latency(batches, args.rate, args.seconds, args.latency_batch, directory / "lat")
     if args.json:
         print(json.dumps(results, indent=2))

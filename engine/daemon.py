@@ -27,6 +27,7 @@ to `state_dir` when one is configured, exit 0.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import signal
 import threading
@@ -223,6 +224,11 @@ class Daemon:
             signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
         if self.metrics_server is not None:
             self.metrics_server.start()
+        # Everything built so far (modules, rules, sockets) lives as long as the process.  Moving it out of the
+        # collector's reach keeps full collections, which the per-batch Arrow objects trigger now and then, from
+        # walking a few hundred thousand objects in the middle of a batch.
+        gc.collect()
+        gc.freeze()
         log.info("started", extra={"fields": {
             "inputs": {feed.name: feed.endpoint for feed in self.inputs},
             "metrics": f"{self.metrics_server.host}:{self.metrics_server.port}" if self.metrics_server else None,
