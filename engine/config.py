@@ -70,6 +70,7 @@ class DaemonConfig:
     max_batch_events: int = 65_536  # coalesce messages up to this many events ...
     linger_ms: int = 5  # ... or until the oldest waiting event has waited this long
     idle_advance_ms: int = 1_000  # after this long with no events, event time follows the wall clock
+    max_waiting_instructions: int = 1_000_000  # per output; while one has this many waiting, feeds are not read
     metrics_host: str | None = "127.0.0.1"  # None: no HTTP server
     metrics_port: int = 9464
     metrics_token: str | None = None
@@ -218,6 +219,7 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
     idle_advance_ms = batching.duration_ms("idle_advance", 1_000)
     if idle_advance_ms < 1:
         raise batching.error("idle_advance", "must be longer than 0ms")
+    max_waiting_instructions = batching.positive("max_waiting_instructions", 1_000_000)
     batching.done()
 
     metrics = _Table(source, "metrics", top.get("metrics", dict, {}))
@@ -267,6 +269,7 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
         max_batch_events=max_batch_events,
         linger_ms=linger_ms,
         idle_advance_ms=idle_advance_ms,
+        max_waiting_instructions=max_waiting_instructions,
         metrics_host=metrics_host,
         metrics_port=metrics_port,
         metrics_token=metrics_token,

@@ -16,7 +16,7 @@ refreshes.  Each turn of the loop:
 
 Backpressure: an output that cannot take more raises Backpressure; its
 instructions wait in a bounded queue and are retried.  While any output has
-`MAX_PENDING_INSTRUCTIONS` waiting, the loop stops reading the feeds, so
+`max_waiting_instructions` waiting, the loop stops reading the feeds, so
 PULL feeders block at their high-water mark instead of memory growing.
 
 SIGTERM or SIGINT: stop accepting from the network, read what ZeroMQ already
@@ -54,7 +54,6 @@ log = logging.getLogger("kairos.daemon")
 
 POLL_MS = 50  # longest the loop sleeps in poll: bounds how late a signal, reload or timer is seen
 RECEIVE_BURST = 64  # messages taken from one socket before looking at the others
-MAX_PENDING_INSTRUCTIONS = 1_000_000  # per output; above it the feeds are not read
 DRAIN_SECONDS = 30.0  # on shutdown, how long a backpressured output is retried before giving up
 HEARTBEAT_SECONDS = 10.0  # /healthz fails when the loop has not turned for this long
 STATS_SECONDS = 0.25  # how stale the engine figures in /metrics may be
@@ -253,14 +252,17 @@ class Daemon:
         if self.batcher.n:
             timeout = max(0, min(timeout, int((self.batcher.oldest + self.config.linger_ms / 1000 - now) * 1000)))
         if self._backlogged():
+            # Neither read nor process: events wait in ZeroMQ's queues (PULL feeders block at the high-water
+            # mark) and in the batcher, not as instructions in memory.
             time.sleep(timeout / 1000)
         else:
             for socket, _ in self.poller.poll(timeout):
                 self._read(self._input_of(socket))
+            now = self.clock()
+            if self.batcher.n and (self.batcher.n >= self.batcher.max_events
+                                   or now - self.batcher.oldest >= self.config.linger_ms / 1000):
+                self._process_batch()
         now = self.clock()
-        if self.batcher.n and (self.batcher.n >= self.batcher.max_events
-                               or now - self.batcher.oldest >= self.config.linger_ms / 1000):
-            self._process_batch()
         self._advance_if_idle(now)
         for queue in self.outputs:
             queue.retry(now)
@@ -280,7 +282,7 @@ class Daemon:
         raise KeyError(socket)  # pragma: no cover - the poller holds only our sockets
 
     def _backlogged(self) -> bool:
-        return any(q.waiting_instructions >= MAX_PENDING_INSTRUCTIONS for q in self.outputs)
+        return any(q.waiting_instructions >= self.config.max_waiting_instructions for q in self.outputs)
 
     def _read(self, feed: ZmqInput) -> int:
         """Take a burst of messages from one feed into the batcher; returns messages taken."""
@@ -298,7 +300,7 @@ class Daemon:
                 self.events_in[feed.name] += decoded.n
                 self.batcher.add(decoded.batch, decoded.n, self.clock())
                 self._last_event_at = self.clock()
-                if self.batcher.n >= self.batcher.max_events:
+                if self.batcher.n >= self.batcher.max_events and not self._backlogged():
                     self._process_batch()
         return len(payloads)
 
@@ -335,8 +337,8 @@ class Daemon:
 
     def _advance_if_idle(self, now: float) -> None:
         """After `idle_advance` without events, let event time follow the wall clock."""
-        if self.batcher.n or self._watermark_at_last_event < 0:
-            return
+        if self.batcher.n or self._watermark_at_last_event < 0 or self._backlogged():
+            return  # events are waiting (here or, while backlogged, in the feeds' queues): not idle
         idle_ms = int((now - self._last_event_at) * 1000)
         if idle_ms < self.config.idle_advance_ms:
             return

@@ -421,3 +421,82 @@ def test_bad_config_is_refused_at_start_with_the_key(tmp_path):
                             capture_output=True, text=True, timeout=60, env={**os.environ})
     assert result.returncode == 2
     assert "inputs.switch.endpoint" in result.stderr and "allow_remote" in result.stderr
+
+
+def test_a_stalled_output_stops_the_feeds_instead_of_growing_memory(tmp_path, daemons, sockets):
+    batches = traffic(events=60_000, batch=2_000)
+    expected = expected_instructions(batches)
+    out_endpoint = f"ipc://{tmp_path}/instructions"
+    outputs = f'[outputs.downstream]\ntype = "zmq"\nendpoint = "{out_endpoint}"\nsndhwm = 1\n'
+    endpoint = f"ipc://{tmp_path}/switch"
+    inputs = f'[inputs.switch]\nendpoint = "{endpoint}"\nrcvhwm = 2\n'
+    config = config_text(tmp_path, inputs, outputs).replace(
+        'linger = "2ms"', 'linger = "2ms"\nmax_events = 2000\nmax_waiting_instructions = 20')
+    daemon = daemons(tmp_path, config)
+    feeder = sockets.push(endpoint)
+    feeder.setsockopt(zmq.SNDHWM, 2)
+    messages = [arrow_message(b) for b in batches]
+    # Nobody reads the output: the daemon must stop reading, and the feeder must block, well before the end.
+    accepted = 0
+    deadline = time.monotonic() + 10
+    while accepted < len(messages) and time.monotonic() < deadline:
+        try:
+            feeder.send(messages[accepted], zmq.NOBLOCK)
+            accepted += 1
+        except zmq.Again:
+            time.sleep(0.05)
+    assert accepted < len(messages) // 2
+    waiting = daemon.metric("kairos_output_waiting_instructions", output="downstream")
+    assert 20 <= waiting <= 20 + 2_000  # the limit plus at most one batch's instructions (one per event)
+    received = daemon.metric("kairos_input_messages_total", input="switch")
+    time.sleep(0.5)
+    assert daemon.metric("kairos_input_messages_total", input="switch") == received  # not reading
+    # A reader arrives: everything flows, nothing was lost.
+    receiver = sockets.make(zmq.PULL, out_endpoint)
+    feeder.setsockopt(zmq.SNDTIMEO, 30_000)
+    for message in messages[accepted:]:
+        feeder.send(message)
+    daemon.wait_for_metric("kairos_events_total", sum(b.num_rows for b in batches))
+    got = []
+    while len(got) < expected.num_rows and receiver.poll(5000):
+        got.extend(pa.ipc.open_stream(receiver.recv()).read_all().to_pylist())
+    assert daemon.stop() == 0
+    assert comparable(got) == comparable(expected.to_pylist())
+
+
+def test_garbage_between_valid_messages_loses_nothing_valid(tmp_path, daemons, sockets):
+    """Fuzzed input over the real socket: random bytes and mutated messages among valid ones."""
+    rng = np.random.default_rng(11)
+    batches = traffic(events=20_000, batch=1_000)
+    endpoint = f"ipc://{tmp_path}/switch"
+    daemon = daemons(tmp_path, config_text(tmp_path, f'[inputs.switch]\nendpoint = "{endpoint}"\n'))
+    feeder = sockets.push(endpoint)
+    valid = [arrow_message(b) for b in batches]
+    garbage = 0
+    for message in valid:
+        for _ in range(rng.integers(0, 3)):
+            kind = rng.integers(0, 3)
+            if kind == 0:
+                junk = rng.bytes(int(rng.integers(0, 2_000)))
+            elif kind == 1:  # a valid message cut short
+                junk = message[: int(rng.integers(1, len(message)))]
+            else:  # a valid message with bytes flipped in its header
+                junk = bytearray(message)
+                for i in rng.integers(0, 200, 8):
+                    junk[i] ^= 0xFF
+                junk = bytes(junk)
+            feeder.send(junk)
+            garbage += 1
+        feeder.send(message)
+    total_messages = garbage + len(valid)
+    daemon.wait_for_metric("kairos_input_messages_total", total_messages, input="switch")
+    events = sum(b.num_rows for b in batches)
+    daemon.wait_for_metric("kairos_events_total", events)
+    assert daemon.stop() == 0
+    assert daemon.process.returncode == 0
+    # Mutated messages may still decode in part; no valid message may be lost or changed.
+    got = comparable(file_instructions(tmp_path / "out"))
+    expected = comparable(expected_instructions(batches).to_pylist())
+    assert set(expected) <= set(got)
+    dead_files = list((tmp_path / "dead").glob("*.jsonl"))
+    assert sum(len(p.read_bytes().splitlines()) for p in dead_files) >= garbage // 2
