@@ -130,25 +130,9 @@ class Daemon:
         self.inputs: list[ZmqInput] = []
         self.outputs: list[OutputQueue] = []
         self.metrics_server = None
-        try:
-            for input_config in config.inputs:
-                self.inputs.append(ZmqInput(input_config, self.context))
-            self.decoders = {
-                i.name: make_decoder(i.format, FieldMap.from_config(i.fields) if i.fields else None,
-                                     columns=list(i.columns) if i.columns else None,
-                                     max_message_bytes=i.max_message_bytes)
-                for i in config.inputs
-            }
-            for name, table in config.outputs.items():
-                self.outputs.append(OutputQueue(make_output(name, table)))
-        except BaseException:
-            self._close()
-            raise
+        self.poller = zmq.Poller()
         self.deadletter = DeadLetterFile(config.deadletter_dir, config.deadletter_rotate_bytes, clock=wall)
         self.batcher = Batcher(config.max_batch_events)
-        self.poller = zmq.Poller()
-        for feed in self.inputs:
-            self.poller.register(feed.socket, zmq.POLLIN)
         self.rejected = {(i.name, reason): 0 for i in config.inputs for reason in REJECT_REASONS}
         self.events_in = {i.name: 0 for i in config.inputs}
         self.events_processed = self.engine.stats()["events"]
@@ -166,15 +150,32 @@ class Daemon:
         self._last_event_at = clock()
         self._watermark_at_last_event = self.engine.watermark
         self.heartbeat = clock()
-        if config.metrics_host is not None:
-            registry = Registry()
-            registry.register(self.metric_families)
-            self.metrics_server = MetricsServer(
-                config.metrics_host, config.metrics_port, registry, health=self._health,
-                ready=lambda: (self.ready, "ok" if self.ready else "draining"),
-                control={"reload": lambda: self.request_reload().result(timeout=120)},
-                token=config.metrics_token,
-            )
+        try:
+            for input_config in config.inputs:
+                self.inputs.append(ZmqInput(input_config, self.context))
+                self.poller.register(self.inputs[-1].socket, zmq.POLLIN)
+            self.decoders = {
+                i.name: make_decoder(i.format, FieldMap.from_config(i.fields) if i.fields else None,
+                                     columns=list(i.columns) if i.columns else None,
+                                     max_message_bytes=i.max_message_bytes)
+                for i in config.inputs
+            }
+            for name, table in config.outputs.items():
+                self.outputs.append(OutputQueue(make_output(name, table)))
+            if config.metrics_host is not None:
+                # Started here, not in run(): a port in use is a refusal to start, like a bad config.
+                registry = Registry()
+                registry.register(self.metric_families)
+                self.metrics_server = MetricsServer(
+                    config.metrics_host, config.metrics_port, registry, health=self._health,
+                    ready=lambda: (self.ready, "ok" if self.ready else "draining"),
+                    control={"reload": lambda: self.request_reload().result(timeout=120)},
+                    token=config.metrics_token,
+                )
+                self.metrics_server.start()
+        except BaseException:
+            self._close()
+            raise
 
     # -- start-up -----------------------------------------------------------
 
@@ -221,8 +222,6 @@ class Daemon:
             signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
             signal.signal(signal.SIGINT, lambda *_: self.request_stop())
             signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
-        if self.metrics_server is not None:
-            self.metrics_server.start()
         # Everything built so far (modules, rules, sockets) lives as long as the process.  Moving it out of the
         # collector's reach keeps full collections, which the per-batch Arrow objects trigger now and then, from
         # walking a few hundred thousand objects in the middle of a batch.
@@ -423,7 +422,8 @@ class Daemon:
             counter("kairos_events", "Events processed by the engine.", self.events_processed),
             counter("kairos_batches", "Batches processed by the engine.", self.batches_processed),
             counter("kairos_instructions", "Instructions handed to the outputs, per rule and channel.",
-                    [({"rule": r, "channel": c}, n) for (r, c), n in self.instructions_by_rule_channel.items()]),
+                    # dict() copies in one step under the GIL; the loop adds keys while this thread reads
+                    [({"rule": r, "channel": c}, n) for (r, c), n in dict(self.instructions_by_rule_channel).items()]),
             counter("kairos_rule_matches", "Rule matches before contact policy, per rule.",
                     [({"rule": r}, s["matched"]) for r, s in rules.items()]),
             counter("kairos_policy_stops", "Matches stopped by contact policy, per rule and reason.",

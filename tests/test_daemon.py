@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.resources
 import os
 import signal
+import socket as socketlib
 import subprocess
 import sys
 import time
@@ -500,3 +501,18 @@ def test_garbage_between_valid_messages_loses_nothing_valid(tmp_path, daemons, s
     assert set(expected) <= set(got)
     dead_files = list((tmp_path / "dead").glob("*.jsonl"))
     assert sum(len(p.read_bytes().splitlines()) for p in dead_files) >= garbage // 2
+
+
+def test_metrics_port_in_use_is_refused_at_start(tmp_path):
+    (tmp_path / "rules.toml").write_text(RULES, encoding="utf-8")
+    with socketlib.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "kairos.toml"
+        text = config_text(tmp_path, f'[inputs.switch]\nendpoint = "ipc://{tmp_path}/switch"\n')
+        config.write_text(text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"'), encoding="utf-8")
+        result = subprocess.run([sys.executable, "-m", "engine.cli", "run", "-c", str(config)],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert str(port) in result.stderr
