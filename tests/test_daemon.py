@@ -516,3 +516,31 @@ def test_metrics_port_in_use_is_refused_at_start(tmp_path):
                                 capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert str(port) in result.stderr
+
+
+def test_sub_input_connecting_to_a_publisher_counts_what_the_topic_and_sequence_say(tmp_path, daemons, sockets):
+    batches = traffic(events=10_000, batch=2_000)
+    endpoint = f"ipc://{tmp_path}/signalling"
+    publisher = sockets.context.socket(zmq.PUB)
+    publisher.setsockopt(zmq.LINGER, 0)
+    publisher.bind(endpoint)
+    sockets.open.append(publisher)
+    inputs = f'[inputs.signalling]\nendpoint = "{endpoint}"\nsocket = "sub"\nbind = false\nsubscribe = ["loc"]\n'
+    daemon = daemons(tmp_path, config_text(tmp_path, inputs))
+    empty = arrow_message(pa.RecordBatch.from_pydict(
+        {"ts": pa.array([], pa.int64()), "msisdn": pa.array([], pa.int64()), "kind": pa.array([], pa.uint8())}))
+    # A subscription takes a moment to reach the publisher: until then PUB drops (the slow joiner).
+    deadline = time.monotonic() + 30
+    while daemon.metric("kairos_input_messages_total", input="signalling") < 1:
+        assert time.monotonic() < deadline
+        publisher.send_multipart([b"loc", empty])
+        time.sleep(0.05)
+    publisher.send_multipart([b"other-topic", arrow_message(batches[0])])  # not subscribed: never arrives
+    for seq, batch in enumerate(batches):
+        if seq != 2:  # message 2 is lost on the way
+            publisher.send_multipart([b"loc", sequence_header(9, seq), arrow_message(batch)])
+    kept = [b for seq, b in enumerate(batches) if seq != 2]
+    daemon.wait_for_metric("kairos_events_total", sum(b.num_rows for b in kept))
+    assert daemon.metric("kairos_input_sequence_missing_total", input="signalling") == 1
+    assert daemon.stop() == 0
+    assert comparable(file_instructions(tmp_path / "out")) == comparable(expected_instructions(kept).to_pylist())
