@@ -252,8 +252,9 @@ class Daemon:
             timeout = max(0, min(timeout, int((self.batcher.oldest + self.config.linger_ms / 1000 - now) * 1000)))
         if self._backlogged():
             # Neither read nor process: events wait in ZeroMQ's queues (PULL feeders block at the high-water
-            # mark) and in the batcher, not as instructions in memory.
-            time.sleep(timeout / 1000)
+            # mark) and in the batcher, not as instructions in memory.  Sleep until an output may take more.
+            retry_at = min(q.retry_at for q in self.outputs if q.waiting)
+            time.sleep(min(POLL_MS / 1000, max(retry_at - now, 0.001)))
         else:
             for socket, _ in self.poller.poll(timeout):
                 self._read(self._input_of(socket))
@@ -305,7 +306,8 @@ class Daemon:
 
     def _dead_letter(self, input_name: str, rejects: list[Reject]) -> None:
         for reject in rejects:
-            self.rejected[(input_name, reject.reason)] += 1
+            key = (input_name, reject.reason)
+            self.rejected[key] = self.rejected.get(key, 0) + 1
         self.deadletter.write(input_name, rejects)
 
     def _process_batch(self) -> None:

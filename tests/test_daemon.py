@@ -544,3 +544,21 @@ def test_sub_input_connecting_to_a_publisher_counts_what_the_topic_and_sequence_
     assert daemon.metric("kairos_input_sequence_missing_total", input="signalling") == 1
     assert daemon.stop() == 0
     assert comparable(file_instructions(tmp_path / "out")) == comparable(expected_instructions(kept).to_pylist())
+
+
+def test_batcher_joins_messages_whose_optional_columns_differ(batch):
+    from engine.daemon import Batcher
+
+    batcher = Batcher(max_events=10)
+    first = batch([{"ts": 1, "msisdn": 5, "kind": 0, "peer": 7}])
+    second = batch([{"ts": 2, "msisdn": 6, "kind": 8, "imei": 9}, {"ts": 3, "msisdn": 6, "kind": 5}])
+    batcher.add(first, 1, arrived=10.0)
+    batcher.add(second, 2, arrived=11.0)
+    joined, n, oldest = batcher.take()
+    assert (n, oldest, batcher.n) == (3, 10.0, 0)
+    assert joined["peer"].tolist() == [7, 0, 0] and joined["imei"].tolist() == [0, 9, 0]
+    assert joined["kind"].tolist() == [0, 8, 5] and joined["imei"].dtype == np.int64
+    assert "duration" not in joined
+    batcher.add(first, 1, arrived=12.0)
+    alone, n, _ = batcher.take()
+    assert alone is first and n == 1  # one message: no copy
