@@ -8,20 +8,32 @@ in an Engine is global.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.ipc as ipc
 
 from engine._fast.kernel import Kernel
 from engine.compiler import compile_program
+from engine.feedback import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES, GoalTracker, IssuedInstructions
 from engine.instructions import InstructionBuilder
+from engine.policy import FOREVER, OUTCOME_CODES, OUTCOMES, rule_report
+from engine.profiles import ProfileStore
 from engine.rules import RuleSet, load_rules, parse_rules
 from engine.schema import validate_events
 
-_CHECKPOINT_FORMAT = 1
+log = logging.getLogger("kairos.engine")
+
+_CHECKPOINT_FORMAT = 2
+_KERNEL_COUNTERS = (
+    "matched", "emitted", "holdout", "stopped_paused", "stopped_opt_out", "stopped_suppressed",
+    "stopped_decline_cooldown", "stopped_cooldown", "stopped_arbitrated", "stopped_no_channel", "stopped_capped",
+)
 # Subscribers the kernel's first allocation holds; it doubles as needed.
 DEFAULT_INITIAL_SUBSCRIBERS = 1 << 16
 
@@ -33,18 +45,51 @@ class Engine:
     releases the GIL, so Engines of different shards run in parallel).
     """
 
-    def __init__(self, ruleset: RuleSet, *, initial_subscribers: int = DEFAULT_INITIAL_SUBSCRIBERS):
+    def __init__(
+        self,
+        ruleset: RuleSet,
+        *,
+        profiles: str | os.PathLike | pa.Table | ProfileStore | None = None,
+        initial_subscribers: int = DEFAULT_INITIAL_SUBSCRIBERS,
+        issued_max_entries: int = DEFAULT_MAX_ENTRIES,
+        issued_max_age: int = DEFAULT_MAX_AGE,
+    ):
         self.ruleset = ruleset
         self._kernel = Kernel(compile_program(ruleset), initial_subscribers)
         self._builder = InstructionBuilder(ruleset)
+        self._channel_codes = {name: code for code, name in enumerate(ruleset.channels)}
         self._events = 0
         self._batches = 0
         self._instructions = 0
+        n = len(ruleset.rules)
+        self._issued = IssuedInstructions(issued_max_entries, issued_max_age)
+        self._outcomes = np.zeros((n, len(OUTCOMES)), np.int64)
+        self._feedback = {"applied": 0, "unknown": 0, "invalid": 0}
+        self._pauses = 0
+        self._goals = GoalTracker({r: rule.goal.within for r, rule in enumerate(ruleset.rules) if rule.goal}, n)
+        self._decline = np.array([rule.decline_cooldown for rule in ruleset.rules], np.int64)
+        self._guarded = any(rule.max_per_hour for rule in ruleset.rules)
+        self._paused = np.zeros(self._kernel.n_rules, np.uint8)
+        self.profiles = ProfileStore.empty()
+        if profiles is not None:
+            self.load_profiles(profiles)
 
     @classmethod
-    def from_files(cls, rules: str | os.PathLike, **options) -> Engine:
-        """An Engine over the rules file at `rules` (TOML, docs/rules.md)."""
-        return cls(load_rules(rules), **options)
+    def from_files(cls, rules: str | os.PathLike, profiles: str | os.PathLike | None = None, **options) -> Engine:
+        """An Engine over the rules file at `rules` (TOML, docs/rules.md) and optional profiles (engine.profiles)."""
+        return cls(load_rules(rules), profiles=profiles, **options)
+
+    def load_profiles(self, source: str | os.PathLike | pa.Table | ProfileStore) -> None:
+        """Replace the subscriber profiles (Parquet, Arrow IPC or CSV file, or an Arrow table).
+
+        Takes effect for every event processed after the call; a table that
+        cannot be used raises engine.ProfileError and leaves the current
+        profiles in place.
+        """
+        store = ProfileStore.load(source)
+        arrays = store.policy_arrays(self.ruleset.channels)
+        self._kernel.set_profiles(arrays["msisdn"], arrays["allowed"], arrays["flags"], arrays["days"])
+        self.profiles = store
 
     @classmethod
     def from_text(cls, text: str, source: str = "<string>", **options) -> Engine:
@@ -60,32 +105,110 @@ class Engine:
         in row order; instructions come out in the order of their events.
         """
         events = validate_events(batch)
-        rows, rules = self._kernel.process(events.columns, events.n)
+        rows, rules, channels, not_before, holdout, goal_rows, goal_rules = self._kernel.process(
+            events.columns, events.n
+        )
         self._events += events.n
         self._batches += 1
         self._instructions += len(rows)
-        return self._builder.build(events, rows, rules)
+        table = self._builder.build(events, rows, rules, channels, not_before, holdout)
+        if len(rows):
+            self._issued.add(table.column("id").to_pylist(), rules, table.column("msisdn").to_numpy(),
+                             table.column("ts").to_numpy(), holdout)
+        self._goals.observe(rows, rules, events["msisdn"][rows], events["ts"][rows], holdout,
+                            goal_rows, goal_rules, events["msisdn"], events["ts"])
+        if self._guarded:
+            self._note_pauses()
+        return table
+
+    def _note_pauses(self) -> None:
+        paused = self._kernel.paused_rules()
+        for r in np.flatnonzero(paused > self._paused):
+            rule = self.ruleset.rules[r]
+            self._pauses += 1
+            log.warning("rule %r paused: more than %d instructions within an hour (guardrail max_per_hour); "
+                        "Engine.resume(%r) lifts the pause", rule.id, rule.max_per_hour, rule.id)
+        self._paused = paused
+
+    def resume(self, rule_id: str) -> None:
+        """Lift the guardrail pause of a rule; its count of instructions in the last hour starts from zero."""
+        ids = [rule.id for rule in self.ruleset.rules]
+        if rule_id not in ids:
+            raise KeyError(f"no rule {rule_id!r}")
+        self._kernel.resume(ids.index(rule_id))
+        self._paused = self._kernel.paused_rules()
+
+    def feedback(self, ids: str | Sequence[str] | pa.Array, outcomes: str | Sequence[str] | pa.Array,
+                 ts: int | Sequence[int] | np.ndarray) -> dict[str, int]:
+        """Apply channel feedback (SPEC section 6): one report, or a batch of equal-length columns.
+
+        `outcomes` are delivered, failed, accepted, declined, considering or
+        opt_out; `ts` the time of each report (ms, event time), or one time
+        for all.  accepted suppresses the rule for the subscriber for good,
+        declined for the rule's decline cooldown from `ts`, opt_out stops
+        all marketing to the subscriber; every outcome is counted per rule.
+        Feedback affects only events processed after this call.  An id not
+        in memory (engine.feedback) is counted as unknown, an outcome name
+        not in the list as invalid: neither is fatal, and the rest applies.
+        Returns the counts of applied, unknown and invalid reports.
+        """
+        ids = [ids] if isinstance(ids, str) else _pylist(ids)
+        outcomes = [outcomes] * len(ids) if isinstance(outcomes, str) else _pylist(outcomes)
+        times = [int(ts)] * len(ids) if np.ndim(ts) == 0 else [int(t) for t in _pylist(ts)]
+        if not len(ids) == len(outcomes) == len(times):
+            raise ValueError("feedback: ids, outcomes and ts differ in length")
+        result = {"applied": 0, "unknown": 0, "invalid": 0}
+        block_msisdn, block_rule, block_until = [], [], []
+        for instruction_id, outcome, t in zip(ids, outcomes, times, strict=True):
+            code = OUTCOME_CODES.get(outcome)
+            if code is None:
+                result["invalid"] += 1
+                continue
+            entry = self._issued.get(instruction_id)
+            if entry is None:
+                result["unknown"] += 1
+                continue
+            rule, msisdn = entry[0], entry[1]
+            result["applied"] += 1
+            self._outcomes[rule, code] += 1
+            if outcome == "accepted":
+                block_msisdn.append(msisdn), block_rule.append(rule), block_until.append(FOREVER)
+            elif outcome == "declined" and self._decline[rule] > 0:
+                block_msisdn.append(msisdn), block_rule.append(rule), block_until.append(t + int(self._decline[rule]))
+            elif outcome == "opt_out":
+                block_msisdn.append(msisdn), block_rule.append(-1), block_until.append(FOREVER)
+        if block_msisdn:
+            self._kernel.block(np.array(block_msisdn, np.int64), np.array(block_rule, np.int32),
+                               np.array(block_until, np.int64))
+        for key, value in result.items():
+            self._feedback[key] += value
+        return result
 
     def stats(self) -> dict:
-        """Totals and per-rule counters: matched, sent, and stops by reason."""
+        """Totals and per-rule figures: matches, instructions, stops by reason, feedback, goals, rates.
+
+        docs/policy.md explains every figure.
+        """
         counters = self._kernel.counters()
+        paused = self._kernel.paused_rules()
+        rules = {}
+        for r, rule in enumerate(self.ruleset.rules):
+            c = {name: int(counters[name][r]) for name in _KERNEL_COUNTERS}
+            c.update({outcome: int(self._outcomes[r, code]) for code, outcome in enumerate(OUTCOMES)})
+            c["goal_treated"], c["goal_holdout"] = (int(v) for v in self._goals.conversions[r])
+            by_channel = {ch: int(counters["sent_channel"][r, self._channel_codes[ch]]) for ch in rule.channels}
+            rules[rule.id] = rule_report(c, by_channel, bool(paused[r]))
         return {
             "events": self._events,
             "batches": self._batches,
             "instructions": self._instructions,
             "subscribers": self._kernel.n_subs,
             "state_bytes": self._kernel.memory_bytes(),
-            "rules": {
-                rule.id: {
-                    "matched": int(counters["matched"][r]),
-                    "sent": int(counters["emitted"][r]),
-                    "stopped": {
-                        "cooldown": int(counters["stopped_cooldown"][r]),
-                        "arbitrated": int(counters["stopped_arbitrated"][r]),
-                    },
-                }
-                for r, rule in enumerate(self.ruleset.rules)
-            },
+            "profiles": len(self.profiles),
+            "feedback": dict(self._feedback),
+            "issued_in_memory": len(self._issued),
+            "guardrail_pauses": self._pauses,
+            "rules": rules,
         }
 
     def checkpoint(self, directory: str | os.PathLike) -> None:
@@ -103,17 +226,27 @@ class Engine:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         with open(staging / "state.npz", "wb") as f:
-            np.savez(f, **self._kernel.export_state())
+            np.savez(f, **self._kernel.export_state(), outcomes=self._outcomes,
+                     goal_conversions=self._goals.conversions, paused_seen=self._paused)
         (staging / "rules.toml").write_text(self.ruleset.text, encoding="utf-8")
+        for name, table in (("profiles.arrow", self.profiles.table), ("issued.arrow", self._issued.to_table()),
+                            ("goals.arrow", self._goals.to_table())):
+            with ipc.new_file(str(staging / name), table.schema) as writer:
+                writer.write_table(table)
         meta = {
             "format": _CHECKPOINT_FORMAT,
             "rules_source": self.ruleset.source,
+            "profiles_source": self.profiles.source,
             "events": self._events,
             "batches": self._batches,
             "instructions": self._instructions,
+            "feedback": self._feedback,
+            "guardrail_pauses": self._pauses,
+            "issued_max_entries": self._issued.max_entries,
+            "issued_max_age": self._issued.max_age,
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        for name in ("state.npz", "rules.toml", "meta.json"):
+        for name in ("state.npz", "rules.toml", "profiles.arrow", "issued.arrow", "goals.arrow", "meta.json"):
             _fsync(staging / name)
         _fsync(staging)
         if final.exists():
@@ -135,19 +268,40 @@ class Engine:
         if meta.get("format") != _CHECKPOINT_FORMAT:
             raise ValueError(f"{directory}: checkpoint format {meta.get('format')!r} is not {_CHECKPOINT_FORMAT}")
         text = (directory / "rules.toml").read_text(encoding="utf-8")
+        options.setdefault("issued_max_entries", meta["issued_max_entries"])
+        options.setdefault("issued_max_age", meta["issued_max_age"])
         engine = cls(parse_rules(text, meta["rules_source"]), **options)
+        tables = {}
+        for name in ("profiles", "issued", "goals"):
+            with pa.memory_map(str(directory / f"{name}.arrow")) as source:
+                tables[name] = ipc.open_file(source).read_all()
+        engine.load_profiles(ProfileStore(tables["profiles"], meta["profiles_source"]))
         # np.load given a path leaks the file when the archive is damaged;
         # owning the file object closes it on every path.
         with open(directory / "state.npz", "rb") as f, np.load(f) as arrays:
             state = {name: arrays[name] for name in arrays.files}
         try:
             engine._kernel.import_state(state)
+            engine._outcomes[:] = state["outcomes"]
+            engine._goals.load(tables["goals"], state["goal_conversions"])
+            engine._paused = state["paused_seen"].astype(np.uint8)
         except KeyError as exc:
             raise ValueError(f"{directory}: checkpoint state lacks array {exc.args[0]!r}") from None
+        engine._issued.load(tables["issued"])
         engine._events = meta["events"]
         engine._batches = meta["batches"]
         engine._instructions = meta["instructions"]
+        engine._feedback = dict(meta["feedback"])
+        engine._pauses = meta["guardrail_pauses"]
         return engine
+
+
+def _pylist(values) -> list:
+    if isinstance(values, pa.Array | pa.ChunkedArray):
+        return values.to_pylist()
+    if isinstance(values, np.ndarray):
+        return values.tolist()
+    return list(values)
 
 
 def _staging(final: Path) -> Path:
