@@ -87,7 +87,10 @@ class GoalTracker:
 
     def __init__(self, within: dict[int, int], n_rules: int):
         self.within = within  # rule index -> goal window, ms
+        self.has_goal = np.zeros(n_rules, np.bool_)
+        self.has_goal[list(within)] = True
         self.open: dict[tuple[int, int], list[list[int]]] = {}  # (rule, msisdn) -> [[ts, holdout, converted]]
+        self.tracked = np.zeros(0, np.int64)  # msisdns with open instructions (sorted; may hold closed ones)
         self.conversions = np.zeros((n_rules, 2), np.int64)  # [:, 0] treated, [:, 1] holdout
         self._size_at_prune = 1024
 
@@ -96,29 +99,34 @@ class GoalTracker:
         """One batch: its instructions (kernel order) and its goal matches, taken together in row order."""
         if not self.within:
             return
-        mine = np.isin(rules, list(self.within))
-        known = {m for _, m in self.open} | set(msisdn[mine].tolist())
-        if len(goal_rows) and known:
-            keep = np.isin(event_msisdn[goal_rows], np.fromiter(known, np.int64, len(known)))
+        mine = np.flatnonzero(self.has_goal[rules])
+        if len(mine):
+            self.tracked = np.union1d(self.tracked, msisdn[mine])
+        if len(goal_rows) and len(self.tracked):
+            # Only goal events of subscribers with open instructions reach the Python loop.
+            goal_msisdn = event_msisdn[goal_rows]
+            at = np.minimum(np.searchsorted(self.tracked, goal_msisdn), len(self.tracked) - 1)
+            keep = self.tracked[at] == goal_msisdn
             goal_rows, goal_rules = goal_rows[keep], goal_rules[keep]
         else:
-            goal_rows, goal_rules = goal_rows[:0], goal_rules[:0]
+            goal_rows = goal_rows[:0]
+        if not len(mine) and not len(goal_rows):
+            return
         # Row order; at one row an instruction (ts equal) can never be converted by that row's goal event.
         steps = sorted(
-            [(int(g), 0, int(r), 0, 0) for g, r in zip(rows[mine], rules[mine], strict=True)]
-            + [(int(g), 1, int(r), 0, 0) for g, r in zip(goal_rows, goal_rules, strict=True)]
+            [(int(rows[k]), 0, int(k)) for k in mine]
+            + [(int(g), 1, int(r)) for g, r in zip(goal_rows, goal_rules, strict=True)]
         )
-        instruction_at = {int(g): k for k, g in enumerate(rows.tolist())}
-        for row, is_goal, rule, _, _ in steps:
+        for row, is_goal, which in steps:
             if not is_goal:
-                k = instruction_at[row]
-                self.open.setdefault((rule, int(msisdn[k])), []).append([int(ts[k]), int(holdout[k]), 0])
+                self.open.setdefault((int(rules[which]), int(msisdn[which])), []).append(
+                    [int(ts[which]), int(holdout[which]), 0])
                 continue
             t = int(event_ts[row])
-            for entry in self.open.get((rule, int(event_msisdn[row])), ()):
-                if not entry[2] and entry[0] < t <= entry[0] + self.within[rule]:
+            for entry in self.open.get((which, int(event_msisdn[row])), ()):
+                if not entry[2] and entry[0] < t <= entry[0] + self.within[which]:
                     entry[2] = 1
-                    self.conversions[rule, entry[1]] += 1
+                    self.conversions[which, entry[1]] += 1
                     break
         if len(self.open) > 2 * self._size_at_prune and len(event_ts):
             self.prune(int(event_ts.max()))
@@ -131,6 +139,7 @@ class GoalTracker:
                 self.open[key] = left
             else:
                 del self.open[key]
+        self.tracked = np.unique(np.fromiter((m for _, m in self.open), np.int64, len(self.open)))
         self._size_at_prune = max(len(self.open), 1024)
 
     def to_table(self) -> pa.Table:
@@ -143,4 +152,5 @@ class GoalTracker:
         self.open = {}
         for rule, m, t, h, c in zip(*(table.column(n).to_pylist() for n in table.column_names), strict=True):
             self.open.setdefault((rule, m), []).append([t, h, c])
+        self.tracked = np.unique(np.fromiter((m for _, m in self.open), np.int64, len(self.open)))
         self.conversions = np.array(conversions, np.int64).reshape(self.conversions.shape)
