@@ -113,8 +113,7 @@ class Engine:
         self._instructions += len(rows)
         table = self._builder.build(events, rows, rules, channels, not_before, holdout)
         if len(rows):
-            self._issued.add(table.column("id").to_pylist(), rules, table.column("msisdn").to_numpy(),
-                             table.column("ts").to_numpy(), holdout)
+            self._issued.add(table.column("id"), rules, events["msisdn"][rows], events["ts"][rows], holdout)
         self._goals.observe(rows, rules, events["msisdn"][rows], events["ts"][rows], holdout,
                             goal_rows, goal_rules, events["msisdn"], events["ts"])
         if self._guarded:
@@ -159,16 +158,16 @@ class Engine:
             raise ValueError("feedback: ids, outcomes and ts differ in length")
         result = {"applied": 0, "unknown": 0, "invalid": 0}
         block_msisdn, block_rule, block_until = [], [], []
-        for instruction_id, outcome, t in zip(ids, outcomes, times, strict=True):
+        found, fields = self._issued.lookup(ids)
+        for k, (outcome, t) in enumerate(zip(outcomes, times, strict=True)):
             code = OUTCOME_CODES.get(outcome)
             if code is None:
                 result["invalid"] += 1
                 continue
-            entry = self._issued.get(instruction_id)
-            if entry is None:
+            if not found[k]:
                 result["unknown"] += 1
                 continue
-            rule, msisdn = entry[0], entry[1]
+            rule, msisdn = int(fields["rule"][k]), int(fields["msisdn"][k])
             result["applied"] += 1
             self._outcomes[rule, code] += 1
             if outcome == "accepted":
@@ -244,6 +243,7 @@ class Engine:
             "guardrail_pauses": self._pauses,
             "issued_max_entries": self._issued.max_entries,
             "issued_max_age": self._issued.max_age,
+            "issued": self._issued.state,
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         for name in ("state.npz", "rules.toml", "profiles.arrow", "issued.arrow", "goals.arrow", "meta.json"):
@@ -287,7 +287,7 @@ class Engine:
             engine._paused = state["paused_seen"].astype(np.uint8)
         except KeyError as exc:
             raise ValueError(f"{directory}: checkpoint state lacks array {exc.args[0]!r}") from None
-        engine._issued.load(tables["issued"])
+        engine._issued.load(tables["issued"], meta["issued"]["added"], meta["issued"]["newest"])
         engine._events = meta["events"]
         engine._batches = meta["batches"]
         engine._instructions = meta["instructions"]
