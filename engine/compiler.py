@@ -142,7 +142,7 @@ def compile_program(ruleset: RuleSet) -> dict[str, np.ndarray | int]:
     Rules keep their file order as kernel rules 0..n-1.  Each rule with a
     `goal` adds a goal filter after them (goal_of = the rule's index): a
     kernel rule with the goal's on + where and nothing else, whose passing
-    events the kernel reports instead of matching.
+    events convert the rule's open instructions instead of matching.
     """
     goals = [(r, rule.goal) for r, rule in enumerate(ruleset.rules) if rule.goal is not None]
     n = len(ruleset.rules) + len(goals)
@@ -197,7 +197,7 @@ def _policy_program(ruleset: RuleSet, n: int) -> dict[str, np.ndarray | int]:
     codes = {name: code for code, name in enumerate(ruleset.channels)}
     chan_begin, chan_end, chan_list = np.zeros(n, np.int32), np.zeros(n, np.int32), []
     threshold, seed = np.zeros(n, np.int64), np.zeros(n, np.uint64)
-    max_per_hour = np.zeros(n, np.int64)
+    max_per_hour, goal_within = np.zeros(n, np.int64), np.zeros(n, np.int64)
     for r, rule in enumerate(ruleset.rules):
         chan_begin[r] = len(chan_list)
         chan_list.extend(codes[c] for c in rule.channels)
@@ -205,6 +205,7 @@ def _policy_program(ruleset: RuleSet, n: int) -> dict[str, np.ndarray | int]:
         threshold[r] = holdout_threshold(rule.holdout)
         seed[r] = holdout_seed(rule.id)
         max_per_hour[r] = rule.max_per_hour
+        goal_within[r] = rule.goal.within if rule.goal is not None else 0
     zone = zone_table(policy.timezone)
     quiet_start, quiet_end = (-1, -1) if policy.quiet_hours is None else policy.quiet_hours
     return {
@@ -223,4 +224,5 @@ def _policy_program(ruleset: RuleSet, n: int) -> dict[str, np.ndarray | int]:
         "holdout_threshold": threshold,
         "holdout_seed": seed,
         "max_per_hour": max_per_hour,
+        "goal_within": goal_within,
     }

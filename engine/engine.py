@@ -20,7 +20,7 @@ import pyarrow.ipc as ipc
 
 from engine._fast.kernel import Kernel
 from engine.compiler import compile_program
-from engine.feedback import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES, GoalTracker, IssuedInstructions
+from engine.feedback import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES, IssuedInstructions
 from engine.instructions import InstructionBuilder
 from engine.policy import FOREVER, OUTCOME_CODES, OUTCOMES, rule_report
 from engine.profiles import ProfileStore
@@ -33,6 +33,7 @@ _CHECKPOINT_FORMAT = 2
 _KERNEL_COUNTERS = (
     "matched", "emitted", "holdout", "stopped_paused", "stopped_opt_out", "stopped_suppressed",
     "stopped_decline_cooldown", "stopped_cooldown", "stopped_arbitrated", "stopped_no_channel", "stopped_capped",
+    "goal_treated", "goal_holdout",
 )
 # Subscribers the kernel's first allocation holds; it doubles as needed.
 DEFAULT_INITIAL_SUBSCRIBERS = 1 << 16
@@ -66,7 +67,6 @@ class Engine:
         self._outcomes = np.zeros((n, len(OUTCOMES)), np.int64)
         self._feedback = {"applied": 0, "unknown": 0, "invalid": 0}
         self._pauses = 0
-        self._goals = GoalTracker({r: rule.goal.within for r, rule in enumerate(ruleset.rules) if rule.goal}, n)
         self._decline = np.array([rule.decline_cooldown for rule in ruleset.rules], np.int64)
         self._guarded = any(rule.max_per_hour for rule in ruleset.rules)
         self._paused = np.zeros(self._kernel.n_rules, np.uint8)
@@ -105,17 +105,13 @@ class Engine:
         in row order; instructions come out in the order of their events.
         """
         events = validate_events(batch)
-        rows, rules, channels, not_before, holdout, goal_rows, goal_rules = self._kernel.process(
-            events.columns, events.n
-        )
+        rows, rules, channels, not_before, holdout = self._kernel.process(events.columns, events.n)
         self._events += events.n
         self._batches += 1
         self._instructions += len(rows)
         table = self._builder.build(events, rows, rules, channels, not_before, holdout)
         if len(rows):
             self._issued.add(table.column("id"), rules, events["msisdn"][rows], events["ts"][rows], holdout)
-        self._goals.observe(rows, rules, events["msisdn"][rows], events["ts"][rows], holdout,
-                            goal_rows, goal_rules, events["msisdn"], events["ts"])
         if self._guarded:
             self._note_pauses()
         return table
@@ -194,7 +190,6 @@ class Engine:
         for r, rule in enumerate(self.ruleset.rules):
             c = {name: int(counters[name][r]) for name in _KERNEL_COUNTERS}
             c.update({outcome: int(self._outcomes[r, code]) for code, outcome in enumerate(OUTCOMES)})
-            c["goal_treated"], c["goal_holdout"] = (int(v) for v in self._goals.conversions[r])
             by_channel = {ch: int(counters["sent_channel"][r, self._channel_codes[ch]]) for ch in rule.channels}
             rules[rule.id] = rule_report(c, by_channel, bool(paused[r]))
         return {
@@ -225,11 +220,9 @@ class Engine:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         with open(staging / "state.npz", "wb") as f:
-            np.savez(f, **self._kernel.export_state(), outcomes=self._outcomes,
-                     goal_conversions=self._goals.conversions, paused_seen=self._paused)
+            np.savez(f, **self._kernel.export_state(), outcomes=self._outcomes, paused_seen=self._paused)
         (staging / "rules.toml").write_text(self.ruleset.text, encoding="utf-8")
-        for name, table in (("profiles.arrow", self.profiles.table), ("issued.arrow", self._issued.to_table()),
-                            ("goals.arrow", self._goals.to_table())):
+        for name, table in (("profiles.arrow", self.profiles.table), ("issued.arrow", self._issued.to_table())):
             with ipc.new_file(str(staging / name), table.schema) as writer:
                 writer.write_table(table)
         meta = {
@@ -246,7 +239,7 @@ class Engine:
             "issued": self._issued.state,
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        for name in ("state.npz", "rules.toml", "profiles.arrow", "issued.arrow", "goals.arrow", "meta.json"):
+        for name in ("state.npz", "rules.toml", "profiles.arrow", "issued.arrow", "meta.json"):
             _fsync(staging / name)
         _fsync(staging)
         if final.exists():
@@ -272,7 +265,7 @@ class Engine:
         options.setdefault("issued_max_age", meta["issued_max_age"])
         engine = cls(parse_rules(text, meta["rules_source"]), **options)
         tables = {}
-        for name in ("profiles", "issued", "goals"):
+        for name in ("profiles", "issued"):
             with pa.memory_map(str(directory / f"{name}.arrow")) as source:
                 tables[name] = ipc.open_file(source).read_all()
         engine.load_profiles(ProfileStore(tables["profiles"], meta["profiles_source"]))
@@ -283,7 +276,6 @@ class Engine:
         try:
             engine._kernel.import_state(state)
             engine._outcomes[:] = state["outcomes"]
-            engine._goals.load(tables["goals"], state["goal_conversions"])
             engine._paused = state["paused_seen"].astype(np.uint8)
         except KeyError as exc:
             raise ValueError(f"{directory}: checkpoint state lacks array {exc.args[0]!r}") from None

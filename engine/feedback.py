@@ -1,4 +1,4 @@
-"""What the engine remembers of its instructions, to learn from what follows them.
+"""What the engine remembers of its instructions, to apply channel feedback.
 
 `IssuedInstructions` maps an instruction id back to (rule, msisdn, ts,
 holdout) so that channel feedback (SPEC section 6), which names only the id,
@@ -8,15 +8,6 @@ newest instruction's ts; feedback for an id no longer (or never) held is
 counted as unknown and changes nothing.  It is columnar: an id is kept as the
 two 64-bit hashes its hex digits spell (no Python object per instruction), in
 a few sorted runs (class docstring).
-
-`GoalTracker` attributes goal events (a rule's `goal`, seen in the normal
-feed) to the instructions before them: the earliest open instruction of the
-rule for the subscriber with ts in [ts_goal - within, ts_goal), once,
-treated and holdout alike.  It holds the instructions of rules with a goal
-until their window has passed.
-
-GoalTracker works per instruction of a rule with a goal and per goal event of
-a subscriber with open instructions, never per event of the feed.
 """
 
 from __future__ import annotations
@@ -172,82 +163,3 @@ class IssuedInstructions:
         """What a checkpoint needs besides the table."""
         self._flush()
         return {"added": self._added, "newest": self._newest}
-
-
-class GoalTracker:
-    """Open instructions of rules with a goal, and the conversions they have had."""
-
-    def __init__(self, within: dict[int, int], n_rules: int):
-        self.within = within  # rule index -> goal window, ms
-        self.has_goal = np.zeros(n_rules, np.bool_)
-        self.has_goal[list(within)] = True
-        self.open: dict[tuple[int, int], list[list[int]]] = {}  # (rule, msisdn) -> [[ts, holdout, converted]]
-        self.tracked = np.zeros(0, np.int64)  # msisdns with open instructions (sorted; may hold closed ones)
-        self.conversions = np.zeros((n_rules, 2), np.int64)  # [:, 0] treated, [:, 1] holdout
-        self._size_at_prune = 1024
-
-    def observe(self, rows: np.ndarray, rules: np.ndarray, msisdn: np.ndarray, ts: np.ndarray, holdout: np.ndarray,
-                goal_rows: np.ndarray, goal_rules: np.ndarray, event_msisdn: np.ndarray, event_ts: np.ndarray) -> None:
-        """One batch: its instructions (kernel order) and its goal matches, taken together in row order."""
-        if not self.within:
-            return
-        mine = np.flatnonzero(self.has_goal[rules])
-        if len(mine):
-            new = np.unique(msisdn[mine])
-            at = np.searchsorted(self.tracked, new)
-            fresh = at == len(self.tracked)
-            if len(self.tracked):
-                fresh |= self.tracked[np.minimum(at, len(self.tracked) - 1)] != new
-            self.tracked = np.insert(self.tracked, at[fresh], new[fresh])
-        if len(goal_rows) and len(self.tracked):
-            # Only goal events of subscribers with open instructions reach the Python loop.
-            goal_msisdn = event_msisdn[goal_rows]
-            at = np.minimum(np.searchsorted(self.tracked, goal_msisdn), len(self.tracked) - 1)
-            keep = self.tracked[at] == goal_msisdn
-            goal_rows, goal_rules = goal_rows[keep], goal_rules[keep]
-        else:
-            goal_rows = goal_rows[:0]
-        if not len(mine) and not len(goal_rows):
-            return
-        # Row order; at one row an instruction (ts equal) can never be converted by that row's goal event.
-        steps = sorted(
-            [(int(rows[k]), 0, int(k)) for k in mine]
-            + [(int(g), 1, int(r)) for g, r in zip(goal_rows, goal_rules, strict=True)]
-        )
-        for row, is_goal, which in steps:
-            if not is_goal:
-                self.open.setdefault((int(rules[which]), int(msisdn[which])), []).append(
-                    [int(ts[which]), int(holdout[which]), 0])
-                continue
-            t = int(event_ts[row])
-            for entry in self.open.get((which, int(event_msisdn[row])), ()):
-                if not entry[2] and entry[0] < t <= entry[0] + self.within[which]:
-                    entry[2] = 1
-                    self.conversions[which, entry[1]] += 1
-                    break
-        if len(self.open) > 2 * self._size_at_prune and len(event_ts):
-            self.prune(int(event_ts.max()))
-
-    def prune(self, now: int) -> None:
-        """Forget instructions whose window ended before `now` or that have converted."""
-        for key in list(self.open):
-            left = [e for e in self.open[key] if not e[2] and e[0] + self.within[key[0]] >= now]
-            if left:
-                self.open[key] = left
-            else:
-                del self.open[key]
-        self.tracked = np.unique(np.fromiter((m for _, m in self.open), np.int64, len(self.open)))
-        self._size_at_prune = max(len(self.open), 1024)
-
-    def to_table(self) -> pa.Table:
-        rows = [(rule, m, *entry) for (rule, m), entries in self.open.items() for entry in entries]
-        names = ("rule", "msisdn", "ts", "holdout", "converted")
-        columns = list(zip(*rows, strict=True)) if rows else [[]] * 5
-        return pa.table({name: pa.array(col, pa.int64()) for name, col in zip(names, columns, strict=True)})
-
-    def load(self, table: pa.Table, conversions: np.ndarray) -> None:
-        self.open = {}
-        for rule, m, t, h, c in zip(*(table.column(n).to_pylist() for n in table.column_names), strict=True):
-            self.open.setdefault((rule, m), []).append([t, h, c])
-        self.tracked = np.unique(np.fromiter((m for _, m in self.open), np.int64, len(self.open)))
-        self.conversions = np.array(conversions, np.int64).reshape(self.conversions.shape)

@@ -359,3 +359,21 @@ def test_uplift_is_treated_minus_holdout_conversion(make):
     assert rates["conversion"] == 1.0
     assert rates["holdout_conversion"] == (len(held) // 4) / len(held)
     assert rates["uplift"] == pytest.approx(1.0 - (len(held) // 4) / len(held))
+
+
+def test_goal_records_are_recycled_when_windows_close():
+    """Thousands of open instructions: the kernel's record pool sweeps closed windows and still agrees."""
+    text = rule("a", goal='{ on = "recharge", within = "1h" }') + rule("b", on="sms_out", holdout="0.5",
+                                                                       goal='{ on = "recharge", within = "3h" }')
+    rows = []
+    for i in range(5000):
+        t = i * 10 * S
+        rows.append(ev(t, 1000 + i % 1500, kind=CALL if i % 3 else 2))
+        if i % 7 == 0:
+            rows.append(ev(t + 5 * S, 1000 + (i * 13) % 1500, kind=6))
+    kernel, reference = Engine.from_text(text), ReferenceEngine(parse_rules(text))
+    for start in range(0, len(rows), 997):
+        part = make_batch(rows[start:start + 997])
+        assert kernel.process(part).equals(reference.process(part))
+    assert kernel.stats()["rules"] == reference.stats()["rules"]
+    assert kernel.stats()["rules"]["a"]["goal"]["treated"] > 50

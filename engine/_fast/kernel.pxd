@@ -72,6 +72,7 @@ cdef class Kernel:
     cdef int64_t* holdout_threshold   # per rule: holdout iff 53-bit hash < this
     cdef uint64_t* holdout_seed
     cdef int64_t* max_per_hour    # per rule: guardrail, 0 = none
+    cdef int64_t* goal_within     # per rule: goal window in ms, 0 = no goal
 
     # -- contact policy state ------------------------------------------------------
     cdef int32_t* sub_profile     # per subscriber: profile row + 1, -1 none, 0 not looked up yet
@@ -87,6 +88,17 @@ cdef class Kernel:
     cdef int64_t* guard_head
     cdef int64_t* guard_count
     cdef uint8_t* paused          # per rule: paused by its guardrail
+    # Open instructions of rules with a goal: per (subscriber, rule) a chain of
+    # records in issue order; goal_open maps the pair to its first record + 1
+    # (0: none).  Records live in a pool with a free list.
+    cdef Map goal_open
+    cdef int64_t* rec_ts          # the instruction's trigger ts
+    cdef int64_t* rec_next        # next record of the chain (or of the free list), -1 none
+    cdef uint8_t* rec_flags       # bit 0: holdout
+    cdef int64_t rec_capacity
+    cdef int64_t rec_used         # records ever handed out; below it, in a chain or on the free list
+    cdef int64_t rec_free         # first free record, -1 none
+    cdef int64_t goal_clock       # largest ts goal bookkeeping has seen
 
     # -- counters per rule -------------------------------------------------------
     cdef int64_t* matched
@@ -101,7 +113,8 @@ cdef class Kernel:
     cdef int64_t* stopped_capped
     cdef int64_t* holdout
     cdef int64_t* sent_channel    # [rule * n_channels + channel]: treated instructions
-    cdef Py_ssize_t n_goal_out    # goal pairs the last process_columns wrote
+    cdef int64_t* goal_treated    # conversions of treated instructions
+    cdef int64_t* goal_holdout    # conversions of holdout instructions
 
     # -- scratch reused by every batch -----------------------------------------
     cdef uint8_t* regs            # n_regs registers of CHUNK bytes
@@ -139,7 +152,11 @@ cdef class Kernel:
     cdef int64_t local_day(self, int64_t u) noexcept nogil
     cdef int64_t next_allowed(self, int64_t ts, uint8_t days) noexcept nogil
     cdef int prune_caps(self) except -1 nogil
+    cdef int64_t find_subscriber(self, int64_t msisdn) noexcept nogil
+    cdef int64_t record_alloc(self) except -1 nogil
+    cdef int sweep_goals(self) except -1 nogil
+    cdef int goal_issue(self, int64_t sub, Py_ssize_t rule, int64_t ts, bint holdout) except -1 nogil
+    cdef void goal_event(self, int64_t sub, Py_ssize_t rule, int64_t ts) noexcept nogil
     cdef Py_ssize_t process_columns(self, const Column* cols, Py_ssize_t n,
                                     int64_t* out_row, int32_t* out_rule, int32_t* out_channel,
-                                    int64_t* out_not_before, uint8_t* out_holdout,
-                                    int64_t* out_goal_row, int32_t* out_goal_rule) except -1 nogil
+                                    int64_t* out_not_before, uint8_t* out_holdout) except -1 nogil

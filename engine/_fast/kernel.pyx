@@ -510,6 +510,9 @@ cdef class Kernel:
         self.holdout_threshold = <int64_t*>checked_alloc(n * sizeof(int64_t))
         self.holdout_seed = <uint64_t*>checked_alloc(n * sizeof(uint64_t))
         self.max_per_hour = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.goal_within = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.goal_treated = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.goal_holdout = <int64_t*>checked_alloc(n * sizeof(int64_t))
         self.guard_ts = <int64_t**>checked_alloc(n * sizeof(int64_t*))
         self.guard_head = <int64_t*>checked_alloc(n * sizeof(int64_t))
         self.guard_count = <int64_t*>checked_alloc(n * sizeof(int64_t))
@@ -542,6 +545,7 @@ cdef class Kernel:
         cdef const int64_t[::1] holdout_threshold = program["holdout_threshold"]
         cdef const uint64_t[::1] holdout_seed = program["holdout_seed"]
         cdef const int64_t[::1] max_per_hour = program["max_per_hour"]
+        cdef const int64_t[::1] goal_within = program["goal_within"]
         cdef const int64_t[::1] zone_start = program["zone_start"]
         cdef const int64_t[::1] zone_offset = program["zone_offset"]
         self.n_channels = program["n_channels"]
@@ -594,7 +598,8 @@ cdef class Kernel:
             self.holdout_threshold[r] = holdout_threshold[r]
             self.holdout_seed[r] = holdout_seed[r]
             self.max_per_hour[r] = max_per_hour[r]
-            if not (-1 <= goal_of[r] < n and 0 <= chan_begin[r] <= chan_end[r] <= chan_list.shape[0]
+            self.goal_within[r] = goal_within[r]
+            if not (goal_within[r] >= 0 and -1 <= goal_of[r] < n and 0 <= chan_begin[r] <= chan_end[r] <= chan_list.shape[0]
                     and (goal_of[r] >= 0 or chan_end[r] > chan_begin[r])
                     and 0 <= max_per_hour[r] <= 1000000 and 0 <= holdout_threshold[r] <= 9007199254740992):
                 raise ValueError(f"malformed program for rule {r}")
@@ -664,6 +669,10 @@ cdef class Kernel:
         self.caps.entries = <Entry*>checked_big_alloc(64 * sizeof(Entry))
         self.caps.capacity = 64
         self.policy_clock = NO_TS
+        self.goal_open.entries = <Entry*>checked_big_alloc(64 * sizeof(Entry))
+        self.goal_open.capacity = 64
+        self.rec_free = -1
+        self.goal_clock = NO_TS
         self.sent_channel = <int64_t*>checked_alloc(n * self.n_channels * sizeof(int64_t))
         self.table_capacity = 2
         while self.table_capacity < 2 * self.sub_capacity:
@@ -701,6 +710,9 @@ cdef class Kernel:
         free(self.holdout); free(self.sent_channel); free(self.zone_start); free(self.zone_offset)
         free(self.prof_msisdn); free(self.prof_allowed); free(self.prof_flags); free(self.prof_days)
         big_free(self.blocks.entries, self.blocks.capacity * sizeof(Entry))
+        big_free(self.goal_open.entries, self.goal_open.capacity * sizeof(Entry))
+        free(self.goal_within); free(self.goal_treated); free(self.goal_holdout)
+        free(self.rec_ts); free(self.rec_next); free(self.rec_flags)
         big_free(self.caps.entries, self.caps.capacity * sizeof(Entry))
 
     cdef bint _op_is_valid(self, Op op, Py_ssize_t n_constants):
@@ -933,6 +945,122 @@ cdef class Kernel:
             map_rehash(&self.caps, 2 * self.caps.capacity)
         return 0
 
+    cdef int64_t find_subscriber(self, int64_t msisdn) noexcept nogil:
+        """Dense id of msisdn, -1 if the kernel has never seen it."""
+        cdef int64_t mask = self.table_capacity - 1
+        cdef int64_t h = <int64_t>(mix64(<uint64_t>msisdn) & <uint64_t>mask)
+        while self.table[h].msisdn != 0:
+            if self.table[h].msisdn == msisdn:
+                return self.table[h].id
+            h = (h + 1) & mask
+        return -1
+
+    # -- goals ---------------------------------------------------------------------
+
+    cdef int64_t record_alloc(self) except -1 nogil:
+        """A free goal record: from the free list, else after a sweep, else a larger pool."""
+        cdef int64_t i, capacity
+        if self.rec_free < 0 and self.rec_used == self.rec_capacity and self.rec_capacity:
+            self.sweep_goals()
+        if self.rec_free >= 0:
+            i = self.rec_free
+            self.rec_free = self.rec_next[i]
+            return i
+        if self.rec_used == self.rec_capacity:
+            capacity = max(2 * self.rec_capacity, 1024)
+            self.rec_ts = <int64_t*>checked_realloc(self.rec_ts, capacity * sizeof(int64_t))
+            self.rec_next = <int64_t*>checked_realloc(self.rec_next, capacity * sizeof(int64_t))
+            self.rec_flags = <uint8_t*>checked_realloc(self.rec_flags, capacity)
+            self.rec_capacity = capacity
+        self.rec_used += 1
+        return self.rec_used - 1
+
+    cdef int sweep_goals(self) except -1 nogil:
+        """Free the records whose goal window closed before goal_clock.
+
+        Events in event-time order never reach back past goal_clock, so what
+        is freed could not convert again; a late goal event may miss it.
+        """
+        cdef int64_t i, j, prev, nxt, rule
+        cdef Entry* e
+        for i in range(self.goal_open.capacity):
+            e = &self.goal_open.entries[i]
+            if e.key == 0 or e.value == 0:
+                continue
+            rule = e.key % (self.n_rules + 1)
+            prev = -1
+            j = e.value - 1
+            while j >= 0:
+                nxt = self.rec_next[j]
+                if self.rec_ts[j] + self.goal_within[rule] < self.goal_clock:
+                    if prev < 0:
+                        e.value = nxt + 1
+                    else:
+                        self.rec_next[prev] = nxt
+                    self.rec_next[j] = self.rec_free
+                    self.rec_free = j
+                else:
+                    prev = j
+                j = nxt
+        return 0
+
+    cdef int goal_issue(self, int64_t sub, Py_ssize_t rule, int64_t ts, bint holdout) except -1 nogil:
+        """Open an instruction of a rule with a goal, at the end of its subscriber's chain."""
+        cdef int64_t i = self.record_alloc(), j
+        cdef Entry* e
+        self.rec_ts[i] = ts
+        self.rec_flags[i] = holdout
+        self.rec_next[i] = -1
+        if ts > self.goal_clock:
+            self.goal_clock = ts
+        e = map_insert(&self.goal_open, (sub + 1) * (self.n_rules + 1) + rule, 0)
+        if e.value == 0:
+            e.value = i + 1
+        else:
+            j = e.value - 1
+            while self.rec_next[j] >= 0:
+                j = self.rec_next[j]
+            self.rec_next[j] = i
+        return 0
+
+    cdef void goal_event(self, int64_t sub, Py_ssize_t rule, int64_t ts) noexcept nogil:
+        """A goal event converts the earliest open instruction with ts in [t - W, t), once.
+
+        Records whose window closed before ts are freed on the way: in
+        event-time order no later goal event could convert them.
+        """
+        cdef Entry* e = NULL
+        cdef int64_t j, prev = -1, nxt
+        cdef bint convert
+        if ts > self.goal_clock:
+            self.goal_clock = ts
+        if sub < 0:
+            return
+        e = map_find(&self.goal_open, (sub + 1) * (self.n_rules + 1) + rule)
+        if e == NULL:
+            return
+        j = e.value - 1
+        while j >= 0:
+            nxt = self.rec_next[j]
+            convert = self.rec_ts[j] < ts <= self.rec_ts[j] + self.goal_within[rule]
+            if convert or self.rec_ts[j] + self.goal_within[rule] < ts:
+                if convert:
+                    if self.rec_flags[j] & 1:
+                        self.goal_holdout[rule] += 1
+                    else:
+                        self.goal_treated[rule] += 1
+                if prev < 0:
+                    e.value = nxt + 1
+                else:
+                    self.rec_next[prev] = nxt
+                self.rec_next[j] = self.rec_free
+                self.rec_free = j
+                if convert:
+                    return
+            else:
+                prev = j
+            j = nxt
+
     # -- the two phases ----------------------------------------------------------
 
     cdef void run_where(self, Py_ssize_t rule, const Column* cols, Py_ssize_t base,
@@ -1034,9 +1162,8 @@ cdef class Kernel:
 
     cdef Py_ssize_t process_columns(self, const Column* cols, Py_ssize_t n,
                                     int64_t* out_row, int32_t* out_rule, int32_t* out_channel,
-                                    int64_t* out_not_before, uint8_t* out_holdout,
-                                    int64_t* out_goal_row, int32_t* out_goal_rule) except -1 nogil:
-        cdef Py_ssize_t base, m, i, j, k, r, g, cnt, n_out = 0, n_pairs, n_surv, n_goal = 0
+                                    int64_t* out_not_before, uint8_t* out_holdout) except -1 nogil:
+        cdef Py_ssize_t base, m, i, j, k, r, g, cnt, n_out = 0, n_pairs, n_surv
         cdef int32_t p, best, prow, channel
         cdef int64_t msisdn, until, not_before, day, month, ring_at
         cdef uint64_t allowed
@@ -1128,9 +1255,8 @@ cdef class Kernel:
                     r = self.pair_rule[p]
                     p = self.pair_next[p]
                     if self.goal_of[r] >= 0:
-                        out_goal_row[n_goal] = g
-                        out_goal_rule[n_goal] = self.goal_of[r]
-                        n_goal += 1
+                        self.goal_event(sub if self.row_stateful[i] else self.find_subscriber(msisdn),
+                                        self.goal_of[r], ts)
                         continue
                     match = 1
                     if self.cond[r] == COND_COUNT:
@@ -1262,6 +1388,8 @@ cdef class Kernel:
                     self.sent_channel[best * self.n_channels + channel] += 1
                 if self.width[best]:
                     self.state_row(best, sub)[0] = ts
+                if self.goal_within[best]:
+                    self.goal_issue(sub, best, ts, in_holdout)
                 out_row[n_out] = g
                 out_rule[n_out] = best
                 out_channel[n_out] = channel
@@ -1269,26 +1397,25 @@ cdef class Kernel:
                 out_holdout[n_out] = in_holdout
                 n_out += 1
             base += m
-        self.n_goal_out = n_goal
         return n_out
 
     # -- Python interface ----------------------------------------------------------
 
     def process(self, tuple columns, Py_ssize_t n):
-        """Match one batch and apply the contact policy; returns the instructions and goal matches.
+        """Match one batch and apply the contact policy; returns its instructions.
 
         `columns` are the batch's canonical columns (engine.schema.EVENT_COLUMNS
         order, typed as column_dtypes(), C-contiguous, None for an absent
         optional column); the arrays may be read-only.  The caller guarantees
         msisdn > 0 (engine.schema.validate_events checks it).
 
-        Returns (rows, rules, channels, not_before, holdout, goal_rows,
-        goal_rules): per instruction, in row order, its event row, rule,
-        channel code, not_before and holdout flag (at most one per event);
-        then each event that passed a rule's goal filter, with that rule.
+        Returns (rows, rules, channels, not_before, holdout): per instruction,
+        in row order, its event row, rule, channel code, not_before and
+        holdout flag.  At most one instruction per event, so n rows of output
+        space always suffice.
         """
         cdef Column cols[12]
-        cdef Py_ssize_t i, n_out, n_goal_rules = 0
+        cdef Py_ssize_t i, n_out
         if len(columns) != N_COLUMNS:
             raise ValueError(f"expected {N_COLUMNS} columns, got {len(columns)}")
         for i in (TS_COLUMN, MSISDN_COLUMN, KIND_COLUMN):
@@ -1296,24 +1423,18 @@ cdef class Kernel:
                 raise ValueError(f"column {i} is required")
         for i in range(N_COLUMNS):
             cols[i] = as_column(columns[i], COLUMN_LAYOUT[i], n)
-        for i in range(self.n_rules):
-            n_goal_rules += self.goal_of[i] >= 0
         rows = np.empty(n, dtype=np.int64)
         rules = np.empty(n, dtype=np.int32)
         channels = np.empty(n, dtype=np.int32)
         not_before = np.empty(n, dtype=np.int64)
         holdout = np.empty(n, dtype=np.uint8)
-        goal_rows = np.empty(max(n * n_goal_rules, 1), dtype=np.int64)
-        goal_rules = np.empty(max(n * n_goal_rules, 1), dtype=np.int32)
         cdef int64_t[::1] out_row = rows
         cdef int32_t[::1] out_rule = rules
         cdef int32_t[::1] out_channel = channels
         cdef int64_t[::1] out_not_before = not_before
         cdef uint8_t[::1] out_holdout = holdout
-        cdef int64_t[::1] out_goal_row = goal_rows
-        cdef int32_t[::1] out_goal_rule = goal_rules
         if n == 0:
-            return rows, rules, channels, not_before, holdout.view(np.bool_), goal_rows[:0], goal_rules[:0]
+            return rows, rules, channels, not_before, holdout.view(np.bool_)
         cdef Py_ssize_t bad = first_out_of_range(cols, n)
         if bad >= 0:
             # msisdn 0 is the hash table's empty marker and ts < 0 could
@@ -1321,9 +1442,8 @@ cdef class Kernel:
             raise ValueError(f"row {bad}: msisdn must be > 0 and ts >= 0 (validate_events checks both)")
         with nogil:
             n_out = self.process_columns(cols, n, &out_row[0], &out_rule[0], &out_channel[0],
-                                         &out_not_before[0], &out_holdout[0], &out_goal_row[0], &out_goal_rule[0])
-        return (rows[:n_out], rules[:n_out], channels[:n_out], not_before[:n_out],
-                holdout[:n_out].view(np.bool_), goal_rows[:self.n_goal_out], goal_rules[:self.n_goal_out])
+                                         &out_not_before[0], &out_holdout[0])
+        return rows[:n_out], rules[:n_out], channels[:n_out], not_before[:n_out], holdout[:n_out].view(np.bool_)
 
     def set_profiles(self, const int64_t[::1] msisdn, const uint64_t[::1] allowed, const uint8_t[::1] flags,
                      const uint8_t[::1] days):
@@ -1402,6 +1522,8 @@ cdef class Kernel:
             "stopped_no_channel": self._copy_i64(self.stopped_no_channel, self.n_rules),
             "stopped_capped": self._copy_i64(self.stopped_capped, self.n_rules),
             "holdout": self._copy_i64(self.holdout, self.n_rules),
+            "goal_treated": self._copy_i64(self.goal_treated, self.n_rules),
+            "goal_holdout": self._copy_i64(self.goal_holdout, self.n_rules),
             "sent_channel": self._copy_i64(self.sent_channel, self.n_rules * self.n_channels).reshape(
                 self.n_rules, self.n_channels),
         }
@@ -1411,7 +1533,8 @@ cdef class Kernel:
         cdef int64_t total = self.table_capacity * sizeof(Bucket)
         cdef Py_ssize_t r
         total += self.sub_capacity * (sizeof(int64_t) + sizeof(int32_t) + self.n_stateful * sizeof(int32_t))
-        total += (self.blocks.capacity + self.caps.capacity) * sizeof(Entry)
+        total += (self.blocks.capacity + self.caps.capacity + self.goal_open.capacity) * sizeof(Entry)
+        total += self.rec_capacity * (2 * sizeof(int64_t) + sizeof(uint8_t))
         for r in range(self.n_rules):
             total += self.state_capacity[r] * self.width[r] * sizeof(int64_t)
         return total
@@ -1458,6 +1581,17 @@ cdef class Kernel:
             for i in range(self.guard_count[r]):
                 guard.append((r, self.guard_ts[r][(self.guard_head[r] + i) % self.max_per_hour[r]]))
         state["guard"] = np.array(guard, dtype=np.int64).reshape(-1, 2)
+        # Open goal records, chain by chain in issue order: (key, ts, flags).
+        records = []
+        cdef int64_t j
+        for i in range(self.goal_open.capacity):
+            if self.goal_open.entries[i].key != 0:
+                j = self.goal_open.entries[i].value - 1
+                while j >= 0:
+                    records.append((self.goal_open.entries[i].key, self.rec_ts[j], self.rec_flags[j]))
+                    j = self.rec_next[j]
+        state["goal_records"] = np.array(records, dtype=np.int64).reshape(-1, 3)
+        state["goal_clock"] = np.array([self.goal_clock], dtype=np.int64)
         return state
 
     def import_state(self, dict state):
@@ -1543,6 +1677,16 @@ cdef class Kernel:
                 raise ValueError("guardrail state is malformed")
             self.guard_ts[r][self.guard_count[r]] = t
             self.guard_count[r] += 1
+        records = np.asarray(state["goal_records"], dtype=np.int64).reshape(-1, 3)
+        for key, t, flags in records.tolist():
+            rule = key % (self.n_rules + 1)
+            if not (self.n_rules + 1 <= key < (n + 1) * (self.n_rules + 1) and rule < self.n_rules
+                    and self.goal_within[rule] and 0 <= flags <= 1):
+                raise ValueError("goal state is malformed")
+            self.goal_issue(key // (self.n_rules + 1) - 1, rule, t, flags)
+        self.goal_clock = int(np.asarray(state["goal_clock"], dtype=np.int64)[0])
+        self._load_counter(state, "goal_treated", self.goal_treated)
+        self._load_counter(state, "goal_holdout", self.goal_holdout)
 
     cdef _load_map(self, Map* m, object keys, object values, int64_t n_subs, int64_t per_sub):
         """Fill an empty map from export_state's arrays; every key must name a known subscriber."""
