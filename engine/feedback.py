@@ -57,7 +57,7 @@ class IssuedInstructions:
     """
 
     def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, max_age: int = DEFAULT_MAX_AGE,
-                 run_size: int = 4096):
+                 run_size: int = 65536):
         if max_entries < 1 or max_age < 0 or run_size < 1:
             raise ValueError("max_entries and run_size must be positive and max_age non-negative")
         self.max_entries = max_entries
