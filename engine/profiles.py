@@ -146,6 +146,8 @@ class ProfileStore:
 
     def get(self, msisdn: int) -> dict:
         """One subscriber's profile as Python values, null fields left out; {} when unknown."""
+        if not len(self.msisdn):
+            return {}
         row = int(self.rows(np.array([msisdn]))[0])
         if row < 0:
             return {}

@@ -199,7 +199,7 @@ class ReferenceEngine:
                         entry[2] = 1
                         self.counters["goal_holdout" if entry[1] else "goal_treated"][r] += 1
                         break
-        profile = self.profile(msisdn)
+        profile = None  # looked up on the first match: most events match nothing
         survivors = []
         for r, rule in enumerate(rules):
             if event["kind"] not in rule.on:
@@ -212,6 +212,8 @@ class ReferenceEngine:
             if r in self.paused:
                 self.stop(r, "paused")
                 continue
+            if profile is None:
+                profile = self.profile(msisdn)
             if profile.get("opt_out") or msisdn in self.opted_out:
                 self.stop(r, "opt_out")
                 continue
@@ -232,6 +234,7 @@ class ReferenceEngine:
             if r != winner:
                 self.stop(r, "arbitrated")
         rule = rules[winner]
+        profile = self.profile(msisdn) if profile is None else profile
         refused = set(profile.get("opt_out_channels", ()))
         accepted = profile.get("channels")
         choice = [c for c in rule.channels if c not in refused and (accepted is None or c in accepted)]
