@@ -101,7 +101,7 @@ def run_kernel(program: dict, validated: list) -> tuple[float, int]:
     clock = time.perf_counter
     started = clock()
     for cols in validated:
-        rows, _ = kernel.process(cols.columns, cols.n)
+        rows = kernel.process(cols.columns, cols.n)[0]
         produced += len(rows)
     return clock() - started, produced
 
@@ -299,10 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     say(f"  output     {stats['instructions']:,} instructions ({stats['instructions'] / n_events:.2%} of events; "
         f"kernel alone: {kernel_out:,}), {stats['subscribers']:,} subscribers with state, "
         f"state {stats['state_bytes'] / 2**20:,.1f} MiB")
-    say("\n  rule                    matched       sent   cooldown  arbitrated")
+    say("\n  rule                    matched       sent    holdout   cooldown  arbitrated     capped")
     for rule_id, c in stats["rules"].items():
-        say(f"  {rule_id:<20} {c['matched']:>10,} {c['sent']:>10,} {c['stopped']['cooldown']:>10,} "
-            f"{c['stopped']['arbitrated']:>11,}")
+        say(f"  {rule_id:<20} {c['matched']:>10,} {c['sent']:>10,} {c['holdout']:>10,} "
+            f"{c['stopped']['cooldown']:>10,} {c['stopped']['arbitrated']:>11,} {c['stopped']['capped']:>10,}")
 
     if args.json:
         result = {

@@ -1,8 +1,9 @@
 """Kairos: a real-time event engine for telecom marketing.
 
     from engine import Engine
-    eng = Engine.from_files("rules.toml")
+    eng = Engine.from_files("rules.toml", profiles="profiles.parquet")
     instructions = eng.process(batch)     # pyarrow.Table, SPEC section 5
+    eng.feedback(ids, outcomes, ts)       # channel outcomes, SPEC section 6
 
 The compiled kernel is required: importing this package fails loudly if the
 extension is not built, rather than falling back to slow Python.
@@ -14,6 +15,7 @@ import os
 
 from engine._fast.kernel import shard_of
 from engine.engine import Engine
+from engine.profiles import ProfileError, ProfileStore
 from engine.rules import RulesError, RuleSet, load_rules, parse_rules
 from engine.schema import (
     EVENT_COLUMNS,
@@ -33,6 +35,8 @@ __all__ = [
     "KIND_CODES",
     "BatchError",
     "Engine",
+    "ProfileError",
+    "ProfileStore",
     "RuleSet",
     "RulesError",
     "get_include",

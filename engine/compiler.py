@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.rules import And, Changed, Compare, Count, Expr, First, InSet, Not, Or, Prefix, Rule, RuleSet
+from engine.calendar import MINUTE_MS, zone_table
+from engine.policy import holdout_seed, holdout_threshold
+from engine.rules import And, Changed, Compare, Count, Expr, First, InSet, Not, Or, Prefix, RuleSet
 from engine.schema import COLUMN_INDEX
 
 # Mirrors engine/_fast/_types.pxd; tests/test_kernel_types.py checks the sizes.
@@ -127,16 +129,23 @@ class _ProgramBuilder:
         return dst
 
 
-def _kind_mask(rule: Rule) -> int:
+def _kind_mask(kinds: tuple[int, ...]) -> int:
     mask = 0
-    for code in rule.on:
+    for code in kinds:
         mask |= 1 << code
     return mask
 
 
 def compile_program(ruleset: RuleSet) -> dict[str, np.ndarray | int]:
-    """The kernel program of a rule set (see engine._fast.kernel.Kernel)."""
-    n = len(ruleset.rules)
+    """The kernel program of a rule set (see engine._fast.kernel.Kernel).
+
+    Rules keep their file order as kernel rules 0..n-1.  Each rule with a
+    `goal` adds a goal filter after them (goal_of = the rule's index): a
+    kernel rule with the goal's on + where and nothing else, whose passing
+    events convert the rule's open instructions instead of matching.
+    """
+    goals = [(r, rule.goal) for r, rule in enumerate(ruleset.rules) if rule.goal is not None]
+    n = len(ruleset.rules) + len(goals)
     builder = _ProgramBuilder()
     program: dict[str, np.ndarray | int] = {
         "kinds": np.zeros(n, np.uint32),
@@ -149,14 +158,19 @@ def compile_program(ruleset: RuleSet) -> dict[str, np.ndarray | int]:
         "cond_column": np.zeros(n, np.int32),
         "cooldown": np.zeros(n, np.int64),
         "priority": np.zeros(n, np.int32),
+        "goal_of": np.full(n, -1, np.int32),
     }
-    for r, rule in enumerate(ruleset.rules):
-        program["kinds"][r] = _kind_mask(rule)
+    filters = [(rule.on, rule.where) for rule in ruleset.rules] + [(goal.on, goal.where) for _, goal in goals]
+    for r, (kinds, where) in enumerate(filters):
+        program["kinds"][r] = _kind_mask(kinds)
         program["op_begin"][r] = len(builder.ops)
-        if rule.where is not None:
+        if where is not None:
             builder.start_rule()
-            program["result_reg"][r] = builder.emit(rule.where)
+            program["result_reg"][r] = builder.emit(where)
         program["op_end"][r] = len(builder.ops)
+    for k, (owner, _) in enumerate(goals):
+        program["goal_of"][len(ruleset.rules) + k] = owner
+    for r, rule in enumerate(ruleset.rules):
         cond = rule.condition
         program["cond"][r] = CONDITIONS[type(cond) if cond is not None else None]
         if isinstance(cond, Count):
@@ -168,9 +182,47 @@ def compile_program(ruleset: RuleSet) -> dict[str, np.ndarray | int]:
             program["cond_column"][r] = COLUMN_INDEX[cond.column]
         program["cooldown"][r] = rule.cooldown
         program["priority"][r] = rule.priority
+    program.update(_policy_program(ruleset, n))
     program["ops"] = np.array(builder.ops, dtype=OP_DTYPE) if builder.ops else np.zeros(0, OP_DTYPE)
     program["n_regs"] = builder.max_regs
     program["n_lists"] = builder.max_lists
     program["constants"] = np.array(builder.constants, dtype=np.int64)
     program["constant_digits"] = np.array(builder.digits, dtype=np.int32)
     return program
+
+
+def _policy_program(ruleset: RuleSet, n: int) -> dict[str, np.ndarray | int]:
+    """Contact-policy arrays: channel codes, caps, quiet hours, contact days, zone, holdouts, guardrails."""
+    policy = ruleset.policy
+    codes = {name: code for code, name in enumerate(ruleset.channels)}
+    chan_begin, chan_end, chan_list = np.zeros(n, np.int32), np.zeros(n, np.int32), []
+    threshold, seed = np.zeros(n, np.int64), np.zeros(n, np.uint64)
+    max_per_hour, goal_within = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for r, rule in enumerate(ruleset.rules):
+        chan_begin[r] = len(chan_list)
+        chan_list.extend(codes[c] for c in rule.channels)
+        chan_end[r] = len(chan_list)
+        threshold[r] = holdout_threshold(rule.holdout)
+        seed[r] = holdout_seed(rule.id)
+        max_per_hour[r] = rule.max_per_hour
+        goal_within[r] = rule.goal.within if rule.goal is not None else 0
+    zone = zone_table(policy.timezone)
+    quiet_start, quiet_end = (-1, -1) if policy.quiet_hours is None else policy.quiet_hours
+    return {
+        "n_channels": len(codes),
+        "chan_begin": chan_begin,
+        "chan_end": chan_end,
+        "chan_list": np.array(chan_list, np.int32),
+        "active_mask": sum(1 << codes[c] for c in policy.active_channels),
+        "daily_cap": policy.daily_cap,
+        "monthly_cap": policy.monthly_cap,
+        "quiet_start": quiet_start * MINUTE_MS if quiet_start >= 0 else -1,
+        "quiet_end": quiet_end * MINUTE_MS if quiet_end >= 0 else -1,
+        "contact_days": sum(1 << (d - 1) for d in policy.contact_days),
+        "zone_start": zone.start,
+        "zone_offset": zone.offset,
+        "holdout_threshold": threshold,
+        "holdout_seed": seed,
+        "max_per_hour": max_per_hour,
+        "goal_within": goal_within,
+    }

@@ -8,20 +8,33 @@ in an Engine is global.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.ipc as ipc
 
 from engine._fast.kernel import Kernel
 from engine.compiler import compile_program
+from engine.feedback import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES, IssuedInstructions
 from engine.instructions import InstructionBuilder
+from engine.policy import FOREVER, OUTCOME_CODES, OUTCOMES, rule_report
+from engine.profiles import ProfileStore
 from engine.rules import Rule, RuleSet, load_rules, parse_rules
 from engine.schema import INSTRUCTION_SCHEMA, validate_events
 
-_CHECKPOINT_FORMAT = 1
+log = logging.getLogger("kairos.engine")
+
+_CHECKPOINT_FORMAT = 2
+_KERNEL_COUNTERS = (
+    "matched", "emitted", "holdout", "stopped_paused", "stopped_opt_out", "stopped_suppressed",
+    "stopped_decline_cooldown", "stopped_cooldown", "stopped_arbitrated", "stopped_no_channel", "stopped_capped",
+    "goal_treated", "goal_holdout",
+)
 # Subscribers the kernel's first allocation holds; it doubles as needed.
 DEFAULT_INITIAL_SUBSCRIBERS = 1 << 16
 
@@ -33,20 +46,52 @@ class Engine:
     releases the GIL, so Engines of different shards run in parallel).
     """
 
-    def __init__(self, ruleset: RuleSet, *, initial_subscribers: int = DEFAULT_INITIAL_SUBSCRIBERS):
+    def __init__(
+        self,
+        ruleset: RuleSet,
+        *,
+        profiles: str | os.PathLike | pa.Table | ProfileStore | None = None,
+        initial_subscribers: int = DEFAULT_INITIAL_SUBSCRIBERS,
+        issued_max_entries: int = DEFAULT_MAX_ENTRIES,
+        issued_max_age: int = DEFAULT_MAX_AGE,
+    ):
         self.ruleset = ruleset
         self._kernel = Kernel(compile_program(ruleset), initial_subscribers)
         self._builder = InstructionBuilder(ruleset)
+        self._channel_codes = {name: code for code, name in enumerate(ruleset.channels)}
         self._events = 0
         self._batches = 0
         self._instructions = 0
         # Event-time watermark: the largest ts seen or advanced to; never moves back.
         self._watermark = -1
+        n = len(ruleset.rules)
+        self._issued = IssuedInstructions(issued_max_entries, issued_max_age)
+        self._outcomes = np.zeros((n, len(OUTCOMES)), np.int64)
+        self._feedback = {"applied": 0, "unknown": 0, "invalid": 0}
+        self._pauses = 0
+        self._decline = np.array([rule.decline_cooldown for rule in ruleset.rules], np.int64)
+        self._guarded = any(rule.max_per_hour for rule in ruleset.rules)
+        self._paused = np.zeros(self._kernel.n_rules, np.uint8)
+        self.profiles = ProfileStore.empty()
+        if profiles is not None:
+            self.load_profiles(profiles)
 
     @classmethod
-    def from_files(cls, rules: str | os.PathLike, **options) -> Engine:
-        """An Engine over the rules file at `rules` (TOML, docs/rules.md)."""
-        return cls(load_rules(rules), **options)
+    def from_files(cls, rules: str | os.PathLike, profiles: str | os.PathLike | None = None, **options) -> Engine:
+        """An Engine over the rules file at `rules` (TOML, docs/rules.md) and optional profiles (engine.profiles)."""
+        return cls(load_rules(rules), profiles=profiles, **options)
+
+    def load_profiles(self, source: str | os.PathLike | pa.Table | ProfileStore) -> None:
+        """Replace the subscriber profiles (Parquet, Arrow IPC or CSV file, or an Arrow table).
+
+        Takes effect for every event processed after the call; a table that
+        cannot be used raises engine.ProfileError and leaves the current
+        profiles in place.
+        """
+        store = ProfileStore.load(source)
+        arrays = store.policy_arrays(self.ruleset.channels)
+        self._kernel.set_profiles(arrays["msisdn"], arrays["allowed"], arrays["flags"], arrays["days"])
+        self.profiles = store
 
     @classmethod
     def from_text(cls, text: str, source: str = "<string>", **options) -> Engine:
@@ -62,13 +107,81 @@ class Engine:
         in row order; instructions come out in the order of their events.
         """
         events = validate_events(batch)
-        rows, rules = self._kernel.process(events.columns, events.n)
+        rows, rules, channels, not_before, holdout = self._kernel.process(events.columns, events.n)
         if events.n:
             self._watermark = max(self._watermark, int(events["ts"].max()))
         self._events += events.n
         self._batches += 1
         self._instructions += len(rows)
-        return self._builder.build(events, rows, rules)
+        table = self._builder.build(events, rows, rules, channels, not_before, holdout)
+        if len(rows):
+            self._issued.add(table.column("id"), rules, events["msisdn"][rows], events["ts"][rows], holdout)
+        if self._guarded:
+            self._note_pauses()
+        return table
+
+    def _note_pauses(self) -> None:
+        paused = self._kernel.paused_rules()
+        for r in np.flatnonzero(paused > self._paused):
+            rule = self.ruleset.rules[r]
+            self._pauses += 1
+            log.warning("rule %r paused: more than %d instructions within an hour (guardrail max_per_hour); "
+                        "Engine.resume(%r) lifts the pause", rule.id, rule.max_per_hour, rule.id)
+        self._paused = paused
+
+    def resume(self, rule_id: str) -> None:
+        """Lift the guardrail pause of a rule; its count of instructions in the last hour starts from zero."""
+        ids = [rule.id for rule in self.ruleset.rules]
+        if rule_id not in ids:
+            raise KeyError(f"no rule {rule_id!r}")
+        self._kernel.resume(ids.index(rule_id))
+        self._paused = self._kernel.paused_rules()
+
+    def feedback(self, ids: str | Sequence[str] | pa.Array, outcomes: str | Sequence[str] | pa.Array,
+                 ts: int | Sequence[int] | np.ndarray) -> dict[str, int]:
+        """Apply channel feedback (SPEC section 6): one report, or a batch of equal-length columns.
+
+        `outcomes` are delivered, failed, accepted, declined, considering or
+        opt_out; `ts` the time of each report (ms, event time), or one time
+        for all.  accepted suppresses the rule for the subscriber for good,
+        declined for the rule's decline cooldown from `ts`, opt_out stops
+        all marketing to the subscriber; every outcome is counted per rule.
+        Feedback affects only events processed after this call.  An id not
+        in memory (engine.feedback) is counted as unknown, an outcome name
+        not in the list as invalid: neither is fatal, and the rest applies.
+        Returns the counts of applied, unknown and invalid reports.
+        """
+        ids = [ids] if isinstance(ids, str) else _pylist(ids)
+        outcomes = [outcomes] * len(ids) if isinstance(outcomes, str) else _pylist(outcomes)
+        times = [int(ts)] * len(ids) if np.ndim(ts) == 0 else [int(t) for t in _pylist(ts)]
+        if not len(ids) == len(outcomes) == len(times):
+            raise ValueError("feedback: ids, outcomes and ts differ in length")
+        result = {"applied": 0, "unknown": 0, "invalid": 0}
+        block_msisdn, block_rule, block_until = [], [], []
+        found, fields = self._issued.lookup(ids)
+        for k, (outcome, t) in enumerate(zip(outcomes, times, strict=True)):
+            code = OUTCOME_CODES.get(outcome)
+            if code is None:
+                result["invalid"] += 1
+                continue
+            if not found[k]:
+                result["unknown"] += 1
+                continue
+            rule, msisdn = int(fields["rule"][k]), int(fields["msisdn"][k])
+            result["applied"] += 1
+            self._outcomes[rule, code] += 1
+            if outcome == "accepted":
+                block_msisdn.append(msisdn), block_rule.append(rule), block_until.append(FOREVER)
+            elif outcome == "declined" and self._decline[rule] > 0:
+                block_msisdn.append(msisdn), block_rule.append(rule), block_until.append(t + int(self._decline[rule]))
+            elif outcome == "opt_out":
+                block_msisdn.append(msisdn), block_rule.append(-1), block_until.append(FOREVER)
+        if block_msisdn:
+            self._kernel.block(np.array(block_msisdn, np.int64), np.array(block_rule, np.int32),
+                               np.array(block_until, np.int64))
+        for key, value in result.items():
+            self._feedback[key] += value
+        return result
 
     @property
     def watermark(self) -> int:
@@ -90,80 +203,137 @@ class Engine:
 
         `rules` is a path or a parsed RuleSet.  A file that does not compile
         raises RulesError before anything changes: the old rules keep running.
-        A rule keeps its state (condition and cooldown history) when a rule of
-        the same id has the same kinds, filter (set contents included) and
-        condition; a rule whose definition changed starts fresh.  Template,
-        channels, priority, params and cooldown length may change without
-        losing state.  Counters continue per rule id.  The state moves as whole
-        arrays, a pause of about one checkpoint's copy.
+
+        A rule keeps its condition state (windows, last values) and cooldown
+        history when a rule of the same id has the same kinds, filter (set
+        contents included) and condition; a rule whose definition changed
+        starts fresh.  Template, channels, priority, params, cooldown length
+        and policy keys may change without losing that state.  What a
+        subscriber said about a rule stays with its id whatever changed:
+        acceptance, decline cooldowns, open goal windows (while the rule has
+        a goal), feedback to its earlier instructions, its guardrail count.
+        Opt-outs, caps, profiles and counters carry over.  The state moves as
+        whole arrays, a pause of about one checkpoint's copy.
 
         Returns the rule ids by fate: {"kept": [...], "fresh": [...], "removed": [...]}.
         """
         new_set = rules if isinstance(rules, RuleSet) else load_rules(rules)
+        old_rules, new_rules = self.ruleset.rules, new_set.rules
         new_kernel = Kernel(compile_program(new_set), max(self._kernel.n_subs, DEFAULT_INITIAL_SUBSCRIBERS))
-        old_state = self._kernel.export_state()
+        # The kernel numbers the file's rules, then one goal filter per rule with a goal (engine.compiler).
+        # source[r]: the old kernel index of new kernel rule r (a rule or goal of the same id), -1 for none;
+        # target: the reverse, with one more slot for "every rule" (opt-out) in the blocks map.
+        old_keys = _kernel_rule_keys(self.ruleset)
+        new_keys = _kernel_rule_keys(new_set)
+        n_old, n_new = len(old_keys), len(new_keys)
+        old_position = {key: r for r, key in enumerate(old_keys)}
+        source = np.array([old_position.get(key, -1) for key in new_keys], np.int64)
+        kept = source >= 0
+        target = np.full(n_old + 1, -1, np.int64)
+        target[source[kept]] = np.flatnonzero(kept)
+        target[n_old] = n_new
+
+        old = self._kernel.export_state()
         new_width = new_kernel.export_state()["width"]
-        old_index = {rule.id: r for r, rule in enumerate(self.ruleset.rules)}
-        n_subs = len(old_state["msisdn"])
-        old_stateful = np.cumsum(old_state["width"] > 0) - 1
+        old_stateful = np.cumsum(old["width"] > 0) - 1
         new_stateful = np.cumsum(new_width > 0) - 1
+        n_subs = len(old["msisdn"])
         state = {
-            "msisdn": old_state["msisdn"],
+            "msisdn": old["msisdn"],
             "width": new_width,
             "slots": np.full((n_subs, int((new_width > 0).sum())), -1, np.int32),
+            "caps.key": old["caps.key"], "caps.value": old["caps.value"],
+            "policy_clock": old["policy_clock"], "goal_clock": old["goal_clock"],
         }
-        counter_names = [name for name in old_state if name not in ("msisdn", "width", "slots")
-                         and not name.startswith("state.")]
-        for name in counter_names:
-            state[name] = np.zeros(len(new_set.rules), np.int64)
+        for name in [*(k for k in self._kernel.counters() if k != "sent_channel"), "paused"]:
+            state[name] = np.zeros(n_new, old[name].dtype)
+            state[name][kept] = old[name][source[kept]]
+        state["sent_channel"] = np.zeros((n_new, len(new_set.channels)), np.int64)
+        for c, channel in enumerate(new_set.channels):
+            if channel in self.ruleset.channels:
+                state["sent_channel"][kept, c] = old["sent_channel"][source[kept], self.ruleset.channels.index(channel)]
+
         fate: dict[str, list[str]] = {"kept": [], "fresh": [], "removed": []}
-        for r, rule in enumerate(new_set.rules):
-            old = old_index.get(rule.id)
-            if old is None:
-                fate["fresh"].append(rule.id)
-                if new_width[r]:
+        for r in range(n_new):
+            same = bool(kept[r]) and (r >= len(new_rules) or _same_definition(old_rules[source[r]], new_rules[r]))
+            if new_width[r]:
+                if same and old["width"][source[r]] == new_width[r]:
+                    state["slots"][:, new_stateful[r]] = old["slots"][:, old_stateful[source[r]]]
+                    state[f"state.{r}"] = old[f"state.{source[r]}"]
+                else:
+                    same = False
                     state[f"state.{r}"] = np.zeros(0, np.int64)
-                continue
-            for name in counter_names:
-                state[name][r] = old_state[name][old]
-            if not new_width[r]:
-                fate["kept" if _same_definition(self.ruleset.rules[old], rule) else "fresh"].append(rule.id)
-                continue
-            if _same_definition(self.ruleset.rules[old], rule) and old_state["width"][old] == new_width[r]:
-                state["slots"][:, new_stateful[r]] = old_state["slots"][:, old_stateful[old]]
-                state[f"state.{r}"] = old_state[f"state.{old}"]
-                fate["kept"].append(rule.id)
-            else:
-                state[f"state.{r}"] = np.zeros(0, np.int64)
-                fate["fresh"].append(rule.id)
-        new_ids = {rule.id for rule in new_set.rules}
-        fate["removed"] = [rule.id for rule in self.ruleset.rules if rule.id not in new_ids]
+            if r < len(new_rules):
+                fate["kept" if same else "fresh"].append(new_rules[r].id)
+        new_ids = {rule.id for rule in new_rules}
+        fate["removed"] = [rule.id for rule in old_rules if rule.id not in new_ids]
+
+        # Maps keyed by (subscriber, rule) as (sub + 1) * (kernel rules + 1) + rule: renumber the rule part.
+        def renumber(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            sub_part, rule_part = np.divmod(keys, n_old + 1)
+            renumbered = target[rule_part]
+            return sub_part * (n_new + 1) + renumbered, renumbered >= 0
+
+        keys, keep = renumber(old["blocks.key"])
+        state["blocks.key"], state["blocks.value"] = keys[keep], old["blocks.value"][keep]
+        records = old["goal_records"]
+        keys, keep = renumber(records[:, 0])
+        has_goal = np.array([r < len(new_rules) and new_rules[r].goal is not None for r in range(n_new + 1)])
+        keep &= has_goal[keys % (n_new + 1)]  # a rule that lost its goal drops its open goal windows
+        state["goal_records"] = np.column_stack([keys, records[:, 1:]])[keep]
+        # Guardrail: instruction times of the last hour per rule, oldest first; a lowered max_per_hour keeps the
+        # newest, none without a guardrail.
+        limit = [rule.max_per_hour for rule in new_rules] + [0] * (n_new - len(new_rules))
+        times: dict[int, list[int]] = {}
+        for old_rule, t in old["guard"].tolist():
+            r = int(target[old_rule])
+            if r >= 0 and limit[r]:
+                times.setdefault(r, []).append(t)
+        state["guard"] = np.array([(r, t) for r, ts in times.items() for t in ts[-limit[r]:]], np.int64).reshape(-1, 2)
+
         new_kernel.import_state(state)
+        arrays = self.profiles.policy_arrays(new_set.channels)
+        new_kernel.set_profiles(arrays["msisdn"], arrays["allowed"], arrays["flags"], arrays["days"])
+        # Feedback counts and issued instructions are numbered by the file's rules only.
+        n_rules = len(new_rules)
+        outcomes = np.zeros((n_rules, len(OUTCOMES)), np.int64)
+        outcomes[kept[:n_rules]] = self._outcomes[source[:n_rules][kept[:n_rules]]]
+        self._issued.renumber_rules(target[:len(old_rules)])
+
         self.ruleset = new_set
         self._kernel = new_kernel
         self._builder = InstructionBuilder(new_set)
+        self._channel_codes = {name: code for code, name in enumerate(new_set.channels)}
+        self._outcomes = outcomes
+        self._decline = np.array([rule.decline_cooldown for rule in new_rules], np.int64)
+        self._guarded = any(rule.max_per_hour for rule in new_rules)
+        self._paused = new_kernel.paused_rules()
         return fate
 
     def stats(self) -> dict:
-        """Totals and per-rule counters: matched, sent, and stops by reason."""
+        """Totals and per-rule figures: matches, instructions, stops by reason, feedback, goals, rates.
+
+        docs/policy.md explains every figure.
+        """
         counters = self._kernel.counters()
+        paused = self._kernel.paused_rules()
+        rules = {}
+        for r, rule in enumerate(self.ruleset.rules):
+            c = {name: int(counters[name][r]) for name in _KERNEL_COUNTERS}
+            c.update({outcome: int(self._outcomes[r, code]) for code, outcome in enumerate(OUTCOMES)})
+            by_channel = {ch: int(counters["sent_channel"][r, self._channel_codes[ch]]) for ch in rule.channels}
+            rules[rule.id] = rule_report(c, by_channel, bool(paused[r]))
         return {
             "events": self._events,
             "batches": self._batches,
             "instructions": self._instructions,
             "subscribers": self._kernel.n_subs,
             "state_bytes": self._kernel.memory_bytes(),
-            "rules": {
-                rule.id: {
-                    "matched": int(counters["matched"][r]),
-                    "sent": int(counters["emitted"][r]),
-                    "stopped": {
-                        "cooldown": int(counters["stopped_cooldown"][r]),
-                        "arbitrated": int(counters["stopped_arbitrated"][r]),
-                    },
-                }
-                for r, rule in enumerate(self.ruleset.rules)
-            },
+            "profiles": len(self.profiles),
+            "feedback": dict(self._feedback),
+            "issued_in_memory": len(self._issued),
+            "guardrail_pauses": self._pauses,
+            "rules": rules,
         }
 
     def checkpoint(self, directory: str | os.PathLike) -> None:
@@ -181,17 +351,27 @@ class Engine:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         with open(staging / "state.npz", "wb") as f:
-            np.savez(f, **self._kernel.export_state())
+            np.savez(f, **self._kernel.export_state(), outcomes=self._outcomes, paused_seen=self._paused)
         (staging / "rules.toml").write_text(self.ruleset.text, encoding="utf-8")
+        for name, table in (("profiles.arrow", self.profiles.table), ("issued.arrow", self._issued.to_table())):
+            with ipc.new_file(str(staging / name), table.schema) as writer:
+                writer.write_table(table)
         meta = {
             "format": _CHECKPOINT_FORMAT,
             "rules_source": self.ruleset.source,
+            "profiles_source": self.profiles.source,
             "events": self._events,
             "batches": self._batches,
             "instructions": self._instructions,
+            "feedback": self._feedback,
+            "guardrail_pauses": self._pauses,
+            "watermark": self._watermark,
+            "issued_max_entries": self._issued.max_entries,
+            "issued_max_age": self._issued.max_age,
+            "issued": self._issued.state,
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        for name in ("state.npz", "rules.toml", "meta.json"):
+        for name in ("state.npz", "rules.toml", "profiles.arrow", "issued.arrow", "meta.json"):
             _fsync(staging / name)
         _fsync(staging)
         if final.exists():
@@ -213,24 +393,51 @@ class Engine:
         if meta.get("format") != _CHECKPOINT_FORMAT:
             raise ValueError(f"{directory}: checkpoint format {meta.get('format')!r} is not {_CHECKPOINT_FORMAT}")
         text = (directory / "rules.toml").read_text(encoding="utf-8")
+        options.setdefault("issued_max_entries", meta["issued_max_entries"])
+        options.setdefault("issued_max_age", meta["issued_max_age"])
         engine = cls(parse_rules(text, meta["rules_source"]), **options)
+        tables = {}
+        for name in ("profiles", "issued"):
+            with pa.memory_map(str(directory / f"{name}.arrow")) as source:
+                tables[name] = ipc.open_file(source).read_all()
+        engine.load_profiles(ProfileStore(tables["profiles"], meta["profiles_source"]))
         # np.load given a path leaks the file when the archive is damaged;
         # owning the file object closes it on every path.
         with open(directory / "state.npz", "rb") as f, np.load(f) as arrays:
             state = {name: arrays[name] for name in arrays.files}
         try:
             engine._kernel.import_state(state)
+            engine._outcomes[:] = state["outcomes"]
+            engine._paused = state["paused_seen"].astype(np.uint8)
         except KeyError as exc:
             raise ValueError(f"{directory}: checkpoint state lacks array {exc.args[0]!r}") from None
+        engine._issued.load(tables["issued"], meta["issued"]["added"], meta["issued"]["newest"])
         engine._events = meta["events"]
         engine._batches = meta["batches"]
         engine._instructions = meta["instructions"]
+        engine._feedback = dict(meta["feedback"])
+        engine._pauses = meta["guardrail_pauses"]
+        engine._watermark = meta["watermark"]
         return engine
+
+
+def _kernel_rule_keys(ruleset: RuleSet) -> list[tuple[str, str]]:
+    """What each kernel rule is, in kernel order: the file's rules, then their goal filters (engine.compiler)."""
+    return [("rule", rule.id) for rule in ruleset.rules] + [
+        ("goal", rule.id) for rule in ruleset.rules if rule.goal is not None]
 
 
 def _same_definition(old: Rule, new: Rule) -> bool:
     """Whether a rule's state means the same under `new` as under `old`."""
     return (old.on, old.where, old.condition) == (new.on, new.where, new.condition)
+
+
+def _pylist(values) -> list:
+    if isinstance(values, pa.Array | pa.ChunkedArray):
+        return values.to_pylist()
+    if isinstance(values, np.ndarray):
+        return values.tolist()
+    return list(values)
 
 
 def _staging(final: Path) -> Path:

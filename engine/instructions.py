@@ -63,9 +63,7 @@ class InstructionBuilder:
     def __init__(self, ruleset: RuleSet):
         rules = ruleset.rules
         self.rule_ids = pa.array([r.id for r in rules], pa.string())
-        # Channel choice (SPEC section 4, step 5) lands with the contact policy;
-        # until then a rule's first channel is its channel.
-        self.channels = pa.array([r.channels[0] for r in rules], pa.string())
+        self.channels = pa.array(ruleset.channels, pa.string())  # by channel code
         self.templates = pa.array([r.template for r in rules], pa.string())
         self.priorities = np.array([r.priority for r in rules], np.int32)
         self.seeds = np.array([rule_seed(r.id) for r in rules], np.uint64)
@@ -73,9 +71,9 @@ class InstructionBuilder:
         self.param_names = [r.params for r in rules]
         self.n_params = np.array([len(p) for p in self.params], np.int32)
 
-    def build(self, events: EventColumns, rows: np.ndarray, rules: np.ndarray) -> pa.Table:
-        """Instructions for kernel output `rows` (event rows) and `rules` (rule indices)."""
-        n = len(rows)
+    def build(self, events: EventColumns, rows: np.ndarray, rules: np.ndarray, channels: np.ndarray,
+              not_before: np.ndarray, holdout: np.ndarray) -> pa.Table:
+        """Instructions for kernel output: event rows, rule indices, channel codes, not_before, holdout."""
         ts = events["ts"][rows]
         msisdn = events["msisdn"][rows]
         return pa.Table.from_arrays(
@@ -84,11 +82,11 @@ class InstructionBuilder:
                 pa.array(ts, pa.int64()),
                 pa.array(msisdn, pa.int64()),
                 self.rule_ids.take(rules),
-                self.channels.take(rules),
+                self.channels.take(channels),
                 self.templates.take(rules),
                 pa.array(self.priorities[rules], pa.int32()),
-                pa.array(np.zeros(n, np.bool_), pa.bool_()),
-                pa.array(ts, pa.int64()),
+                pa.array(holdout, pa.bool_()),
+                pa.array(not_before, pa.int64()),
                 self._params(events, rows, rules),
             ],
             schema=INSTRUCTION_SCHEMA,

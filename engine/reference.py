@@ -12,6 +12,12 @@ miss a count or first match that this full-history reference finds.  It never
 produces a match the reference does not.  For streams in event-time order per
 subscriber and rule the two are identical.  docs/kernel.md explains why.
 
+The contact policy (SPEC sections 4 and 8) is here too, as plainly: full
+history of cap counts, instructions and feedback; local time from zoneinfo
+directly.  The kernel prunes cap counts of past local days and bounds its
+issued-instruction memory and goal windows (docs/policy.md); for event
+streams in event-time order that changes nothing.
+
 Far too slow for traffic (under 200,000 events per second on the standard
 benchmark, against millions for the kernel); it is the baseline of the
 benchmark ratio, never a fallback.
@@ -20,12 +26,28 @@ benchmark ratio, never a fallback.
 from __future__ import annotations
 
 from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pyarrow as pa
 
+from engine.calendar import transitions_between
 from engine.instructions import instruction_id, rule_seed
+from engine.policy import (
+    FOREVER,
+    HOUR_MS,
+    OUTCOMES,
+    STOP_REASONS,
+    holdout_hash,
+    holdout_seed,
+    holdout_threshold,
+    rule_report,
+)
+from engine.profiles import ProfileStore
 from engine.rules import And, Changed, Compare, Count, Expr, First, InSet, Not, Or, Prefix, RuleSet
 from engine.schema import EVENT_COLUMNS, INSTRUCTION_SCHEMA, validate_events
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 _COMPARE = {
     "==": lambda a, b: a == b,
@@ -56,10 +78,12 @@ def evaluate(expr: Expr, event: dict[str, int]) -> bool:
 
 
 class ReferenceEngine:
-    """Same interface as engine.Engine for process() and stats()."""
+    """Same interface as engine.Engine for process(), feedback(), load_profiles(), resume() and stats()."""
 
-    def __init__(self, ruleset: RuleSet):
+    def __init__(self, ruleset: RuleSet, profiles=None):
         self.ruleset = ruleset
+        self.policy = ruleset.policy
+        self.zone = ZoneInfo(ruleset.policy.timezone)
         self.seeds = [rule_seed(rule.id) for rule in ruleset.rules]
         # (rule index, msisdn) -> every qualifying ts, in arrival order
         self.history: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -67,9 +91,34 @@ class ReferenceEngine:
         self.last_value: dict[tuple[int, int], int] = {}
         # (rule index, msisdn) -> trigger ts of the rule's last instruction
         self.last_instruction: dict[tuple[int, int], int] = {}
+        # policy state
+        self.opted_out: set[int] = set()  # by feedback
+        self.blocked: dict[tuple[int, int], int] = {}  # (rule, msisdn) -> blocked for ts < this
+        self.per_day: dict[tuple[int, object], int] = defaultdict(int)  # (msisdn, local date) -> active instructions
+        self.per_month: dict[tuple[int, tuple[int, int]], int] = defaultdict(int)
+        self.rule_instructions: dict[int, list[int]] = defaultdict(list)  # guardrail: ts since the last resume
+        self.paused: set[int] = set()
+        self.issued: dict[str, tuple[int, int]] = {}  # instruction id -> (rule, msisdn)
+        self.open_goals: dict[tuple[int, int], list[list[int]]] = defaultdict(list)  # -> [[ts, holdout, converted]]
         n = len(ruleset.rules)
-        self.counters = {name: [0] * n for name in ("matched", "emitted", "stopped_cooldown", "stopped_arbitrated")}
+        names = ("matched", "emitted", "holdout", *(f"stopped_{r}" for r in STOP_REASONS), *OUTCOMES,
+                 "goal_treated", "goal_holdout")
+        self.counters = {name: [0] * n for name in names}
+        self.sent_by_channel = [dict.fromkeys(rule.channels, 0) for rule in ruleset.rules]
         self.events = 0
+        self.profiles = ProfileStore.empty()
+        if profiles is not None:
+            self.load_profiles(profiles)
+
+    def load_profiles(self, source) -> None:
+        self.profiles = ProfileStore.load(source)
+
+    def resume(self, rule_id: str) -> None:
+        r = [rule.id for rule in self.ruleset.rules].index(rule_id)
+        self.paused.discard(r)
+        self.rule_instructions[r] = []
+
+    # -- conditions ---------------------------------------------------------------
 
     def condition_holds(self, r: int, event: dict[str, int]) -> bool:
         """Evaluate rule r's stateful condition and move its state."""
@@ -95,10 +144,64 @@ class ReferenceEngine:
         earlier.append(t)
         return holds
 
-    def decide(self, event: dict[str, int]) -> int | None:
-        """The rule index that makes an instruction of this event, if any."""
+    # -- local time -----------------------------------------------------------------
+
+    def local(self, ts: int) -> datetime:
+        return (_EPOCH + timedelta(milliseconds=ts)).astimezone(self.zone)
+
+    def allowed(self, ts: int, days: tuple[int, ...]) -> bool:
+        """ts is on a contact day and outside quiet hours, in local time."""
+        local = self.local(ts)
+        if local.isoweekday() not in days:
+            return False
+        quiet = self.policy.quiet_hours
+        if quiet is None:
+            return True
+        minute_ms = (local.hour * 60 + local.minute) * 60_000 + local.second * 1000 + local.microsecond // 1000
+        start, end = quiet[0] * 60_000, quiet[1] * 60_000
+        if start < end:
+            return not start <= minute_ms < end
+        return not (minute_ms >= start or minute_ms < end)
+
+    def not_before(self, ts: int, days: tuple[int, ...]) -> int:
+        """The first instant >= ts that is allowed: ts itself, a local midnight or quiet-hours end, or an
+        offset change (a boundary inside a DST gap begins at the transition)."""
+        if self.allowed(ts, days):
+            return ts
+        start = self.local(ts).date()
+        candidates = set(transitions_between(self.policy.timezone, ts, ts + 10 * 86_400_000))
+        for d in range(-1, 10):
+            date = start + timedelta(days=d)
+            walls = [datetime(date.year, date.month, date.day)]
+            if self.policy.quiet_hours is not None:
+                end = self.policy.quiet_hours[1]
+                walls.append(walls[0] + timedelta(minutes=end))
+            for wall in walls:
+                for fold in (0, 1):
+                    moment = wall.replace(tzinfo=self.zone, fold=fold)
+                    candidates.add((moment - _EPOCH) // timedelta(milliseconds=1))
+        return min(c for c in candidates if c >= ts and self.allowed(c, days))
+
+    # -- one event --------------------------------------------------------------------
+
+    def profile(self, msisdn: int) -> dict:
+        return self.profiles.get(msisdn)
+
+    def decide(self, event: dict[str, int]) -> tuple[int, str, int, bool] | None:
+        """(rule index, channel, not_before, holdout) of the instruction this event makes, if any."""
+        msisdn, ts = event["msisdn"], event["ts"]
+        rules = self.ruleset.rules
+        for r, rule in enumerate(rules):
+            goal = rule.goal
+            if goal is not None and event["kind"] in goal.on and (goal.where is None or evaluate(goal.where, event)):
+                for entry in self.open_goals.get((r, msisdn), ()):
+                    if not entry[2] and entry[0] < ts <= entry[0] + goal.within:
+                        entry[2] = 1
+                        self.counters["goal_holdout" if entry[1] else "goal_treated"][r] += 1
+                        break
+        profile = None  # looked up on the first match: most events match nothing
         survivors = []
-        for r, rule in enumerate(self.ruleset.rules):
+        for r, rule in enumerate(rules):
             if event["kind"] not in rule.on:
                 continue
             if rule.where is not None and not evaluate(rule.where, event):
@@ -106,21 +209,74 @@ class ReferenceEngine:
             if not self.condition_holds(r, event):
                 continue
             self.counters["matched"][r] += 1
-            last = self.last_instruction.get((r, event["msisdn"]))
-            if rule.cooldown > 0 and last is not None and last > event["ts"] - rule.cooldown:
-                self.counters["stopped_cooldown"][r] += 1
+            if r in self.paused:
+                self.stop(r, "paused")
+                continue
+            if profile is None:
+                profile = self.profile(msisdn)
+            if profile.get("opt_out") or msisdn in self.opted_out:
+                self.stop(r, "opt_out")
+                continue
+            until = self.blocked.get((r, msisdn))
+            if until is not None and ts < until:
+                self.stop(r, "suppressed" if until == FOREVER else "decline_cooldown")
+                continue
+            last = self.last_instruction.get((r, msisdn))
+            if rule.cooldown > 0 and last is not None and last > ts - rule.cooldown:
+                self.stop(r, "cooldown")
                 continue
             survivors.append(r)
         if not survivors:
             return None
         # Highest priority wins; on a tie, the rule earlier in the file.
-        winner = max(survivors, key=lambda r: (self.ruleset.rules[r].priority, -r))
+        winner = max(survivors, key=lambda r: (rules[r].priority, -r))
         for r in survivors:
             if r != winner:
-                self.counters["stopped_arbitrated"][r] += 1
+                self.stop(r, "arbitrated")
+        rule = rules[winner]
+        profile = self.profile(msisdn) if profile is None else profile
+        refused = set(profile.get("opt_out_channels", ()))
+        accepted = profile.get("channels")
+        choice = [c for c in rule.channels if c not in refused and (accepted is None or c in accepted)]
+        if not choice:
+            self.stop(winner, "no_channel")
+            return None
+        channel = choice[0]
+        not_before = ts
+        active = channel in self.policy.active_channels
+        if active:
+            days = tuple(profile.get("contact_days") or ()) or self.policy.contact_days
+            not_before = self.not_before(ts, days)
+            local = self.local(not_before)
+            day_key, month_key = (msisdn, local.date()), (msisdn, (local.year, local.month))
+            if (self.policy.daily_cap and self.per_day[day_key] >= self.policy.daily_cap) or (
+                self.policy.monthly_cap and self.per_month[month_key] >= self.policy.monthly_cap
+            ):
+                self.stop(winner, "capped")
+                return None
+        if rule.max_per_hour:
+            recent = [t for t in self.rule_instructions[winner] if t > ts - HOUR_MS]
+            if len(recent) >= rule.max_per_hour:
+                self.paused.add(winner)
+                self.stop(winner, "paused")
+                return None
+            self.rule_instructions[winner].append(ts)
+        holdout = holdout_hash(msisdn, holdout_seed(rule.id)) < holdout_threshold(rule.holdout)
+        if active:
+            self.per_day[day_key] += 1
+            self.per_month[month_key] += 1
         self.counters["emitted"][winner] += 1
-        self.last_instruction[(winner, event["msisdn"])] = event["ts"]
-        return winner
+        if holdout:
+            self.counters["holdout"][winner] += 1
+        else:
+            self.sent_by_channel[winner][channel] += 1
+        self.last_instruction[(winner, msisdn)] = ts
+        if rule.goal is not None:
+            self.open_goals[(winner, msisdn)].append([ts, int(holdout), 0])
+        return winner, channel, not_before, holdout
+
+    def stop(self, r: int, reason: str) -> None:
+        self.counters[f"stopped_{reason}"][r] += 1
 
     def process(self, batch) -> pa.Table:
         events = validate_events(batch)
@@ -128,38 +284,63 @@ class ReferenceEngine:
         rows = []
         for values in zip(*columns, strict=True):
             event = dict(zip(EVENT_COLUMNS, values, strict=True))
-            r = self.decide(event)
+            decision = self.decide(event)
             self.events += 1
-            if r is None:
+            if decision is None:
                 continue
+            r, channel, not_before, holdout = decision
             rule = self.ruleset.rules[r]
-            rows.append(
-                {
-                    "id": instruction_id(self.seeds[r], values),
-                    "ts": event["ts"],
-                    "msisdn": event["msisdn"],
-                    "rule": rule.id,
-                    "channel": rule.channels[0],
-                    "template": rule.template,
-                    "priority": rule.priority,
-                    "holdout": False,
-                    "not_before": event["ts"],
-                    "params": [(name, str(event[name])) for name in rule.params],
-                }
-            )
+            row = {
+                "id": instruction_id(self.seeds[r], values),
+                "ts": event["ts"],
+                "msisdn": event["msisdn"],
+                "rule": rule.id,
+                "channel": channel,
+                "template": rule.template,
+                "priority": rule.priority,
+                "holdout": holdout,
+                "not_before": not_before,
+                "params": [(name, str(event[name])) for name in rule.params],
+            }
+            self.issued[row["id"]] = (r, event["msisdn"])
+            rows.append(row)
         return pa.Table.from_pylist(rows, schema=INSTRUCTION_SCHEMA)
+
+    def feedback(self, ids, outcomes, ts) -> dict[str, int]:
+        """One report per (id, outcome, ts); same meaning and result as engine.Engine.feedback."""
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        outcomes = [outcomes] * len(ids) if isinstance(outcomes, str) else list(outcomes)
+        times = [ts] * len(ids) if isinstance(ts, int) else list(ts)
+        result = {"applied": 0, "unknown": 0, "invalid": 0}
+        for issued_id, outcome, t in zip(ids, outcomes, times, strict=True):
+            if outcome not in OUTCOMES:
+                result["invalid"] += 1
+                continue
+            if issued_id not in self.issued:
+                result["unknown"] += 1
+                continue
+            r, msisdn = self.issued[issued_id]
+            result["applied"] += 1
+            self.counters[outcome][r] += 1
+            decline = self.ruleset.rules[r].decline_cooldown
+            if outcome == "accepted":
+                self.blocked[(r, msisdn)] = FOREVER
+            elif outcome == "declined" and decline > 0:
+                self.blocked[(r, msisdn)] = max(self.blocked.get((r, msisdn), t + decline), t + decline)
+            elif outcome == "opt_out":
+                self.opted_out.add(msisdn)
+        return result
 
     def stats(self) -> dict:
         """The per-rule part of engine.Engine.stats(), from the same counters."""
-        c = self.counters
         return {
             "events": self.events,
             "rules": {
-                rule.id: {
-                    "matched": c["matched"][r],
-                    "sent": c["emitted"][r],
-                    "stopped": {"cooldown": c["stopped_cooldown"][r], "arbitrated": c["stopped_arbitrated"][r]},
-                }
+                rule.id: rule_report(
+                    {name: values[r] for name, values in self.counters.items()},
+                    dict(self.sent_by_channel[r]),
+                    r in self.paused,
+                )
                 for r, rule in enumerate(self.ruleset.rules)
             },
         }

@@ -108,6 +108,21 @@ CONDITION_KEYS = ("count", "first", "changed")
 
 
 @dataclass(frozen=True)
+class Goal:
+    """What counts as the subscriber doing what a rule's instruction asked (SPEC section 8).
+
+    An event passing `on` + `where` with ts in (t, t + within] of an
+    instruction at t converts the earliest open instruction of the rule for
+    that subscriber, once; treated and holdout alike.
+    """
+
+    on: tuple[int, ...]  # kind codes, sorted
+    where: Expr | None
+    within: int  # milliseconds
+    where_text: str = ""
+
+
+@dataclass(frozen=True)
 class Rule:
     id: str
     on: tuple[int, ...]  # kind codes, sorted
@@ -119,12 +134,28 @@ class Rule:
     priority: int
     cooldown: int  # milliseconds, 0 = none
     where_text: str = ""
+    holdout: float = 0.0  # fraction of subscribers in the control group, [0, 1)
+    decline_cooldown: int = 0  # milliseconds the rule rests for a subscriber after `declined`
+    max_per_hour: int = 0  # guardrail: more instructions than this within an hour pauses the rule; 0 = none
+    goal: Goal | None = None
+
+
+# Channels that push to the subscriber unless [policy] active_channels says otherwise.
+DEFAULT_ACTIVE_CHANNELS = ("sms", "mms")
+ALL_DAYS = (1, 2, 3, 4, 5, 6, 7)
+MAX_CHANNELS = 64  # channel sets are 64-bit masks in the kernel
 
 
 @dataclass(frozen=True)
 class Policy:
     timezone: str = "UTC"
     cooldown: int = 0  # default rule cooldown, milliseconds
+    decline_cooldown: int = 30 * 86_400_000  # default rest after `declined`, milliseconds
+    daily_cap: int = 0  # instructions per subscriber and local day on active channels; 0 = no cap
+    monthly_cap: int = 0  # the same per local calendar month; 0 = no cap
+    quiet_hours: tuple[int, int] | None = None  # [start, end) local, minutes after midnight; wraps if start > end
+    contact_days: tuple[int, ...] = ALL_DAYS  # ISO weekdays (1 = Monday) for active channels
+    active_channels: tuple[str, ...] = DEFAULT_ACTIVE_CHANNELS
 
 
 @dataclass(frozen=True)
@@ -136,6 +167,15 @@ class RuleSet:
     policy: Policy = Policy()
     source: str = "<string>"
     text: str = ""  # the file as read: checkpoints carry it so a restore needs no other file
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """Every channel the rules name, then the declared active ones: index = channel code."""
+        names: dict[str, None] = {}
+        for rule in self.rules:
+            names.update(dict.fromkeys(rule.channels))
+        names.update(dict.fromkeys(self.policy.active_channels))
+        return tuple(names)
 
 
 class RulesError(ValueError):
@@ -345,9 +385,15 @@ def parse_where(text: str, sets: dict[str, tuple[int, ...]] | None = None) -> Ex
 
 _RULE_KEYS = {
     "id", "on", "where", "channels", "template", "params", "priority", "cooldown", *CONDITION_KEYS,
+    "holdout", "decline_cooldown", "max_per_hour", "goal",
 }
 _TOP_KEYS = {"policy", "sets", "rule"}
-_POLICY_KEYS = {"timezone", "cooldown"}
+_POLICY_KEYS = {
+    "timezone", "cooldown", "decline_cooldown", "daily_cap", "monthly_cap", "quiet_hours", "contact_days",
+    "active_channels",
+}
+MAX_PER_HOUR = 1_000_000  # the guardrail keeps this many timestamps per rule
+_CLOCK = re.compile(r"([01]\d|2[0-3]):([0-5]\d)\Z")
 _ID = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
 _INT64 = (-(2**63), 2**63 - 1)
 
@@ -387,12 +433,7 @@ class _RuleBuilder:
         if len(conditions) > 1:
             raise self.fail("a rule has at most one stateful condition", ", ".join(conditions))
         where_text = t.get("where", "")
-        if not isinstance(where_text, str):
-            raise self.fail("'where' must be a string", where_text)
-        try:
-            where = parse_where(where_text, self.sets) if where_text.strip() else None
-        except ValueError as exc:
-            raise self.fail(f"where: {exc}", where_text) from None
+        where = self.where("where", where_text)
         return Rule(
             id=t["id"],
             on=self.kinds(),
@@ -404,19 +445,57 @@ class _RuleBuilder:
             priority=self.integer("priority", default=0),
             cooldown=self.duration("cooldown", default=self.policy.cooldown),
             where_text=where_text,
+            holdout=self.holdout(),
+            decline_cooldown=self.duration("decline_cooldown", default=self.policy.decline_cooldown),
+            max_per_hour=self.max_per_hour(),
+            goal=self.goal(),
         )
 
-    def kinds(self) -> tuple[int, ...]:
-        on = self.table.get("on")
+    def where(self, key: str, text: object) -> Expr | None:
+        if not isinstance(text, str):
+            raise self.fail(f"'{key}' must be a string", text)
+        try:
+            return parse_where(text, self.sets) if text.strip() else None
+        except ValueError as exc:
+            raise self.fail(f"{key}: {exc}", text) from None
+
+    def kinds(self, key: str = "on", on: object = None) -> tuple[int, ...]:
+        if key == "on":
+            on = self.table.get("on")
         if on is None:
-            raise self.fail("missing 'on' (the event kinds the rule listens to)")
+            raise self.fail(f"missing '{key}' (the event kinds the rule listens to)")
         names = [on] if isinstance(on, str) else on
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-            raise self.fail("'on' is a kind name or a list of kind names", on)
+            raise self.fail(f"'{key}' is a kind name or a list of kind names", on)
         for name in names:
             if name not in KIND_CODES:
-                raise self.fail(f"unknown event kind (kinds: {', '.join(KIND_CODES)})", name)
+                raise self.fail(f"{key}: unknown event kind (kinds: {', '.join(KIND_CODES)})", name)
         return tuple(sorted({KIND_CODES[n] for n in names}))
+
+    def holdout(self) -> float:
+        value = self.table.get("holdout", 0.0)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+            raise self.fail("'holdout' is a fraction from 0 up to (not including) 1, e.g. 0.1", value)
+        return float(value)
+
+    def max_per_hour(self) -> int:
+        value = self.table.get("max_per_hour", 0)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PER_HOUR:
+            raise self.fail(f"'max_per_hour' is an integer from 1 to {MAX_PER_HOUR:,} (0: no guardrail)", value)
+        return value
+
+    def goal(self) -> Goal | None:
+        spec = self.table.get("goal")
+        if spec is None:
+            return None
+        example = '{ on = "recharge", where = "amount >= 1000", within = "24h" }'
+        if not isinstance(spec, dict) or not {"on", "within"} <= set(spec) or set(spec) - {"on", "where", "within"}:
+            raise self.fail(f"'goal' takes on, within and an optional where, e.g. {example}", spec)
+        within = self.duration_value("goal.within", spec["within"])
+        if within <= 0:
+            raise self.fail("goal: 'within' must be positive", spec["within"])
+        where_text = spec.get("where", "")
+        return Goal(self.kinds("goal.on", spec["on"]), self.where("goal.where", where_text), within, where_text)
 
     def condition(self, key: str) -> Condition:
         spec = self.table[key]
@@ -499,18 +578,74 @@ def _policy(source: str, table: object) -> Policy:
     unknown = sorted(set(table) - _POLICY_KEYS)
     if unknown:
         raise RulesError(source, None, unknown[0], f"[policy]: unknown key (keys: {', '.join(sorted(_POLICY_KEYS))})")
+
+    def fail(key: str, reason: str) -> RulesError:
+        return RulesError(source, None, f"{key} = {table[key]!r}", f"[policy] {key}: {reason}")
+
     timezone = table.get("timezone", "UTC")
     try:
         ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError, TypeError):
         raise RulesError(source, None, str(timezone), "[policy]: unknown time zone") from None
-    cooldown = 0
-    if "cooldown" in table:
-        try:
-            cooldown = parse_duration(table["cooldown"])
-        except ValueError as exc:
-            raise RulesError(source, None, str(table["cooldown"]), f"[policy] cooldown: {exc}") from None
-    return Policy(timezone=timezone, cooldown=cooldown)
+    durations = {}
+    for key in ("cooldown", "decline_cooldown"):
+        if key in table:
+            try:
+                durations[key] = parse_duration(table[key])
+            except ValueError as exc:
+                raise fail(key, str(exc)) from None
+    caps = {}
+    for key in ("daily_cap", "monthly_cap"):
+        value = table.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**31:
+            raise fail(key, "a cap is a non-negative integer (0: no cap)")
+        caps[key] = value
+    quiet = None
+    if "quiet_hours" in table:
+        quiet = _quiet_hours(table["quiet_hours"])
+        if quiet is None:
+            raise fail("quiet_hours", 'quiet hours are "HH:MM-HH:MM" local time, start != end, e.g. "21:00-09:00"')
+    days = ALL_DAYS
+    if "contact_days" in table:
+        days = _int_list(table["contact_days"])
+        if not days or not set(days) <= set(ALL_DAYS):
+            raise fail("contact_days", "contact days are a non-empty list of ISO weekdays, 1 (Monday) to 7 (Sunday)")
+    active = DEFAULT_ACTIVE_CHANNELS
+    if "active_channels" in table:
+        active = table["active_channels"]
+        if (
+            not isinstance(active, list)
+            or not all(isinstance(c, str) and _ID.match(c) for c in active)
+            or len(set(active)) != len(active)
+        ):
+            raise fail("active_channels", "a list of distinct channel names, e.g. [\"sms\", \"mms\"]")
+        active = tuple(active)
+    defaults = Policy()
+    return Policy(
+        timezone=timezone,
+        cooldown=durations.get("cooldown", defaults.cooldown),
+        decline_cooldown=durations.get("decline_cooldown", defaults.decline_cooldown),
+        daily_cap=caps["daily_cap"],
+        monthly_cap=caps["monthly_cap"],
+        quiet_hours=quiet,
+        contact_days=days,
+        active_channels=active,
+    )
+
+
+def _quiet_hours(value: object) -> tuple[int, int] | None:
+    """"21:00-09:00" -> (1260, 540); None when malformed."""
+    if not isinstance(value, str) or value.count("-") != 1:
+        return None
+    bounds = []
+    for part in value.split("-"):
+        m = _CLOCK.match(part.strip())
+        if not m:
+            return None
+        bounds.append(int(m.group(1)) * 60 + int(m.group(2)))
+    if bounds[0] == bounds[1]:
+        return None
+    return bounds[0], bounds[1]
 
 
 def _sets(source: str, table: object) -> dict[str, tuple[int, ...]]:
@@ -549,7 +684,11 @@ def parse_rules(text: str, source: str = "<string>") -> RuleSet:
             raise RulesError(source, rule.id, rule.id, "duplicate rule id")
         seen.add(rule.id)
         rules.append(rule)
-    return RuleSet(rules=tuple(rules), sets=sets, policy=policy, source=source, text=text)
+    ruleset = RuleSet(rules=tuple(rules), sets=sets, policy=policy, source=source, text=text)
+    if len(ruleset.channels) > MAX_CHANNELS:
+        raise RulesError(source, None, ", ".join(ruleset.channels[MAX_CHANNELS:]),
+                         f"at most {MAX_CHANNELS} distinct channels in one rules file")
+    return ruleset
 
 
 def load_rules(path: str | Path) -> RuleSet:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.resources
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -128,3 +129,57 @@ def test_advance_moves_the_watermark_forward_only(batch):
     eng.advance(1_000)
     eng.process(batch([{"ts": 7_000, "msisdn": 5, "kind": 0}]))  # a late event does not move it back
     assert eng.watermark == 9_000
+
+
+BENCH = importlib.resources.files("engine").joinpath("data", "bench_rules.toml").read_text(encoding="utf-8")
+
+
+def _reordered(text: str) -> str:
+    """The same rules in reverse order (bench rules have distinct priorities, so order decides nothing)."""
+    head, *rules = text.split("[[rule]]")
+    return head + "".join("[[rule]]" + body.rstrip() + "\n\n" for body in reversed(rules))
+
+
+def _feedback_for(table: pa.Table, k: int) -> tuple[list[str], list[str], list[int]]:
+    """Some feedback for a table of instructions: every outcome, on every k-th instruction."""
+    outcomes = ["accepted", "declined", "opt_out", "delivered", "considering", "failed"]
+    picked = table.take(list(range(0, table.num_rows, k)))
+    ids = picked.column("id").to_pylist()
+    times = (np.asarray(picked.column("ts")) + 1).tolist()
+    return ids, [outcomes[i % len(outcomes)] for i in range(len(ids))], times
+
+
+def test_reordering_rules_keeps_every_kind_of_policy_state():
+    """Condition state, cooldowns, caps, opt-outs, acceptances, declines, goals, guardrail counts and the
+    memory of issued instructions all follow their rule through a reload that renumbers every rule."""
+    batches = _traffic(events=120_000, batch=20_000)
+    steady, reloaded = Engine.from_text(BENCH), Engine.from_text(BENCH)
+    for i, b in enumerate(batches):
+        if i == 3:
+            fate = reloaded.reload_rules(parse_rules(_reordered(BENCH)))
+            assert sorted(fate["kept"]) == sorted(r.id for r in steady.ruleset.rules)
+        out_steady, out_reloaded = steady.process(b), reloaded.process(b)
+        assert out_reloaded.equals(out_steady)
+        feedback = _feedback_for(out_steady, 7)
+        assert reloaded.feedback(*feedback) == steady.feedback(*feedback)
+    assert reloaded.stats()["rules"] == steady.stats()["rules"]
+    stats = steady.stats()["rules"]
+    assert sum(r["stopped"]["suppressed"] + r["stopped"]["opt_out"] for r in stats.values()) > 0
+
+
+def test_feedback_to_a_removed_rule_is_unknown_and_a_goal_can_go(batch):
+    rules = BENCH
+    eng = Engine.from_text(rules)
+    out = pa.concat_tables([eng.process(b) for b in _traffic(events=40_000, batch=20_000)])
+    by_rule = {rule: out.filter(pa.compute.equal(out.column("rule"), rule)) for rule in ("low_balance", "car_owner")}
+    assert all(t.num_rows for t in by_rule.values())
+    head, *bodies = rules.split("[[rule]]")
+    kept = [b for b in bodies if 'id = "car_owner"' not in b]
+    without_goal = [b.replace('goal = { on = "recharge", within = "24h" }', "") for b in kept]
+    fate = eng.reload_rules(parse_rules(head + "".join("[[rule]]" + b for b in without_goal)))
+    assert fate["removed"] == ["car_owner"] and "low_balance" in fate["kept"]
+    gone = by_rule["car_owner"].column("id")[0].as_py()
+    still = by_rule["low_balance"].column("id")[0].as_py()
+    assert eng.feedback([gone, still], ["accepted", "accepted"], [10**13, 10**13]) == {
+        "applied": 1, "unknown": 1, "invalid": 0}
+    assert eng.stats()["rules"]["low_balance"]["feedback"]["accepted"] == 1

@@ -413,3 +413,96 @@ def test_longest_duration():
     assert parse_duration(f"{MAX_DURATION}ms") == MAX_DURATION
     with pytest.raises(ValueError):
         parse_duration(f"{MAX_DURATION + 1}ms")
+
+
+# ---------------------------------------------------------------------------
+# Contact-policy keys (docs/rules.md, docs/policy.md).
+
+
+def test_policy_keys_and_defaults():
+    default = parse_rules(one_rule(VALID)).policy
+    assert (default.daily_cap, default.monthly_cap, default.quiet_hours) == (0, 0, None)
+    assert default.contact_days == (1, 2, 3, 4, 5, 6, 7)
+    assert default.active_channels == ("sms", "mms")
+    assert default.decline_cooldown == parse_duration("30d")
+    text = (
+        '[policy]\ntimezone = "Asia/Shanghai"\ndaily_cap = 1\nmonthly_cap = 4\nquiet_hours = "21:00-09:30"\n'
+        'contact_days = [5, 1, 2]\nactive_channels = ["sms", "mms", "push"]\ndecline_cooldown = "7d"\n\n'
+        + one_rule(VALID)
+    )
+    ruleset = parse_rules(text)
+    policy = ruleset.policy
+    assert (policy.daily_cap, policy.monthly_cap) == (1, 4)
+    assert policy.quiet_hours == (21 * 60, 9 * 60 + 30)
+    assert policy.contact_days == (1, 2, 5)
+    assert policy.active_channels == ("sms", "mms", "push")
+    assert ruleset.rules[0].decline_cooldown == parse_duration("7d")
+    assert ruleset.channels == ("sms", "mms", "push")
+
+
+def test_rule_policy_keys():
+    body = VALID + (
+        'holdout = 0.1\ndecline_cooldown = "3d"\nmax_per_hour = 5000\n'
+        'goal = { on = ["recharge", "order"], where = "amount >= 1000", within = "24h" }\n'
+    )
+    rule = parse_rules(one_rule(body)).rules[0]
+    assert rule.holdout == 0.1
+    assert rule.decline_cooldown == parse_duration("3d")
+    assert rule.max_per_hour == 5000
+    assert rule.goal.on == (KIND_CODES["recharge"], KIND_CODES["order"])
+    assert rule.goal.where == Compare("amount", ">=", 1000)
+    assert rule.goal.within == 86_400_000
+    bare = parse_rules(one_rule(VALID)).rules[0]
+    assert (bare.holdout, bare.max_per_hour, bare.goal) == (0.0, 0, None)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "offending"),
+    [
+        ("daily_cap", "-1", "daily_cap"),
+        ("daily_cap", "true", "daily_cap"),
+        ("monthly_cap", '"4"', "monthly_cap"),
+        ("quiet_hours", '"21:00"', "21:00"),
+        ("quiet_hours", '"9:00-21:00"', "9:00-21:00"),
+        ("quiet_hours", '"21:00-21:00"', "21:00-21:00"),
+        ("quiet_hours", '"24:00-08:00"', "24:00-08:00"),
+        ("contact_days", "[]", "contact_days"),
+        ("contact_days", "[0, 1]", "contact_days"),
+        ("contact_days", "[8]", "contact_days"),
+        ("active_channels", '"sms"', "active_channels"),
+        ("active_channels", '["sms", "sms"]', "active_channels"),
+        ("decline_cooldown", '"soon"', "soon"),
+    ],
+)
+def test_bad_policy_values_name_file_key_and_text(key, value, offending):
+    err = parse_error(f"[policy]\n{key} = {value}\n\n" + one_rule(VALID))
+    assert_names(err, None, offending)
+    assert key in str(err)
+
+
+@pytest.mark.parametrize(
+    ("body", "offending"),
+    [
+        ("holdout = 1", "1"),
+        ("holdout = -0.1", "-0.1"),
+        ('holdout = "10%"', "10%"),
+        ("max_per_hour = -5", "-5"),
+        ("max_per_hour = 2_000_000", "2000000"),
+        ('decline_cooldown = "1x"', "1x"),
+        ('goal = { on = "recharge" }', "recharge"),
+        ('goal = { on = "recharge", within = "0s" }', "0s"),
+        ('goal = { on = "recharhe", within = "1d" }', "recharhe"),
+        ('goal = { on = "recharge", within = "1d", where = "amout > 1" }', "amout > 1"),
+        ('goal = { on = "recharge", within = "1d", whenever = 1 }', "whenever"),
+        ('goal = "recharge"', "recharge"),
+    ],
+)
+def test_bad_rule_policy_values_name_the_rule_and_text(body, offending):
+    err = parse_error(one_rule(VALID + body))
+    assert_names(err, "promo", offending)
+
+
+def test_too_many_channels_are_refused():
+    channels = ", ".join(f'"c{i}"' for i in range(65))
+    err = parse_error(one_rule(f'on = "call_out"\nchannels = [{channels}]\n'))
+    assert_names(err, None, "c64")

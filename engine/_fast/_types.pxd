@@ -64,6 +64,19 @@ cdef struct Bucket:
     int32_t unused      # keeps buckets 16 bytes, four to a cache line
 
 
+# One entry of a policy map (engine/_fast/kernel.pyx: caps and blocks), open
+# addressing keyed by a positive int64.
+cdef struct Entry:
+    int64_t key         # 0: empty
+    int64_t value
+
+
+cdef struct Map:
+    Entry* entries      # capacity entries, a power of two, kept at most half full
+    int64_t capacity
+    int64_t size
+
+
 # Stateful condition of a rule (SPEC section 3).
 cdef enum CondType:
     COND_NONE = 0

@@ -4,7 +4,7 @@
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
-from engine._fast._types cimport Bucket, Column, Op
+from engine._fast._types cimport Bucket, Column, Entry, Map, Op
 
 
 cdef class Kernel:
@@ -21,6 +21,7 @@ cdef class Kernel:
     cdef int64_t* cooldown        # per rule: ms, 0 = none
     cdef int32_t* priority        # per rule: higher wins arbitration
     cdef int32_t* width           # per rule: int64 words per state row; 0 = stateless
+    cdef int32_t* goal_of         # per rule: -1 for a campaign; for a goal filter, the campaign it serves
     cdef Op* ops
     cdef Py_ssize_t n_ops
     cdef int32_t n_regs           # registers one program may use
@@ -53,11 +54,67 @@ cdef class Kernel:
     cdef int64_t* state_rows
     cdef int64_t* state_capacity
 
+    # -- contact policy, immutable after construction (docs/policy.md) ----------
+    cdef readonly Py_ssize_t n_channels   # channel codes 0..n_channels-1 (RuleSet.channels)
+    cdef int32_t* chan_begin      # per rule: its channel preference is chan_list[chan_begin:chan_end]
+    cdef int32_t* chan_end
+    cdef int32_t* chan_list
+    cdef uint64_t active_mask     # bit c set: channel c is active (capped, quiet hours apply)
+    cdef int64_t daily_cap        # 0 = none
+    cdef int64_t monthly_cap      # 0 = none
+    cdef int64_t quiet_start      # ms after local midnight; -1: no quiet hours
+    cdef int64_t quiet_end
+    cdef uint8_t contact_days     # bit d (0 = Monday): contact day by default
+    cdef int64_t* zone_start      # UTC offset zone_offset[k] holds from zone_start[k] on (ascending)
+    cdef int64_t* zone_offset
+    cdef Py_ssize_t n_zone
+    cdef Py_ssize_t zone_hint     # last index found: consecutive instructions share an offset
+    cdef int64_t* holdout_threshold   # per rule: holdout iff 53-bit hash < this
+    cdef uint64_t* holdout_seed
+    cdef int64_t* max_per_hour    # per rule: guardrail, 0 = none
+    cdef int64_t* goal_within     # per rule: goal window in ms, 0 = no goal
+
+    # -- contact policy state ------------------------------------------------------
+    cdef int32_t* sub_profile     # per subscriber: profile row + 1, -1 none, 0 not looked up yet
+    cdef int64_t* prof_msisdn     # profiles' policy columns, sorted by msisdn (set_profiles)
+    cdef uint64_t* prof_allowed   # channels the subscriber accepts and has not opted out of
+    cdef uint8_t* prof_flags      # bit 0: opted out of all marketing
+    cdef uint8_t* prof_days       # contact-day mask, 0 = the policy's
+    cdef Py_ssize_t n_prof
+    cdef Map blocks               # (subscriber, rule) -> ts until which the rule is blocked (feedback)
+    cdef Map caps                 # (subscriber, local day or month) -> instructions on active channels
+    cdef int64_t policy_clock     # largest trigger ts policy has seen; caps older than its day are pruned
+    cdef int64_t** guard_ts       # per rule with max_per_hour: ring of its latest instruction ts
+    cdef int64_t* guard_head
+    cdef int64_t* guard_count
+    cdef uint8_t* paused          # per rule: paused by its guardrail
+    # Open instructions of rules with a goal: per (subscriber, rule) a chain of
+    # records in issue order; goal_open maps the pair to its first record + 1
+    # (0: none).  Records live in a pool with a free list.
+    cdef Map goal_open
+    cdef int64_t* rec_ts          # the instruction's trigger ts
+    cdef int64_t* rec_next        # next record of the chain (or of the free list), -1 none
+    cdef uint8_t* rec_flags       # bit 0: holdout
+    cdef int64_t rec_capacity
+    cdef int64_t rec_used         # records ever handed out; below it, in a chain or on the free list
+    cdef int64_t rec_free         # first free record, -1 none
+    cdef int64_t goal_clock       # largest ts goal bookkeeping has seen
+
     # -- counters per rule -------------------------------------------------------
     cdef int64_t* matched
     cdef int64_t* stopped_cooldown
     cdef int64_t* stopped_arbitrated
     cdef int64_t* emitted
+    cdef int64_t* stopped_paused
+    cdef int64_t* stopped_opt_out
+    cdef int64_t* stopped_suppressed
+    cdef int64_t* stopped_decline
+    cdef int64_t* stopped_no_channel
+    cdef int64_t* stopped_capped
+    cdef int64_t* holdout
+    cdef int64_t* sent_channel    # [rule * n_channels + channel]: treated instructions
+    cdef int64_t* goal_treated    # conversions of treated instructions
+    cdef int64_t* goal_holdout    # conversions of holdout instructions
 
     # -- scratch reused by every batch -----------------------------------------
     cdef uint8_t* regs            # n_regs registers of CHUNK bytes
@@ -81,6 +138,7 @@ cdef class Kernel:
     cdef object _copy_i64(self, const int64_t* src, Py_ssize_t n)
     cdef object _copy_i32(self, const int32_t* src, Py_ssize_t n)
     cdef _load_counter(self, dict state, str name, int64_t* dst)
+    cdef _load_map(self, Map* m, object keys, object values, int64_t n_subs, int64_t per_sub)
     cdef int grow_subscribers(self) except -1 nogil
     cdef int rebuild_table(self, int64_t capacity) except -1 nogil
     cdef int64_t find_or_insert(self, int64_t msisdn, uint64_t hash) except -1 nogil
@@ -89,5 +147,16 @@ cdef class Kernel:
     cdef int64_t* state_row(self, Py_ssize_t rule, int64_t sub) except NULL nogil
     cdef void run_where(self, Py_ssize_t rule, const Column* cols, Py_ssize_t base,
                         const int32_t* sel, Py_ssize_t n) noexcept nogil
+    cdef int32_t profile_row(self, int64_t sub, int64_t msisdn) noexcept nogil
+    cdef Py_ssize_t zone_index(self, int64_t u) noexcept nogil
+    cdef int64_t local_day(self, int64_t u) noexcept nogil
+    cdef int64_t next_allowed(self, int64_t ts, uint8_t days) noexcept nogil
+    cdef int prune_caps(self) except -1 nogil
+    cdef int64_t find_subscriber(self, int64_t msisdn) noexcept nogil
+    cdef int64_t record_alloc(self) except -1 nogil
+    cdef int sweep_goals(self) except -1 nogil
+    cdef int goal_issue(self, int64_t sub, Py_ssize_t rule, int64_t ts, bint holdout) except -1 nogil
+    cdef void goal_event(self, int64_t sub, Py_ssize_t rule, int64_t ts) noexcept nogil
     cdef Py_ssize_t process_columns(self, const Column* cols, Py_ssize_t n,
-                                    int64_t* out_row, int32_t* out_rule) except -1 nogil
+                                    int64_t* out_row, int32_t* out_rule, int32_t* out_channel,
+                                    int64_t* out_not_before, uint8_t* out_holdout) except -1 nogil

@@ -26,7 +26,7 @@
 # engine/reference.py states the same semantics in plain Python; the property
 # tests in tests/test_differential.py hold the two to identical output.
 
-from libc.stdint cimport INT64_MIN, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport INT64_MAX, INT64_MIN, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memcpy, memset
 
@@ -37,7 +37,7 @@ from engine._fast._types cimport (
     COND_CHANGED, COND_COUNT, COND_FIRST, COND_NONE,
     OP_AND, OP_EQ, OP_GE, OP_GT, OP_IN, OP_LE, OP_LT, OP_NARROW_FALSE, OP_NARROW_TRUE, OP_NE, OP_NOT,
     OP_OR, OP_PREFIX,
-    Bucket, Column, Op, mix64,
+    Bucket, Column, Entry, Map, Op, mix64,
 )
 
 cdef extern from *:
@@ -77,6 +77,14 @@ POW10[:] = [1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000,
 
 # Sentinel for "no timestamp": validation keeps event ts >= 0.
 cdef int64_t NO_TS = INT64_MIN
+
+cdef int64_t DAY_MS = 86400000
+cdef int64_t HOUR_MS = 3600000
+# Mirrored by engine.policy.HOLDOUT_SALT.
+cdef uint64_t HOLDOUT_SALT = 0x2545F4914F6CDD1DULL
+# Caps keys: (subscriber + 1) << 21 | is_month << 20 | (period + PERIOD_BIAS),
+# periods being local days or months since the epoch (both fit 20 bits).
+cdef int64_t PERIOD_BIAS = 1 << 19
 
 
 def column_dtypes():
@@ -274,6 +282,35 @@ cdef Column as_column(object array, int layout, Py_ssize_t n) except *:
     return col
 
 
+cdef inline int64_t floordiv(int64_t a, int64_t b) noexcept nogil:
+    cdef int64_t q = a / b
+    if (a % b != 0) and ((a < 0) != (b < 0)):
+        q -= 1
+    return q
+
+
+cdef inline int64_t month_of_day(int64_t day) noexcept nogil:
+    """Months since the epoch (year * 12 + month - 1) of a day number (days since 1970-01-01).
+
+    Howard Hinnant's civil_from_days.
+    """
+    cdef int64_t z = day + 719468
+    cdef int64_t era = floordiv(z, 146097)
+    cdef int64_t doe = z - era * 146097
+    cdef int64_t yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365
+    cdef int64_t y = yoe + era * 400
+    cdef int64_t doy = doe - (365 * yoe + yoe / 4 - yoe / 100)
+    cdef int64_t mp = (5 * doy + 2) / 153
+    cdef int64_t m = mp + 3 if mp < 10 else mp - 9
+    if m <= 2:
+        y += 1
+    return y * 12 + m - 1
+
+
+cdef inline int64_t caps_key(int64_t sub, int64_t is_month, int64_t period) noexcept nogil:
+    return ((sub + 1) << 21) | (is_month << 20) | (period + PERIOD_BIAS)
+
+
 cdef extern from *:
     """
     #include <stdlib.h>
@@ -379,6 +416,71 @@ cdef void* checked_realloc(void* p, size_t nbytes) except NULL nogil:
     return q
 
 
+cdef Entry* map_find(Map* m, int64_t key) noexcept nogil:
+    """The entry of key, or NULL."""
+    cdef int64_t mask = m.capacity - 1
+    cdef int64_t h
+    if m.size == 0:
+        return NULL
+    h = <int64_t>(mix64(<uint64_t>key) & <uint64_t>mask)
+    while m.entries[h].key != 0:
+        if m.entries[h].key == key:
+            return &m.entries[h]
+        h = (h + 1) & mask
+    return NULL
+
+
+cdef int map_rehash(Map* m, int64_t capacity) except -1 nogil:
+    """Re-create m at capacity (a power of two), keeping entries whose key is non-zero."""
+    cdef Entry* old = m.entries
+    cdef int64_t old_capacity = m.capacity, i, h, mask = capacity - 1
+    m.entries = <Entry*>checked_big_alloc(capacity * sizeof(Entry))
+    m.capacity = capacity
+    m.size = 0
+    for i in range(old_capacity):
+        if old[i].key != 0:
+            h = <int64_t>(mix64(<uint64_t>old[i].key) & <uint64_t>mask)
+            while m.entries[h].key != 0:
+                h = (h + 1) & mask
+            m.entries[h] = old[i]
+            m.size += 1
+    big_free(old, old_capacity * sizeof(Entry))
+    return 0
+
+
+cdef Entry* map_insert(Map* m, int64_t key, int64_t value) except NULL nogil:
+    """The entry of key, created with value if absent."""
+    cdef Entry* e = map_find(m, key)
+    cdef int64_t mask, h
+    if e != NULL:
+        return e
+    if 2 * (m.size + 1) > m.capacity:
+        map_rehash(m, max(2 * m.capacity, 64))
+    mask = m.capacity - 1
+    h = <int64_t>(mix64(<uint64_t>key) & <uint64_t>mask)
+    while m.entries[h].key != 0:
+        h = (h + 1) & mask
+    m.entries[h].key = key
+    m.entries[h].value = value
+    m.size += 1
+    return &m.entries[h]
+
+
+cdef object map_export(Map* m):
+    """(keys, values) of every entry, as int64 arrays."""
+    cdef int64_t i, k = 0
+    keys = np.empty(m.size, dtype=np.int64)
+    values = np.empty(m.size, dtype=np.int64)
+    cdef int64_t[::1] kv = keys
+    cdef int64_t[::1] vv = values
+    for i in range(m.capacity):
+        if m.entries[i].key != 0:
+            kv[k] = m.entries[i].key
+            vv[k] = m.entries[i].value
+            k += 1
+    return keys, values
+
+
 cdef class Kernel:
     """Compiled rules plus the state of every subscriber they have seen.
 
@@ -410,6 +512,26 @@ cdef class Kernel:
         self.stopped_arbitrated = <int64_t*>checked_alloc(n * sizeof(int64_t))
         self.emitted = <int64_t*>checked_alloc(n * sizeof(int64_t))
         self.survivors = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.goal_of = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.chan_begin = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.chan_end = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.holdout_threshold = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.holdout_seed = <uint64_t*>checked_alloc(n * sizeof(uint64_t))
+        self.max_per_hour = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.goal_within = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.goal_treated = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.goal_holdout = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.guard_ts = <int64_t**>checked_alloc(n * sizeof(int64_t*))
+        self.guard_head = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.guard_count = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.paused = <uint8_t*>checked_alloc(n * sizeof(uint8_t))
+        self.stopped_paused = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.stopped_opt_out = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.stopped_suppressed = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.stopped_decline = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.stopped_no_channel = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.stopped_capped = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.holdout = <int64_t*>checked_alloc(n * sizeof(int64_t))
 
         cdef const uint32_t[::1] kinds = program["kinds"]
         cdef const int32_t[::1] op_begin = program["op_begin"]
@@ -424,6 +546,44 @@ cdef class Kernel:
         cdef const Op[::1] ops = program["ops"]
         cdef const int64_t[::1] constants = program["constants"]
         cdef const int32_t[::1] constant_digits = program["constant_digits"]
+        cdef const int32_t[::1] goal_of = program["goal_of"]
+        cdef const int32_t[::1] chan_begin = program["chan_begin"]
+        cdef const int32_t[::1] chan_end = program["chan_end"]
+        cdef const int32_t[::1] chan_list = program["chan_list"]
+        cdef const int64_t[::1] holdout_threshold = program["holdout_threshold"]
+        cdef const uint64_t[::1] holdout_seed = program["holdout_seed"]
+        cdef const int64_t[::1] max_per_hour = program["max_per_hour"]
+        cdef const int64_t[::1] goal_within = program["goal_within"]
+        cdef const int64_t[::1] zone_start = program["zone_start"]
+        cdef const int64_t[::1] zone_offset = program["zone_offset"]
+        self.n_channels = program["n_channels"]
+        if not 1 <= self.n_channels <= 64:
+            raise ValueError("malformed program: 1 to 64 channels")
+        self.active_mask = program["active_mask"]
+        self.daily_cap = program["daily_cap"]
+        self.monthly_cap = program["monthly_cap"]
+        self.quiet_start = program["quiet_start"]
+        self.quiet_end = program["quiet_end"]
+        self.contact_days = program["contact_days"]
+        if not (self.daily_cap >= 0 and self.monthly_cap >= 0 and 0 < self.contact_days < 128
+                and (self.quiet_start == -1 or (0 <= self.quiet_start < DAY_MS and 0 <= self.quiet_end < DAY_MS
+                                                and self.quiet_start != self.quiet_end))
+                and zone_start.shape[0] >= 1 and zone_start.shape[0] == zone_offset.shape[0]
+                and zone_start[0] == INT64_MIN):
+            raise ValueError("malformed program: policy")
+        self.n_zone = zone_start.shape[0]
+        self.zone_start = <int64_t*>checked_alloc(self.n_zone * sizeof(int64_t))
+        self.zone_offset = <int64_t*>checked_alloc(self.n_zone * sizeof(int64_t))
+        for r in range(self.n_zone):
+            self.zone_start[r] = zone_start[r]
+            self.zone_offset[r] = zone_offset[r]
+            if r and (zone_start[r] <= zone_start[r - 1] or not -DAY_MS < zone_offset[r] < DAY_MS):
+                raise ValueError("malformed program: zone table")
+        self.chan_list = <int32_t*>checked_alloc(chan_list.shape[0] * sizeof(int32_t))
+        for r in range(chan_list.shape[0]):
+            if not 0 <= chan_list[r] < self.n_channels:
+                raise ValueError("malformed program: channel code")
+            self.chan_list[r] = chan_list[r]
         self.n_regs = program["n_regs"]
         self.n_lists = program["n_lists"]
         if self.n_regs < 1 or self.n_lists < 1:
@@ -440,6 +600,19 @@ cdef class Kernel:
             self.cond_column[r] = cond_column[r]
             self.cooldown[r] = cooldown[r]
             self.priority[r] = priority[r]
+            self.goal_of[r] = goal_of[r]
+            self.chan_begin[r] = chan_begin[r]
+            self.chan_end[r] = chan_end[r]
+            self.holdout_threshold[r] = holdout_threshold[r]
+            self.holdout_seed[r] = holdout_seed[r]
+            self.max_per_hour[r] = max_per_hour[r]
+            self.goal_within[r] = goal_within[r]
+            if not (goal_within[r] >= 0 and -1 <= goal_of[r] < n and 0 <= chan_begin[r] <= chan_end[r] <= chan_list.shape[0]
+                    and (goal_of[r] >= 0 or chan_end[r] > chan_begin[r])
+                    and 0 <= max_per_hour[r] <= 1000000 and 0 <= holdout_threshold[r] <= 9007199254740992):
+                raise ValueError(f"malformed program for rule {r}")
+            if max_per_hour[r]:
+                self.guard_ts[r] = <int64_t*>checked_alloc(max_per_hour[r] * sizeof(int64_t))
             if not (COND_NONE <= cond[r] <= COND_CHANGED
                     and 0 <= op_begin[r] <= op_end[r] <= ops.shape[0]
                     and -1 <= result_reg[r] < self.n_regs
@@ -493,6 +666,22 @@ cdef class Kernel:
         self.sub_capacity = max(initial_subscribers, 1)
         self.sub_msisdn = <int64_t*>checked_alloc(self.sub_capacity * sizeof(int64_t))
         self.slots = <int32_t*>checked_big_alloc(self.sub_capacity * self.n_stateful * sizeof(int32_t))
+        self.sub_profile = <int32_t*>checked_big_alloc(self.sub_capacity * sizeof(int32_t))
+        self.prof_msisdn = <int64_t*>checked_alloc(sizeof(int64_t))
+        self.prof_allowed = <uint64_t*>checked_alloc(sizeof(uint64_t))
+        self.prof_flags = <uint8_t*>checked_alloc(1)
+        self.prof_days = <uint8_t*>checked_alloc(1)
+        self.n_prof = 0
+        self.blocks.entries = <Entry*>checked_big_alloc(64 * sizeof(Entry))
+        self.blocks.capacity = 64
+        self.caps.entries = <Entry*>checked_big_alloc(64 * sizeof(Entry))
+        self.caps.capacity = 64
+        self.policy_clock = NO_TS
+        self.goal_open.entries = <Entry*>checked_big_alloc(64 * sizeof(Entry))
+        self.goal_open.capacity = 64
+        self.rec_free = -1
+        self.goal_clock = NO_TS
+        self.sent_channel = <int64_t*>checked_alloc(n * self.n_channels * sizeof(int64_t))
         self.table_capacity = 2
         while self.table_capacity < 2 * self.sub_capacity:
             self.table_capacity *= 2
@@ -523,6 +712,22 @@ cdef class Kernel:
         free(self.row_stateful); free(self.row_sub); free(self.need_rows); free(self.need_hash)
         free(self.sub_msisdn)
         big_free(self.table, self.table_capacity * sizeof(Bucket))
+        big_free(self.sub_profile, self.sub_capacity * sizeof(int32_t))
+        if self.guard_ts != NULL and self.max_per_hour != NULL:
+            for r in range(self.n_rules):
+                free(self.guard_ts[r])
+        free(self.goal_of); free(self.chan_begin); free(self.chan_end); free(self.chan_list)
+        free(self.holdout_threshold); free(self.holdout_seed); free(self.max_per_hour)
+        free(self.guard_ts); free(self.guard_head); free(self.guard_count); free(self.paused)
+        free(self.stopped_paused); free(self.stopped_opt_out); free(self.stopped_suppressed)
+        free(self.stopped_decline); free(self.stopped_no_channel); free(self.stopped_capped)
+        free(self.holdout); free(self.sent_channel); free(self.zone_start); free(self.zone_offset)
+        free(self.prof_msisdn); free(self.prof_allowed); free(self.prof_flags); free(self.prof_days)
+        big_free(self.blocks.entries, self.blocks.capacity * sizeof(Entry))
+        big_free(self.goal_open.entries, self.goal_open.capacity * sizeof(Entry))
+        free(self.goal_within); free(self.goal_treated); free(self.goal_holdout)
+        free(self.rec_ts); free(self.rec_next); free(self.rec_flags)
+        big_free(self.caps.entries, self.caps.capacity * sizeof(Entry))
 
     cdef bint _op_is_valid(self, Op op, Py_ssize_t n_constants):
         if not (0 <= op.code <= OP_NARROW_FALSE and op.a >= 0 and 0 <= op.sel < self.n_lists):
@@ -549,6 +754,8 @@ cdef class Kernel:
         self.sub_msisdn = <int64_t*>checked_realloc(self.sub_msisdn, new * sizeof(int64_t))
         self.slots = <int32_t*>checked_big_realloc(self.slots, old * self.n_stateful * sizeof(int32_t),
                                                    new * self.n_stateful * sizeof(int32_t))
+        self.sub_profile = <int32_t*>checked_big_realloc(self.sub_profile, old * sizeof(int32_t),
+                                                         new * sizeof(int32_t))
         self.sub_capacity = new
         return 0
 
@@ -650,6 +857,224 @@ cdef class Kernel:
             row[1] = 0
         return row
 
+    # -- contact policy ------------------------------------------------------------
+
+    cdef int32_t profile_row(self, int64_t sub, int64_t msisdn) noexcept nogil:
+        """The subscriber's row in the profile columns, -1 none; looked up once per profile load."""
+        cdef int32_t cached = self.sub_profile[sub]
+        cdef Py_ssize_t lo = 0, hi = self.n_prof, mid
+        if cached == 0:
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if self.prof_msisdn[mid] < msisdn:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            cached = <int32_t>(lo + 1) if lo < self.n_prof and self.prof_msisdn[lo] == msisdn else -1
+            self.sub_profile[sub] = cached
+        return cached - 1 if cached > 0 else -1
+
+    cdef Py_ssize_t zone_index(self, int64_t u) noexcept nogil:
+        """The last k with zone_start[k] <= u."""
+        cdef Py_ssize_t k = self.zone_hint, lo, hi, mid
+        if self.zone_start[k] <= u and (k + 1 == self.n_zone or u < self.zone_start[k + 1]):
+            return k
+        lo, hi = 0, self.n_zone
+        while hi - lo > 1:
+            mid = (lo + hi) >> 1
+            if self.zone_start[mid] <= u:
+                lo = mid
+            else:
+                hi = mid
+        self.zone_hint = lo
+        return lo
+
+    cdef int64_t local_day(self, int64_t u) noexcept nogil:
+        """Days since 1970-01-01 of instant u in the configured zone."""
+        return floordiv(u + self.zone_offset[self.zone_index(u)], DAY_MS)
+
+    cdef int64_t next_allowed(self, int64_t ts, uint8_t days) noexcept nogil:
+        """The first instant >= ts on a contact day (mask `days`) and outside quiet hours.
+
+        Walks forward from ts: to the end of the quiet hours or the next local
+        midnight, whichever applies, or to the next change of UTC offset if
+        that comes first (so a boundary inside a DST gap lands on the
+        transition, and one inside a fold on its first occurrence).
+        """
+        cdef int64_t u = ts, off, local, day, tod, boundary, candidate, transition
+        cdef Py_ssize_t k, step
+        cdef bint contact, quiet
+        if days == 0x7F and self.quiet_start < 0:
+            return ts
+        for step in range(64):
+            k = self.zone_index(u)
+            off = self.zone_offset[k]
+            local = u + off
+            day = floordiv(local, DAY_MS)
+            tod = local - day * DAY_MS
+            contact = (days >> ((day + 3) - floordiv(day + 3, 7) * 7)) & 1   # day 0 was a Thursday
+            quiet = 0
+            if self.quiet_start >= 0:
+                if self.quiet_start < self.quiet_end:
+                    quiet = self.quiet_start <= tod < self.quiet_end
+                else:
+                    quiet = tod >= self.quiet_start or tod < self.quiet_end
+            if contact and not quiet:
+                return u
+            if not contact:
+                boundary = (day + 1) * DAY_MS
+            elif tod < self.quiet_end:
+                boundary = day * DAY_MS + self.quiet_end
+            else:
+                boundary = (day + 1) * DAY_MS + self.quiet_end
+            candidate = boundary - off
+            transition = self.zone_start[k + 1] if k + 1 < self.n_zone else INT64_MAX
+            u = transition if transition <= candidate else candidate
+        return u
+
+    cdef int prune_caps(self) except -1 nogil:
+        """Drop cap counts of local days and months before the policy clock's; grow if still full.
+
+        Called when the caps map is full.  Instructions of events in
+        event-time order are delivered on the clock's day or later, so what
+        is dropped is never read again; a late event may find its day's
+        count gone (docs/policy.md).
+        """
+        cdef int64_t today = self.local_day(self.policy_clock)
+        cdef int64_t this_month = month_of_day(today)
+        cdef int64_t i, key, period
+        cdef Entry* e
+        for i in range(self.caps.capacity):
+            e = &self.caps.entries[i]
+            if e.key == 0:
+                continue
+            period = (e.key & ((1 << 20) - 1)) - PERIOD_BIAS
+            if (e.key >> 20) & 1:
+                if period < this_month:
+                    e.key = 0
+            elif period < today:
+                e.key = 0
+        map_rehash(&self.caps, self.caps.capacity)
+        if 4 * (self.caps.size + 1) > self.caps.capacity:
+            map_rehash(&self.caps, 2 * self.caps.capacity)
+        return 0
+
+    cdef int64_t find_subscriber(self, int64_t msisdn) noexcept nogil:
+        """Dense id of msisdn, -1 if the kernel has never seen it."""
+        cdef int64_t mask = self.table_capacity - 1
+        cdef int64_t h = <int64_t>(mix64(<uint64_t>msisdn) & <uint64_t>mask)
+        while self.table[h].msisdn != 0:
+            if self.table[h].msisdn == msisdn:
+                return self.table[h].id
+            h = (h + 1) & mask
+        return -1
+
+    # -- goals ---------------------------------------------------------------------
+
+    cdef int64_t record_alloc(self) except -1 nogil:
+        """A free goal record: from the free list, else after a sweep, else a larger pool."""
+        cdef int64_t i, capacity
+        if self.rec_free < 0 and self.rec_used == self.rec_capacity and self.rec_capacity:
+            self.sweep_goals()
+        if self.rec_free >= 0:
+            i = self.rec_free
+            self.rec_free = self.rec_next[i]
+            return i
+        if self.rec_used == self.rec_capacity:
+            capacity = max(2 * self.rec_capacity, 1024)
+            self.rec_ts = <int64_t*>checked_realloc(self.rec_ts, capacity * sizeof(int64_t))
+            self.rec_next = <int64_t*>checked_realloc(self.rec_next, capacity * sizeof(int64_t))
+            self.rec_flags = <uint8_t*>checked_realloc(self.rec_flags, capacity)
+            self.rec_capacity = capacity
+        self.rec_used += 1
+        return self.rec_used - 1
+
+    cdef int sweep_goals(self) except -1 nogil:
+        """Free the records whose goal window closed before goal_clock.
+
+        Events in event-time order never reach back past goal_clock, so what
+        is freed could not convert again; a late goal event may miss it.
+        """
+        cdef int64_t i, j, prev, nxt, rule
+        cdef Entry* e
+        for i in range(self.goal_open.capacity):
+            e = &self.goal_open.entries[i]
+            if e.key == 0 or e.value == 0:
+                continue
+            rule = e.key % (self.n_rules + 1)
+            prev = -1
+            j = e.value - 1
+            while j >= 0:
+                nxt = self.rec_next[j]
+                if self.rec_ts[j] + self.goal_within[rule] < self.goal_clock:
+                    if prev < 0:
+                        e.value = nxt + 1
+                    else:
+                        self.rec_next[prev] = nxt
+                    self.rec_next[j] = self.rec_free
+                    self.rec_free = j
+                else:
+                    prev = j
+                j = nxt
+        return 0
+
+    cdef int goal_issue(self, int64_t sub, Py_ssize_t rule, int64_t ts, bint holdout) except -1 nogil:
+        """Open an instruction of a rule with a goal, at the end of its subscriber's chain."""
+        cdef int64_t i = self.record_alloc(), j
+        cdef Entry* e
+        self.rec_ts[i] = ts
+        self.rec_flags[i] = holdout
+        self.rec_next[i] = -1
+        if ts > self.goal_clock:
+            self.goal_clock = ts
+        e = map_insert(&self.goal_open, (sub + 1) * (self.n_rules + 1) + rule, 0)
+        if e.value == 0:
+            e.value = i + 1
+        else:
+            j = e.value - 1
+            while self.rec_next[j] >= 0:
+                j = self.rec_next[j]
+            self.rec_next[j] = i
+        return 0
+
+    cdef void goal_event(self, int64_t sub, Py_ssize_t rule, int64_t ts) noexcept nogil:
+        """A goal event converts the earliest open instruction with ts in [t - W, t), once.
+
+        Records whose window closed before ts are freed on the way: in
+        event-time order no later goal event could convert them.
+        """
+        cdef Entry* e = NULL
+        cdef int64_t j, prev = -1, nxt
+        cdef bint convert
+        if ts > self.goal_clock:
+            self.goal_clock = ts
+        if sub < 0:
+            return
+        e = map_find(&self.goal_open, (sub + 1) * (self.n_rules + 1) + rule)
+        if e == NULL:
+            return
+        j = e.value - 1
+        while j >= 0:
+            nxt = self.rec_next[j]
+            convert = self.rec_ts[j] < ts <= self.rec_ts[j] + self.goal_within[rule]
+            if convert or self.rec_ts[j] + self.goal_within[rule] < ts:
+                if convert:
+                    if self.rec_flags[j] & 1:
+                        self.goal_holdout[rule] += 1
+                    else:
+                        self.goal_treated[rule] += 1
+                if prev < 0:
+                    e.value = nxt + 1
+                else:
+                    self.rec_next[prev] = nxt
+                self.rec_next[j] = self.rec_free
+                self.rec_free = j
+                if convert:
+                    return
+            else:
+                prev = j
+            j = nxt
+
     # -- the two phases ----------------------------------------------------------
 
     cdef void run_where(self, Py_ssize_t rule, const Column* cols, Py_ssize_t base,
@@ -750,9 +1175,18 @@ cdef class Kernel:
                     dst[pos[t]] = out[t]
 
     cdef Py_ssize_t process_columns(self, const Column* cols, Py_ssize_t n,
-                                    int64_t* out_row, int32_t* out_rule) except -1 nogil:
+                                    int64_t* out_row, int32_t* out_rule, int32_t* out_channel,
+                                    int64_t* out_not_before, uint8_t* out_holdout) except -1 nogil:
         cdef Py_ssize_t base, m, i, j, k, r, g, cnt, n_out = 0, n_pairs, n_surv
-        cdef int32_t p, best
+        cdef int32_t p, best, prow, channel
+        cdef int64_t msisdn, until, not_before, day, month, ring_at
+        cdef uint64_t allowed
+        cdef uint8_t days
+        cdef bint active, in_holdout
+        cdef Entry* e
+        cdef Entry* day_count
+        cdef Entry* month_count
+        cdef bint capped = self.daily_cap > 0 or self.monthly_cap > 0
         cdef int32_t bucket_start[257]
         cdef int32_t bucket_fill[256]
         cdef const uint8_t* kind = <const uint8_t*>cols[KIND_COLUMN].data
@@ -805,12 +1239,14 @@ cdef class Kernel:
                         else:
                             self.pair_next[self.row_tail[i]] = <int32_t>n_pairs
                         self.row_tail[i] = <int32_t>n_pairs
-                        if self.width[r]:
+                        # Policy keeps per-subscriber state for every campaign
+                        # (caps, feedback, profile row); goal filters need none.
+                        if self.goal_of[r] < 0:
                             self.row_stateful[i] = 1
                         n_pairs += 1
 
-            # Phase 2: subscribers, then conditions, cooldown and arbitration
-            # in row order.
+            # Phase 2: subscribers, then conditions and the contact policy in
+            # row order.
             self.find_subscribers(msisdn_col, base, m)
             for i in range(min(m, <Py_ssize_t>PREFETCH_DISTANCE)):
                 self.prefetch_state(i)
@@ -823,11 +1259,19 @@ cdef class Kernel:
                 g = base + i
                 ts = ts_col[g]
                 sub = self.row_sub[i]
+                msisdn = msisdn_col[g]
+                prow = -1
+                if self.n_prof and self.row_stateful[i]:
+                    prow = self.profile_row(sub, msisdn)
                 n_surv = 0
                 best = -1
                 while p >= 0:
                     r = self.pair_rule[p]
                     p = self.pair_next[p]
+                    if self.goal_of[r] >= 0:
+                        self.goal_event(sub if self.row_stateful[i] else self.find_subscriber(msisdn),
+                                        self.goal_of[r], ts)
+                        continue
                     match = 1
                     if self.cond[r] == COND_COUNT:
                         # Window (ts - W, ts]; the current event counts itself.
@@ -864,6 +1308,22 @@ cdef class Kernel:
                     if not match:
                         continue
                     self.matched[r] += 1
+                    # Policy steps 1-3, each match on its own (SPEC section 8).
+                    if self.paused[r]:
+                        self.stopped_paused[r] += 1
+                        continue
+                    if (prow >= 0 and self.prof_flags[prow] & 1) or (
+                            self.blocks.size and map_find(&self.blocks, (sub + 1) * (self.n_rules + 1) + self.n_rules)):
+                        self.stopped_opt_out[r] += 1
+                        continue
+                    if self.blocks.size:
+                        e = map_find(&self.blocks, (sub + 1) * (self.n_rules + 1) + r)
+                        if e != NULL and ts < e.value:
+                            if e.value == INT64_MAX:
+                                self.stopped_suppressed[r] += 1
+                            else:
+                                self.stopped_decline[r] += 1
+                            continue
                     if self.cooldown[r] > 0:
                         slot = self.slots[sub * self.n_stateful + self.stateful_index[r]]
                         if slot > 0 and self.state[r][<int64_t>(slot - 1) * self.width[r]] > ts - self.cooldown[r]:
@@ -875,14 +1335,80 @@ cdef class Kernel:
                         best = <int32_t>r
                 if best < 0:
                     continue
+                # Step 4: arbitration.
                 for k in range(n_surv):
                     if self.survivors[k] != best:
                         self.stopped_arbitrated[self.survivors[k]] += 1
+                # Step 5: channel choice; the winner is not replaced if it stops from here on.
+                allowed = self.prof_allowed[prow] if prow >= 0 else <uint64_t>0xFFFFFFFFFFFFFFFFULL
+                channel = -1
+                for k in range(self.chan_begin[best], self.chan_end[best]):
+                    if (allowed >> self.chan_list[k]) & 1:
+                        channel = self.chan_list[k]
+                        break
+                if channel < 0:
+                    self.stopped_no_channel[best] += 1
+                    continue
+                # Steps 7 then 6: caps count by the local day of delivery.
+                not_before = ts
+                active = (self.active_mask >> channel) & 1
+                day_count = NULL
+                month_count = NULL
+                day = month = 0
+                if active:
+                    days = self.contact_days
+                    if prow >= 0 and self.prof_days[prow]:
+                        days = self.prof_days[prow]
+                    not_before = self.next_allowed(ts, days)
+                    if capped:
+                        if ts > self.policy_clock:
+                            self.policy_clock = ts
+                        day = self.local_day(not_before)
+                        month = month_of_day(day)
+                        day_count = map_find(&self.caps, caps_key(sub, 0, day))
+                        month_count = map_find(&self.caps, caps_key(sub, 1, month))
+                        if ((self.daily_cap and day_count != NULL and day_count.value >= self.daily_cap)
+                                or (self.monthly_cap and month_count != NULL
+                                    and month_count.value >= self.monthly_cap)):
+                            self.stopped_capped[best] += 1
+                            continue
+                # Guardrail: one more instruction than max_per_hour within an hour pauses the rule.
+                if self.max_per_hour[best]:
+                    if (self.guard_count[best] == self.max_per_hour[best]
+                            and self.guard_ts[best][self.guard_head[best]] > ts - HOUR_MS):
+                        self.paused[best] = 1
+                        self.stopped_paused[best] += 1
+                        continue
+                    if self.guard_count[best] < self.max_per_hour[best]:
+                        ring_at = (self.guard_head[best] + self.guard_count[best]) % self.max_per_hour[best]
+                        self.guard_count[best] += 1
+                    else:
+                        ring_at = self.guard_head[best]
+                        self.guard_head[best] = (self.guard_head[best] + 1) % self.max_per_hour[best]
+                    self.guard_ts[best][ring_at] = ts
+                # Step 8: holdout, deterministic in (msisdn, rule).
+                in_holdout = (self.holdout_threshold[best] > 0 and <int64_t>(
+                    mix64(<uint64_t>msisdn ^ self.holdout_seed[best] ^ HOLDOUT_SALT) >> 11)
+                    < self.holdout_threshold[best])
+                if active and capped:
+                    if 2 * (self.caps.size + 2) > self.caps.capacity:
+                        self.prune_caps()
+                    map_insert(&self.caps, caps_key(sub, 0, day), 0).value += 1
+                    map_insert(&self.caps, caps_key(sub, 1, month), 0).value += 1
                 self.emitted[best] += 1
+                if in_holdout:
+                    self.holdout[best] += 1
+                else:
+                    self.sent_channel[best * self.n_channels + channel] += 1
                 if self.width[best]:
                     self.state_row(best, sub)[0] = ts
+                if self.goal_within[best]:
+                    self.goal_issue(sub, best, ts, in_holdout)
                 out_row[n_out] = g
                 out_rule[n_out] = best
+                out_channel[n_out] = channel
+                out_not_before[n_out] = not_before
+                out_holdout[n_out] = in_holdout
                 n_out += 1
             base += m
         return n_out
@@ -890,13 +1416,17 @@ cdef class Kernel:
     # -- Python interface ----------------------------------------------------------
 
     def process(self, tuple columns, Py_ssize_t n):
-        """Match one batch; returns (rows, rules) of the instructions, in row order.
+        """Match one batch and apply the contact policy; returns its instructions.
 
         `columns` are the batch's canonical columns (engine.schema.EVENT_COLUMNS
         order, typed as column_dtypes(), C-contiguous, None for an absent
         optional column); the arrays may be read-only.  The caller guarantees
-        msisdn > 0 (engine.schema.validate_events checks it).  At most one
-        instruction per event, so n rows of output space always suffice.
+        msisdn > 0 (engine.schema.validate_events checks it).
+
+        Returns (rows, rules, channels, not_before, holdout): per instruction,
+        in row order, its event row, rule, channel code, not_before and
+        holdout flag.  At most one instruction per event, so n rows of output
+        space always suffice.
         """
         cdef Column cols[12]
         cdef Py_ssize_t i, n_out
@@ -909,33 +1439,116 @@ cdef class Kernel:
             cols[i] = as_column(columns[i], COLUMN_LAYOUT[i], n)
         rows = np.empty(n, dtype=np.int64)
         rules = np.empty(n, dtype=np.int32)
+        channels = np.empty(n, dtype=np.int32)
+        not_before = np.empty(n, dtype=np.int64)
+        holdout = np.empty(n, dtype=np.uint8)
         cdef int64_t[::1] out_row = rows
         cdef int32_t[::1] out_rule = rules
+        cdef int32_t[::1] out_channel = channels
+        cdef int64_t[::1] out_not_before = not_before
+        cdef uint8_t[::1] out_holdout = holdout
         if n == 0:
-            return rows, rules
+            return rows, rules, channels, not_before, holdout.view(np.bool_)
         cdef Py_ssize_t bad = first_out_of_range(cols, n)
         if bad >= 0:
             # msisdn 0 is the hash table's empty marker and ts < 0 could
             # overflow ts - W: refuse before any state moves.
             raise ValueError(f"row {bad}: msisdn must be > 0 and ts >= 0 (validate_events checks both)")
         with nogil:
-            n_out = self.process_columns(cols, n, &out_row[0], &out_rule[0])
-        return rows[:n_out], rules[:n_out]
+            n_out = self.process_columns(cols, n, &out_row[0], &out_rule[0], &out_channel[0],
+                                         &out_not_before[0], &out_holdout[0])
+        return rows[:n_out], rules[:n_out], channels[:n_out], not_before[:n_out], holdout[:n_out].view(np.bool_)
+
+    def set_profiles(self, const int64_t[::1] msisdn, const uint64_t[::1] allowed, const uint8_t[::1] flags,
+                     const uint8_t[::1] days):
+        """Replace the profiles' policy columns (engine.profiles.ProfileStore.policy_arrays).
+
+        msisdn sorted ascending and unique; allowed is a channel-code mask,
+        flags bit 0 is opt-out, days a weekday mask (bit 0 = Monday, 0 = the
+        policy's).  Applies to every match processed after the call.
+        """
+        cdef Py_ssize_t n = msisdn.shape[0], i
+        if allowed.shape[0] != n or flags.shape[0] != n or days.shape[0] != n:
+            raise ValueError("profile columns differ in length")
+        for i in range(1, n):
+            if msisdn[i] <= msisdn[i - 1]:
+                raise ValueError("profile msisdns must be sorted and unique")
+        self.prof_msisdn = <int64_t*>checked_realloc(self.prof_msisdn, max(n, 1) * sizeof(int64_t))
+        self.prof_allowed = <uint64_t*>checked_realloc(self.prof_allowed, max(n, 1) * sizeof(uint64_t))
+        self.prof_flags = <uint8_t*>checked_realloc(self.prof_flags, max(n, 1))
+        self.prof_days = <uint8_t*>checked_realloc(self.prof_days, max(n, 1))
+        if n:
+            memcpy(self.prof_msisdn, &msisdn[0], n * sizeof(int64_t))
+            memcpy(self.prof_allowed, &allowed[0], n * sizeof(uint64_t))
+            memcpy(self.prof_flags, &flags[0], n)
+            memcpy(self.prof_days, &days[0], n)
+        self.n_prof = n
+        memset(self.sub_profile, 0, self.sub_capacity * sizeof(int32_t))
+
+    def block(self, const int64_t[::1] msisdn, const int32_t[::1] rule, const int64_t[::1] until):
+        """Block rule[i] for subscriber msisdn[i] for events with ts < until[i] (feedback).
+
+        rule == -1 blocks every rule (opt-out).  INT64_MAX blocks for
+        good (accepted: counted as `suppressed`); any other value is a
+        decline cooldown.  A block never shortens an earlier one.
+        """
+        cdef Py_ssize_t n = msisdn.shape[0], i
+        cdef Entry* e
+        if rule.shape[0] != n or until.shape[0] != n:
+            raise ValueError("block: arrays differ in length")
+        for i in range(n):
+            if msisdn[i] <= 0 or not -1 <= rule[i] < self.n_rules:
+                raise ValueError(f"block: row {i} names no subscriber or rule")
+        with nogil:
+            for i in range(n):
+                e = map_insert(&self.blocks, (self.find_or_insert(msisdn[i], mix64(<uint64_t>msisdn[i])) + 1)
+                               * (self.n_rules + 1) + (self.n_rules if rule[i] < 0 else rule[i]), NO_TS)
+                if until[i] > e.value:
+                    e.value = until[i]
+
+    def resume(self, Py_ssize_t rule):
+        """Lift a guardrail pause; the rule's hour starts afresh."""
+        if not 0 <= rule < self.n_rules:
+            raise IndexError(rule)
+        self.paused[rule] = 0
+        self.guard_head[rule] = 0
+        self.guard_count[rule] = 0
+
+    def paused_rules(self):
+        """Per rule: 1 while paused by its guardrail."""
+        out = np.zeros(self.n_rules, dtype=np.uint8)
+        cdef Py_ssize_t r
+        for r in range(self.n_rules):
+            out[r] = self.paused[r]
+        return out
 
     def counters(self):
-        """Per-rule counters as int64 arrays (copies)."""
+        """Per-rule counters as int64 arrays (copies); `sent_channel` is rules x channels."""
         return {
             "matched": self._copy_i64(self.matched, self.n_rules),
             "stopped_cooldown": self._copy_i64(self.stopped_cooldown, self.n_rules),
             "stopped_arbitrated": self._copy_i64(self.stopped_arbitrated, self.n_rules),
             "emitted": self._copy_i64(self.emitted, self.n_rules),
+            "stopped_paused": self._copy_i64(self.stopped_paused, self.n_rules),
+            "stopped_opt_out": self._copy_i64(self.stopped_opt_out, self.n_rules),
+            "stopped_suppressed": self._copy_i64(self.stopped_suppressed, self.n_rules),
+            "stopped_decline_cooldown": self._copy_i64(self.stopped_decline, self.n_rules),
+            "stopped_no_channel": self._copy_i64(self.stopped_no_channel, self.n_rules),
+            "stopped_capped": self._copy_i64(self.stopped_capped, self.n_rules),
+            "holdout": self._copy_i64(self.holdout, self.n_rules),
+            "goal_treated": self._copy_i64(self.goal_treated, self.n_rules),
+            "goal_holdout": self._copy_i64(self.goal_holdout, self.n_rules),
+            "sent_channel": self._copy_i64(self.sent_channel, self.n_rules * self.n_channels).reshape(
+                self.n_rules, self.n_channels),
         }
 
     def memory_bytes(self):
         """Bytes held for subscriber state: index, slots and state rows."""
         cdef int64_t total = self.table_capacity * sizeof(Bucket)
         cdef Py_ssize_t r
-        total += self.sub_capacity * (sizeof(int64_t) + self.n_stateful * sizeof(int32_t))
+        total += self.sub_capacity * (sizeof(int64_t) + sizeof(int32_t) + self.n_stateful * sizeof(int32_t))
+        total += (self.blocks.capacity + self.caps.capacity + self.goal_open.capacity) * sizeof(Entry)
+        total += self.rec_capacity * (2 * sizeof(int64_t) + sizeof(uint8_t))
         for r in range(self.n_rules):
             total += self.state_capacity[r] * self.width[r] * sizeof(int64_t)
         return total
@@ -962,7 +1575,7 @@ cdef class Kernel:
         per stateful rule r 'state.r' (rows * width int64 words).
         Whole-array copies: no per-subscriber loop.
         """
-        cdef Py_ssize_t r
+        cdef Py_ssize_t r, i
         state = {"msisdn": self._copy_i64(self.sub_msisdn, self.n_subs),
                  "width": self._copy_i32(self.width, self.n_rules),
                  # stored as row + 1 (so zeroed memory means "no row"); exported as row, -1 none
@@ -972,6 +1585,27 @@ cdef class Kernel:
         for r in range(self.n_rules):
             if self.width[r]:
                 state[f"state.{r}"] = self._copy_i64(self.state[r], self.state_rows[r] * self.width[r])
+        # Blocks are keyed by dense id, which a restore keeps; caps likewise.
+        state["blocks.key"], state["blocks.value"] = map_export(&self.blocks)
+        state["caps.key"], state["caps.value"] = map_export(&self.caps)
+        state["policy_clock"] = np.array([self.policy_clock], dtype=np.int64)
+        state["paused"] = self.paused_rules()
+        guard = []
+        for r in range(self.n_rules):
+            for i in range(self.guard_count[r]):
+                guard.append((r, self.guard_ts[r][(self.guard_head[r] + i) % self.max_per_hour[r]]))
+        state["guard"] = np.array(guard, dtype=np.int64).reshape(-1, 2)
+        # Open goal records, chain by chain in issue order: (key, ts, flags).
+        records = []
+        cdef int64_t j
+        for i in range(self.goal_open.capacity):
+            if self.goal_open.entries[i].key != 0:
+                j = self.goal_open.entries[i].value - 1
+                while j >= 0:
+                    records.append((self.goal_open.entries[i].key, self.rec_ts[j], self.rec_flags[j]))
+                    j = self.rec_next[j]
+        state["goal_records"] = np.array(records, dtype=np.int64).reshape(-1, 3)
+        state["goal_clock"] = np.array([self.goal_clock], dtype=np.int64)
         return state
 
     def import_state(self, dict state):
@@ -1027,6 +1661,60 @@ cdef class Kernel:
         self._load_counter(state, "stopped_cooldown", self.stopped_cooldown)
         self._load_counter(state, "stopped_arbitrated", self.stopped_arbitrated)
         self._load_counter(state, "emitted", self.emitted)
+        self._load_counter(state, "stopped_paused", self.stopped_paused)
+        self._load_counter(state, "stopped_opt_out", self.stopped_opt_out)
+        self._load_counter(state, "stopped_suppressed", self.stopped_suppressed)
+        self._load_counter(state, "stopped_decline_cooldown", self.stopped_decline)
+        self._load_counter(state, "stopped_no_channel", self.stopped_no_channel)
+        self._load_counter(state, "stopped_capped", self.stopped_capped)
+        self._load_counter(state, "holdout", self.holdout)
+        sent = np.ascontiguousarray(state["sent_channel"], dtype=np.int64)
+        if sent.shape != (self.n_rules, self.n_channels):
+            raise ValueError("counter sent_channel is malformed")
+        cdef const int64_t[::1] sent_flat = sent.reshape(-1)
+        if sent.size:
+            memcpy(self.sent_channel, &sent_flat[0], sent.size * sizeof(int64_t))
+        self._load_map(&self.blocks, state["blocks.key"], state["blocks.value"], n, self.n_rules + 1)
+        self._load_map(&self.caps, state["caps.key"], state["caps.value"], n, 1 << 21)
+        self.policy_clock = int(np.asarray(state["policy_clock"], dtype=np.int64)[0])
+        paused = np.asarray(state["paused"], dtype=np.uint8)
+        guard = np.asarray(state["guard"], dtype=np.int64).reshape(-1, 2)
+        if paused.shape != (self.n_rules,) or (len(guard) and not (
+                0 <= guard[:, 0].min() and guard[:, 0].max() < self.n_rules)):
+            raise ValueError("guardrail state is malformed")
+        for r in range(self.n_rules):
+            self.paused[r] = paused[r]
+            self.guard_head[r] = 0
+            self.guard_count[r] = 0
+        for r, t in guard.tolist():
+            if self.guard_count[r] >= self.max_per_hour[r]:
+                raise ValueError("guardrail state is malformed")
+            self.guard_ts[r][self.guard_count[r]] = t
+            self.guard_count[r] += 1
+        records = np.asarray(state["goal_records"], dtype=np.int64).reshape(-1, 3)
+        for key, t, flags in records.tolist():
+            rule = key % (self.n_rules + 1)
+            if not (self.n_rules + 1 <= key < (n + 1) * (self.n_rules + 1) and rule < self.n_rules
+                    and self.goal_within[rule] and 0 <= flags <= 1):
+                raise ValueError("goal state is malformed")
+            self.goal_issue(key // (self.n_rules + 1) - 1, rule, t, flags)
+        self.goal_clock = int(np.asarray(state["goal_clock"], dtype=np.int64)[0])
+        self._load_counter(state, "goal_treated", self.goal_treated)
+        self._load_counter(state, "goal_holdout", self.goal_holdout)
+
+    cdef _load_map(self, Map* m, object keys, object values, int64_t n_subs, int64_t per_sub):
+        """Fill an empty map from export_state's arrays; every key must name a known subscriber."""
+        cdef const int64_t[::1] k = np.ascontiguousarray(keys, dtype=np.int64)
+        cdef const int64_t[::1] v = np.ascontiguousarray(values, dtype=np.int64)
+        cdef Py_ssize_t i
+        if k.shape[0] != v.shape[0]:
+            raise ValueError("policy map is malformed")
+        for i in range(k.shape[0]):
+            if not per_sub <= k[i] < (n_subs + 1) * per_sub:
+                raise ValueError("policy map is malformed")
+            if map_find(m, k[i]) != NULL:
+                raise ValueError("policy map is malformed")
+            map_insert(m, k[i], v[i])
 
     cdef _load_counter(self, dict state, str name, int64_t* dst):
         cdef const int64_t[::1] src = np.ascontiguousarray(state[name], dtype=np.int64)
