@@ -154,6 +154,10 @@ def _input(source: str, name: str, table: object) -> InputConfig:
         raise t.error("subscribe", "only a sub socket subscribes")
     if not all(isinstance(s, str) for s in subscribe):
         raise t.error("subscribe", "must be a list of strings")
+    role = t.choice("role", ROLES, "events")
+    for key in ("columns", "fields"):
+        if role == "feedback" and key in t.table:
+            raise t.error(key, "a feedback input carries id, outcome and ts as they are (docs/daemon.md)")
     columns = t.get("columns", list, None)
     if columns is not None and not all(isinstance(c, str) for c in columns):
         raise t.error("columns", "must be a list of field names")
@@ -164,7 +168,7 @@ def _input(source: str, name: str, table: object) -> InputConfig:
         socket=socket,
         bind=t.get("bind", bool, True),
         format=t.choice("format", FORMATS, "arrow"),
-        role=t.choice("role", ROLES, "events"),
+        role=role,
         rcvhwm=t.positive("rcvhwm", 1000),
         max_message_bytes=t.positive("max_message_bytes", 64 << 20),
         subscribe=tuple(subscribe),

@@ -41,12 +41,14 @@ import pyarrow as pa
 import zmq
 
 from adapters.deadletter import DeadLetterFile
+from adapters.feedback import DecodedFeedback, FeedbackDecoder
 from adapters.outputs import Backpressure, Output, make_output
 from adapters.wire import REJECT_REASONS, FieldMap, Reject, make_decoder
 from adapters.zmq_input import ZmqInput
 from engine.config import DaemonConfig
 from engine.engine import Engine
 from engine.metrics import Histogram, MetricFamily, MetricsServer, Registry, counter, gauge, histogram
+from engine.profiles import ProfileError, ProfileStore
 from engine.rules import RulesError, RuleSet, load_rules
 from engine.schema import COLUMN_DTYPES, BatchError
 
@@ -134,7 +136,9 @@ class Daemon:
         self.deadletter = DeadLetterFile(config.deadletter_dir, config.deadletter_rotate_bytes, clock=wall)
         self.batcher = Batcher(config.max_batch_events)
         self.rejected = {(i.name, reason): 0 for i in config.inputs for reason in REJECT_REASONS}
-        self.events_in = {i.name: 0 for i in config.inputs}
+        self.events_in = {i.name: 0 for i in config.inputs if i.role == "events"}
+        self.feedback_results = {(i.name, result): 0 for i in config.inputs if i.role == "feedback"
+                                 for result in ("applied", "unknown", "invalid")}
         self.events_processed = self.engine.stats()["events"]
         self.batches_processed = self.engine.stats()["batches"]
         self.instructions_out = 0
@@ -158,7 +162,10 @@ class Daemon:
                 i.name: make_decoder(i.format, FieldMap.from_config(i.fields) if i.fields else None,
                                      columns=list(i.columns) if i.columns else None,
                                      max_message_bytes=i.max_message_bytes)
-                for i in config.inputs
+                for i in config.inputs if i.role == "events"
+            }
+            self.feedback_decoders = {
+                i.name: FeedbackDecoder(i.format, i.max_message_bytes) for i in config.inputs if i.role == "feedback"
             }
             for name, table in config.outputs.items():
                 self.outputs.append(OutputQueue(make_output(name, table)))
@@ -193,10 +200,12 @@ class Daemon:
         if state is not None and any(p.exists() for p in (state, _sibling(state, ".partial"), _sibling(state, ".old"))):
             engine = Engine.restore(state, initial_subscribers=self.config.initial_subscribers)
             fate = engine.reload_rules(ruleset)
+            if self.config.profiles is not None:
+                engine.load_profiles(self.config.profiles)  # the file may be newer than the checkpoint's copy
             log.info("state restored", extra={"fields": {"state_dir": str(state), "subscribers": engine.stats()[
                 "subscribers"], **fate}})
             return engine
-        return Engine(ruleset, initial_subscribers=self.config.initial_subscribers)
+        return Engine(ruleset, profiles=self.config.profiles, initial_subscribers=self.config.initial_subscribers)
 
     # -- control from other threads -----------------------------------------
 
@@ -291,6 +300,10 @@ class Daemon:
             kind = "sequence gap" if event.got > event.expected else "sequence regression"
             log.warning(kind, extra={"fields": {"input": feed.name, "sender": event.sender,
                                                 "expected": event.expected, "got": event.got}})
+        if feed.name in self.feedback_decoders:
+            for payload in payloads:
+                self._apply_feedback(feed.name, self.feedback_decoders[feed.name].decode(payload))
+            return len(payloads)
         decoder = self.decoders[feed.name]
         for payload in payloads:
             decoded = decoder.decode(payload)
@@ -303,6 +316,19 @@ class Daemon:
                 if self.batcher.n >= self.batcher.max_events and not self._backlogged():
                     self._process_batch()
         return len(payloads)
+
+    def _apply_feedback(self, input_name: str, decoded: DecodedFeedback) -> None:
+        """Channel outcomes: they affect only events processed after them, so the waiting batch goes first."""
+        if decoded.rejects:
+            self._dead_letter(input_name, decoded.rejects)
+        if not decoded.n:
+            return
+        if self.batcher.n:
+            self._process_batch()
+        result = self.engine.feedback(decoded.ids, decoded.outcomes, decoded.ts)
+        for outcome, n in result.items():
+            key = (input_name, outcome)
+            self.feedback_results[key] = self.feedback_results.get(key, 0) + n
 
     def _dead_letter(self, input_name: str, rejects: list[Reject]) -> None:
         for reject in rejects:
@@ -349,18 +375,23 @@ class Daemon:
             self._emit(self.engine.advance(target))
 
     def _reload(self, future: Future) -> None:
+        """Rules (and profiles, when configured) from their files; either refused leaves both as they were."""
         try:
             ruleset = self._rules()
-        except (RulesError, OSError) as exc:
+            profiles = ProfileStore.load(self.config.profiles) if self.config.profiles is not None else None
+        except (RulesError, ProfileError, OSError) as exc:
             self.reloads["refused"] += 1
-            log.error("rules reload refused; the old rules keep running", extra={"fields": {"error": str(exc)}})
+            log.error("reload refused; the old rules and profiles keep running", extra={"fields": {"error": str(exc)}})
             future.set_result((False, str(exc)))
             return
         if self.batcher.n:
             self._process_batch()  # events that arrived before the reload run under the old rules
         fate = self.engine.reload_rules(ruleset)
+        if profiles is not None:
+            self.engine.load_profiles(profiles)
         self.reloads["ok"] += 1
-        log.info("rules reloaded", extra={"fields": {"rules": str(self.config.rules), **fate}})
+        log.info("rules reloaded", extra={"fields": {
+            "rules": str(self.config.rules), "profiles": len(self.engine.profiles), **fate}})
         future.set_result((True, f"kept {len(fate['kept'])}, fresh {len(fate['fresh'])}, "
                                  f"removed {len(fate['removed'])} rules"))
 
@@ -421,6 +452,8 @@ class Daemon:
                     [({"input": f.name}, f.counters.missing) for f in feeds]),
             counter("kairos_input_sequence_regressions", "Sequence numbers that went back or repeated, per input.",
                     [({"input": f.name}, f.counters.regressions) for f in feeds]),
+            counter("kairos_feedback_reports", "Feedback reports per input: applied, unknown id, invalid outcome.",
+                    [({"input": name, "result": result}, n) for (name, result), n in self.feedback_results.items()]),
             counter("kairos_events", "Events processed by the engine.", self.events_processed),
             counter("kairos_batches", "Batches processed by the engine.", self.batches_processed),
             counter("kairos_instructions", "Instructions handed to the outputs, per rule and channel.",
@@ -431,6 +464,18 @@ class Daemon:
             counter("kairos_policy_stops", "Matches stopped by contact policy, per rule and reason.",
                     [({"rule": r, "reason": reason}, n) for r, s in rules.items()
                      for reason, n in s["stopped"].items()]),
+            counter("kairos_rule_sent", "Instructions to be delivered (treated), per rule and channel.",
+                    [({"rule": r, "channel": c}, n) for r, s in rules.items()
+                     for c, n in s["sent_by_channel"].items()]),
+            counter("kairos_rule_holdout", "Instructions held out as the control group, per rule.",
+                    [({"rule": r}, s["holdout"]) for r, s in rules.items()]),
+            counter("kairos_rule_feedback", "Channel outcomes per rule.",
+                    [({"rule": r, "outcome": outcome}, n) for r, s in rules.items()
+                     for outcome, n in s["feedback"].items()]),
+            counter("kairos_rule_goal_conversions", "Goal events attributed to instructions, per rule and group.",
+                    [({"rule": r, "group": group}, n) for r, s in rules.items() for group, n in s["goal"].items()]),
+            gauge("kairos_rule_paused", "1 while a rule is paused by its guardrail (max_per_hour).",
+                  [({"rule": r}, int(s["paused"])) for r, s in rules.items()]),
             counter("kairos_output_instructions", "Instructions each output took.",
                     [({"output": q.output.name}, q.output.stats().get("instructions", 0)) for q in self.outputs]),
             gauge("kairos_output_waiting_instructions", "Instructions waiting for an output that pushed back.",

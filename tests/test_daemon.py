@@ -366,7 +366,7 @@ cooldown = "0s"
     call(4_000, 4)
     assert daemon.stop() == 0
     assert [r["template"] for r in file_instructions(tmp_path / "out")] == ["hotline_v2", "hotline_v2", "hotline_v3"]
-    refused = next(e for e in daemon.logs() if e["msg"].startswith("rules reload refused"))
+    refused = next(e for e in daemon.logs() if e["msg"].startswith("reload refused"))
     assert "===" in refused["error"]
 
 
@@ -562,3 +562,85 @@ def test_batcher_joins_messages_whose_optional_columns_differ(batch):
     batcher.add(first, 1, arrived=12.0)
     alone, n, _ = batcher.take()
     assert alone is first and n == 1  # one message: no copy
+
+
+def test_feedback_input_closes_the_loop(tmp_path, daemons, sockets, batch):
+    rules = """
+[[rule]]
+id = "hotline"
+on = "call_out"
+where = "peer == 12122"
+channels = ["sms"]
+template = "t"
+cooldown = "0s"
+"""
+    out_endpoint = f"ipc://{tmp_path}/instructions"
+    inputs = f"""
+[inputs.switch]
+endpoint = "ipc://{tmp_path}/switch"
+
+[inputs.outcomes]
+endpoint = "ipc://{tmp_path}/outcomes"
+role = "feedback"
+format = "ndjson"
+"""
+    outputs = f'[outputs.downstream]\ntype = "zmq"\nendpoint = "{out_endpoint}"\n'
+    daemon = daemons(tmp_path, config_text(tmp_path, inputs, outputs), rules)
+    receiver = sockets.make(zmq.PULL, out_endpoint)
+    feeder, outcomes = sockets.push(f"ipc://{tmp_path}/switch"), sockets.push(f"ipc://{tmp_path}/outcomes")
+
+    def call(ts: int) -> None:
+        feeder.send(arrow_message(pa.RecordBatch.from_pydict(
+            batch([{"ts": ts, "msisdn": 8613800000001, "kind": 0, "peer": 12122}]))))
+
+    call(1_000)
+    assert receiver.poll(30_000)
+    (first,) = pa.ipc.open_stream(receiver.recv()).read_all().to_pylist()
+    reports = [{"id": first["id"], "outcome": "accepted", "ts": 1_500},
+               {"id": "f" * 32, "outcome": "accepted", "ts": 1_500},
+               {"id": first["id"], "outcome": "maybe", "ts": 1_500}]
+    outcomes.send(b"\n".join(orjson.dumps(r) for r in reports) + b"\n{broken")
+    daemon.wait_for_metric("kairos_feedback_reports_total", 1, input="outcomes", result="applied")
+    call(2_000)  # accepted: suppressed on every channel for good
+    daemon.wait_for_metric("kairos_events_total", 2)
+    assert daemon.metric("kairos_feedback_reports_total", input="outcomes", result="unknown") == 1
+    assert daemon.metric("kairos_feedback_reports_total", input="outcomes", result="invalid") == 1
+    assert daemon.metric("kairos_dead_letters_total", input="outcomes", reason="undecodable") == 1
+    daemon.wait_for_metric("kairos_policy_stops_total", 1, rule="hotline", reason="suppressed")
+    assert daemon.metric("kairos_rule_feedback_total", rule="hotline", outcome="accepted") == 1
+    assert daemon.stop() == 0
+    assert not receiver.poll(200)  # no second instruction
+
+
+def test_profiles_from_the_config_and_their_reload(tmp_path, daemons, sockets, batch):
+    rules = """
+[[rule]]
+id = "hotline"
+on = "call_out"
+channels = ["sms"]
+template = "t"
+cooldown = "0s"
+"""
+    (tmp_path / "profiles.csv").write_text("msisdn,opt_out\n8613800000001,true\n8613800000002,false\n",
+                                           encoding="utf-8")
+    endpoint = f"ipc://{tmp_path}/switch"
+    config = config_text(tmp_path, f'[inputs.switch]\nendpoint = "{endpoint}"\n', extra='profiles = "profiles.csv"')
+    daemon = daemons(tmp_path, config, rules)
+    feeder = sockets.push(endpoint)
+
+    def calls(ts: int, total: int) -> None:
+        rows = [{"ts": ts, "msisdn": m, "kind": 0} for m in (8613800000001, 8613800000002)]
+        feeder.send(arrow_message(pa.RecordBatch.from_pydict(batch(rows))))
+        daemon.wait_for_metric("kairos_events_total", total)
+
+    calls(1_000, 2)
+    daemon.wait_for_metric("kairos_policy_stops_total", 1, rule="hotline", reason="opt_out")
+    # The subscriber opts back in, the other out; a reload reads the profiles again.
+    (tmp_path / "profiles.csv").write_text("msisdn,opt_out\n8613800000001,false\n8613800000002,true\n",
+                                           encoding="utf-8")
+    status, reply = daemon.post("/control/reload")
+    assert status == 200, reply
+    calls(2_000, 4)
+    assert daemon.stop() == 0
+    assert [(r["ts"], r["msisdn"]) for r in file_instructions(tmp_path / "out")] == [
+        (1_000, 8613800000002), (2_000, 8613800000001)]
