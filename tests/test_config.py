@@ -99,6 +99,8 @@ fields = { ts = { from = "time", scale = 1000 } }
         (("[engine]", "[batching]\nlinger = \"5 minutes\"\n[engine]"), "batching.linger", "duration"),
         (("[engine]", "[metrics]\nlisten = \"9464\"\n[engine]"), "metrics.listen", "HOST:PORT"),
         (("[engine]", "[speed]\nfast = true\n[engine]"), "speed", "unknown key"),
+        (("[inputs.switch]", "[inputs.switch]\nrole = \"feedback\"\nfields = { ts = \"t\" }"),
+         "inputs.switch.fields", "a feedback input"),
     ],
 )
 def test_refusals_name_the_file_and_key(tmp_path, change, key, reason):
