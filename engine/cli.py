@@ -136,17 +136,21 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"  {key.ljust(width)}  {value}", file=out)
 
     print("\nPer rule", file=out)
+    per_rule = [stats["rules"][rule.id] for rule in ruleset.rules]
+    # Stop reasons (docs/policy.md) that stopped something, in policy order; the others would be columns of zeros.
+    reasons = [reason for reason in per_rule[0]["stopped"] if any(c["stopped"][reason] for c in per_rule)]
     rows = []
-    totals = [0, 0, 0, 0]
-    for rule in ruleset.rules:
-        c = stats["rules"][rule.id]
-        values = [c["matched"], c["sent"], c["stopped"]["cooldown"], c["stopped"]["arbitrated"]]
+    totals = [0] * (3 + len(reasons))
+    for rule, c in zip(ruleset.rules, per_rule, strict=True):
+        values = [c["matched"], c["sent"], c["holdout"], *(c["stopped"][reason] for reason in reasons)]
         totals = [a + b for a, b in zip(totals, values, strict=True)]
         rows.append([rule.id, str(rule.priority), *(f"{v:,}" for v in values)])
     rows.append(["total", "", *(f"{v:,}" for v in totals)])
-    headers = ["rule", "priority", "matched", "sent", "cooldown", "arbitrated"]
-    for line in _table(headers, rows, right=frozenset({1, 2, 3, 4, 5})):
+    headers = ["rule", "priority", "matched", "sent", "holdout", *reasons]
+    for line in _table(headers, rows, right=frozenset(range(1, len(headers)))):
         print(f"  {line}", file=out)
+    print("  (sent: instructions to deliver; holdout: the control group; the other columns are matches that the "
+          "contact policy stopped, by reason: docs/policy.md)", file=out)
     silent = [rule.id for rule in ruleset.rules if stats["rules"][rule.id]["sent"] == 0]
     if silent:
         print(f"  (no instruction from: {', '.join(silent)})", file=out)
