@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from adapters.wire import make_decoder  # noqa: E402
 from engine import Engine  # noqa: E402
+from engine.daemon import tune_allocator  # noqa: E402
 from engine.schema import EVENT_COLUMNS  # noqa: E402
 from engine.synth import TrafficGenerator  # noqa: E402
 
@@ -298,6 +299,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["arrow", "msgpack", "latency"])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args()
+    tune_allocator()  # as the daemon does, so that the in-process baseline is the same work
 
     generator = TrafficGenerator(args.subscribers, seed=1)
     results = {}
