@@ -44,6 +44,29 @@ def describe_condition(rule) -> str:
     return repr(cond)  # pragma: no cover - the parser builds nothing else
 
 
+def describe_policy(policy) -> list[str]:
+    """The contact policy of a rules file in words (docs/policy.md)."""
+    caps = []
+    if policy.daily_cap:
+        caps.append(f"{policy.daily_cap} per day")
+    if policy.monthly_cap:
+        caps.append(f"{policy.monthly_cap} per month")
+    lines = [
+        f"policy: pushes on {', '.join(policy.active_channels)}: "
+        + (" and ".join(caps) + " per subscriber" if caps else "no frequency cap"),
+    ]
+    if policy.quiet_hours is not None:
+        start, end = policy.quiet_hours
+        lines.append(f"policy: quiet hours {start // 60:02d}:{start % 60:02d}-{end // 60:02d}:{end % 60:02d} "
+                     f"local: pushes due then wait (not_before)")
+    if tuple(policy.contact_days) != (1, 2, 3, 4, 5, 6, 7):
+        names = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+        lines.append(f"policy: contact days {', '.join(names[d - 1] for d in policy.contact_days)}")
+    rest = format_duration(policy.decline_cooldown)
+    lines.append(f"policy: a decline rests the rule {rest} unless it says otherwise")
+    return lines
+
+
 def _packaged_rules(name: str) -> RuleSet:
     text = importlib.resources.files("engine").joinpath("data", name).read_text(encoding="utf-8")
     return parse_rules(text, source=f"engine/data/{name} (packaged)")
@@ -190,6 +213,8 @@ def run_check(args: argparse.Namespace) -> int:
     policy = ruleset.policy
     print(f"{ruleset.source}: {len(ruleset.rules)} rules, {len(ruleset.sets)} sets, "
           f"timezone {policy.timezone}, default cooldown {format_duration(policy.cooldown)}", file=out)
+    for line in describe_policy(policy):
+        print(f"  {line}", file=out)
     for name, values in ruleset.sets.items():
         print(f"  set {name} = [{', '.join(str(v) for v in values)}]", file=out)
     for rule in ruleset.rules:
@@ -203,6 +228,16 @@ def run_check(args: argparse.Namespace) -> int:
             ("template", rule.template),
             ("params", ", ".join(rule.params) or "(none)"),
         ]
+        if rule.holdout:
+            fields.append(("holdout", f"{rule.holdout:.0%} of subscribers, recorded and never delivered"))
+        if rule.decline_cooldown != policy.decline_cooldown:
+            fields.append(("declined", f"rests {format_duration(rule.decline_cooldown)} after a decline"))
+        if rule.max_per_hour:
+            fields.append(("guardrail", f"paused after more than {rule.max_per_hour:,} instructions within an hour"))
+        if rule.goal is not None:
+            goal_where = f" where {rule.goal.where_text.strip()}" if rule.goal.where_text.strip() else ""
+            fields.append(("goal", f"{', '.join(KINDS[k] for k in rule.goal.on)}{goal_where} "
+                                   f"within {format_duration(rule.goal.within)} of the instruction"))
         print(f"\n{rule.id}", file=out)
         for key, value in fields:
             print(f"  {key:<10} {value}", file=out)

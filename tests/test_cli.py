@@ -24,12 +24,18 @@ def test_demo_runs_on_the_embedded_default_and_reports_every_rule(capsys):
                  "low_balance_recharge", "bank_caller_card_offer"):
         assert rule in out
     assert "Sample instructions" in out and "(none)" not in out
+    assert "holdout" in out and "capped" in out  # the demo campaigns run under the contact policy
 
 
 def test_check_explains_a_good_file(capsys):
     assert main(["check", "engine/data/bench_rules.toml"]) == 0
     out = capsys.readouterr().out
     assert "count: at least 3 within 30d" in out
+    assert "policy: pushes on sms, mms: 1 per day and 4 per month per subscriber" in out
+    assert "policy: quiet hours 21:00-08:00 local" in out
+    assert "holdout    10% of subscribers" in out
+    assert "guardrail  paused after more than 100,000 instructions within an hour" in out
+    assert "goal       recharge within 1d of the instruction" in out
     assert out.rstrip().endswith("OK")
 
 
