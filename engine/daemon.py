@@ -6,13 +6,14 @@ refreshes.  Each turn of the loop:
 
 1. polls the feed sockets (at most `POLL_MS` so signals and timers are seen),
 2. takes waiting messages, decodes them (bad rows go to the dead-letter file,
-   valid rows of the same message are kept) and coalesces the rows,
+   valid rows of the same message are kept) and coalesces the rows; a
+   feedback message is applied after the rows that arrived before it,
 3. runs a batch through the Engine once `max_events` rows wait or the oldest
    has waited `linger`, and hands the instructions to every output,
 4. when no event has come for `idle_advance`, moves event time on at the
    wall clock's pace from the last event seen, so that timers fire without
    waiting for an unrelated event,
-5. applies a pending rules reload (SIGHUP or POST /control/reload).
+5. applies a pending reload of rules and profiles (SIGHUP or POST /control/reload).
 
 Backpressure: an output that cannot take more raises Backpressure; its
 instructions wait in a bounded queue and are retried.  While any output has
