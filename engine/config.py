@@ -205,7 +205,7 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
             return None
         if not value:
             raise t.error(name, "must not be empty")
-        return base / value
+        return (base / value).resolve()
 
     eng = _Table(source, "engine", top.get("engine", dict, {}))
     rules = path(eng, "rules", None)
@@ -255,7 +255,7 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
         if not isinstance(table.get("type"), str):
             raise ConfigError(source, f"outputs.{name}.type", "required: the output type (file, zmq)")
         if isinstance(table.get("path"), str) and table["path"]:
-            table = {**table, "path": str(base / table["path"])}  # relative to the config file, as all paths
+            table = {**table, "path": str((base / table["path"]).resolve())}  # relative to the config file
         outputs[name] = table
     if not outputs:
         raise ConfigError(source, "outputs", "at least one output is required, or instructions go nowhere")
