@@ -16,6 +16,7 @@
 # next row; only when the bytes themselves run out or hold the never-used
 # type byte 0xc1 is the rest of the message given up.
 
+cimport cython
 from libc.math cimport floor
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
@@ -96,7 +97,7 @@ cdef inline Py_ssize_t payload(Py_ssize_t pos, Py_ssize_t end, uint64_t n, Value
     return pos + <Py_ssize_t>n
 
 
-cdef Py_ssize_t read_value(const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, Value* v) noexcept nogil:
+cdef inline Py_ssize_t read_value(const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, Value* v) noexcept nogil:
     """Read the value starting at pos: scalars whole, str/bin/ext with their payload,
     arrays and maps only their header (the caller reads or skips the elements).
 
@@ -234,6 +235,9 @@ cdef inline Py_ssize_t skip_contents(const uint8_t* p, Py_ssize_t pos, Py_ssize_
     return pos
 
 
+# final: store() and find_key() are called directly, not through the vtable, so
+# the C compiler can inline them into the per-value loop.
+@cython.final
 cdef class RecordDecoder:
     """Decodes msgpack messages (an array of records) into int64 columns.
 
