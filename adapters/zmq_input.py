@@ -16,7 +16,8 @@ a PULL socket lets at most `rcvhwm` messages wait, after which the sender's
 PUSH blocks: nothing is lost, the feeder slows down.  A SUB socket drops
 messages silently once `rcvhwm` are waiting; only sequence gaps show it.
 Messages over `max_message_bytes` are refused by ZeroMQ itself, which closes
-that sender's connection (ZMQ_MAXMSGSIZE), so memory stays bounded.
+that sender's connection (ZMQ_MAXMSGSIZE), so memory stays bounded; the
+socket monitor counts the disconnection.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import struct
 from dataclasses import dataclass, field
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from engine.config import InputConfig
 
@@ -47,6 +49,8 @@ class InputCounters:
     gaps: int = 0  # times a sender's sequence jumped forward
     missing: int = 0  # messages skipped over by those jumps: lost before they reached us
     regressions: int = 0  # a sender's sequence went back or repeated (restart, duplicate, reorder)
+    connections: int = 0  # peers connected or accepted, ever
+    disconnections: int = 0  # peers gone, among them those cut off for a message over max_message_bytes
     senders: dict[int, int] = field(default_factory=dict)  # sender id -> last sequence number seen
 
 
@@ -75,6 +79,10 @@ class ZmqInput:
             if socket_type == zmq.SUB:
                 for topic in config.subscribe:
                     self.socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
+            # ZeroMQ drops a connection that sends a message over MAXMSGSIZE without a word to either side;
+            # its socket monitor is the only place that shows it.  Made before bind/connect so no event is missed.
+            self.monitor = self.socket.get_monitor_socket(
+                zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
             if config.bind:
                 self.socket.bind(config.endpoint)
                 # tcp://127.0.0.1:0 binds an ephemeral port; keep the real one for logs and tests
@@ -83,6 +91,9 @@ class ZmqInput:
                 self.socket.connect(config.endpoint)
                 self.endpoint = config.endpoint
         except zmq.ZMQError:
+            if hasattr(self, "monitor"):
+                self.socket.disable_monitor()
+                self.monitor.close(0)
             self.socket.close(0)
             raise
 
@@ -112,6 +123,18 @@ class ZmqInput:
                         events.append(event)
         return payloads, events
 
+    def count_connections(self) -> None:
+        """Take the socket monitor's connection events into the counters (never blocks)."""
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.counters.disconnections += 1
+            else:
+                self.counters.connections += 1
+
     def _check_sequence(self, sender: int, seq: int) -> SequenceEvent | None:
         counters = self.counters
         counters.sequenced += 1
@@ -137,4 +160,6 @@ class ZmqInput:
             pass  # already gone: nothing more can arrive either way
 
     def close(self) -> None:
+        self.socket.disable_monitor()
+        self.monitor.close(0)
         self.socket.close(0)

@@ -297,6 +297,8 @@ class Daemon:
         self._advance_if_idle(now)
         for queue in self.outputs:
             queue.retry(now)
+        for feed in self.inputs:
+            feed.count_connections()
         while self._reloads:
             self._reload(self._reloads.popleft())
         if now - self._stats_at >= STATS_SECONDS:
@@ -474,6 +476,11 @@ class Daemon:
                     [({"input": f.name}, f.counters.missing) for f in feeds]),
             counter("kairos_input_sequence_regressions", "Sequence numbers that went back or repeated, per input.",
                     [({"input": f.name}, f.counters.regressions) for f in feeds]),
+            counter("kairos_input_connections", "Peers connected, per input.",
+                    [({"input": f.name}, f.counters.connections) for f in feeds]),
+            counter("kairos_input_disconnections",
+                    "Peers gone, per input; ZeroMQ also cuts a peer off for a message over max_message_bytes.",
+                    [({"input": f.name}, f.counters.disconnections) for f in feeds]),
             counter("kairos_feedback_reports", "Feedback reports per input: applied, unknown id, invalid outcome.",
                     [({"input": name, "result": result}, n) for (name, result), n in self.feedback_results.items()]),
             counter("kairos_events", "Events processed by the engine.", self.events_processed),

@@ -644,3 +644,20 @@ cooldown = "0s"
     assert daemon.stop() == 0
     assert [(r["ts"], r["msisdn"]) for r in file_instructions(tmp_path / "out")] == [
         (1_000, 8613800000002), (2_000, 8613800000001)]
+
+
+def test_an_oversized_message_cuts_its_sender_off_and_is_counted(tmp_path, daemons, sockets):
+    batches = traffic(events=4_000, batch=1_000)
+    small, big = arrow_message(batches[0]), arrow_message(pa.concat_batches(batches[1:]))
+    endpoint = f"ipc://{tmp_path}/switch"
+    inputs = f'[inputs.switch]\nendpoint = "{endpoint}"\nmax_message_bytes = {len(small) + 1000}\n'
+    daemon = daemons(tmp_path, config_text(tmp_path, inputs))
+    feeder = sockets.push(endpoint)
+    feeder.send(small)
+    daemon.wait_for_metric("kairos_events_total", batches[0].num_rows)
+    assert daemon.metric("kairos_input_connections_total", input="switch") >= 1
+    feeder.send(big)  # over the limit: ZeroMQ drops the connection, and with it the message
+    daemon.wait_for_metric("kairos_input_disconnections_total", 1, input="switch")
+    feeder.send(small)  # the feeder reconnects by itself
+    daemon.wait_for_metric("kairos_events_total", 2 * batches[0].num_rows)
+    assert daemon.stop() == 0
