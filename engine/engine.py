@@ -56,6 +56,7 @@ class Engine:
         issued_max_age: int = DEFAULT_MAX_AGE,
     ):
         self.ruleset = ruleset
+        self._initial_subscribers = initial_subscribers
         self._kernel = Kernel(compile_program(ruleset), initial_subscribers)
         self._builder = InstructionBuilder(ruleset)
         self._channel_codes = {name: code for code, name in enumerate(ruleset.channels)}
@@ -219,7 +220,8 @@ class Engine:
         """
         new_set = rules if isinstance(rules, RuleSet) else load_rules(rules)
         old_rules, new_rules = self.ruleset.rules, new_set.rules
-        new_kernel = Kernel(compile_program(new_set), max(self._kernel.n_subs, DEFAULT_INITIAL_SUBSCRIBERS))
+        # Presized as the old one was (or to the subscribers it holds), so a reload adds no growth pauses.
+        new_kernel = Kernel(compile_program(new_set), max(self._kernel.n_subs, self._initial_subscribers))
         # The kernel numbers the file's rules, then one goal filter per rule with a goal (engine.compiler).
         # source[r]: the old kernel index of new kernel rule r (a rule or goal of the same id), -1 for none;
         # target: the reverse, with one more slot for "every rule" (opt-out) in the blocks map.
