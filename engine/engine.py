@@ -214,7 +214,7 @@ class Engine:
         acceptance, decline cooldowns, open goal windows (while the rule has
         a goal), feedback to its earlier instructions, its guardrail count.
         Opt-outs, caps, profiles and counters carry over.  The state moves as
-        whole arrays, a pause of about one checkpoint's copy.
+        whole arrays into a new kernel: 0.6 s for 800,000 subscribers (bench/bench_engine.py).
 
         Returns the rule ids by fate: {"kept": [...], "fresh": [...], "removed": [...]}.
         """
