@@ -739,7 +739,7 @@ cdef class Kernel:
         if op.code <= OP_PREFIX and op.a >= N_COLUMNS:
             return False
         if op.code in (OP_IN, OP_PREFIX):
-            return 0 <= op.b and op.imm >= 1 and op.b + op.imm <= n_constants
+            return 0 <= op.b and op.imm >= 0 and op.b + op.imm <= n_constants  # an empty set matches nothing
         if op.code in (OP_AND, OP_OR, OP_NOT):
             return op.a < self.n_regs and 0 <= op.b < self.n_regs
         return True
