@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 import tomllib
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -127,6 +128,22 @@ class Goal:
 
 
 @dataclass(frozen=True)
+class Active:
+    """When a rule may match, in local time of [policy] timezone (SPEC section 8).
+
+    A match needs the trigger's local date in [first_day, last_day] (both
+    inclusive; None: unbounded), its ISO weekday in `days`, and its local
+    time of day in `hours` = [start, end) minutes after midnight, wrapping
+    midnight when start > end (None: all day; start == end: no time at all).
+    """
+
+    first_day: date | None = None
+    last_day: date | None = None
+    days: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7)
+    hours: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
 class Rule:
     id: str
     on: tuple[int, ...]  # kind codes, sorted
@@ -142,6 +159,7 @@ class Rule:
     decline_cooldown: int = 0  # milliseconds the rule rests for a subscriber after `declined`
     max_per_hour: int = 0  # guardrail: more instructions than this within an hour pauses the rule; 0 = none
     goal: Goal | None = None
+    active: Active | None = None  # None: always active
 
 
 # Channels that push to the subscriber unless [policy] active_channels says otherwise.
@@ -392,7 +410,7 @@ def parse_where(text: str, sets: dict[str, tuple[int, ...]] | None = None) -> Ex
 
 _RULE_KEYS = {
     "id", "on", "where", "channels", "template", "params", "priority", "cooldown", *CONDITION_KEYS,
-    "holdout", "decline_cooldown", "max_per_hour", "goal",
+    "holdout", "decline_cooldown", "max_per_hour", "goal", "active",
 }
 _TOP_KEYS = {"policy", "sets", "rule"}
 _POLICY_KEYS = {
@@ -401,6 +419,7 @@ _POLICY_KEYS = {
 }
 MAX_PER_HOUR = 1_000_000  # the guardrail keeps this many timestamps per rule
 _CLOCK = re.compile(r"([01]\d|2[0-3]):([0-5]\d)\Z")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}\Z")
 _ID = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
 _INT64 = (-(2**63), 2**63 - 1)
 _INTEGER = re.compile(r"[+-]?\d+\Z")
@@ -457,6 +476,7 @@ class _RuleBuilder:
             decline_cooldown=self.duration("decline_cooldown", default=self.policy.decline_cooldown),
             max_per_hour=self.max_per_hour(),
             goal=self.goal(),
+            active=self.active(),
         )
 
     def where(self, key: str, text: object) -> Expr | None:
@@ -504,6 +524,37 @@ class _RuleBuilder:
             raise self.fail("goal: 'within' must be positive", spec["within"])
         where_text = spec.get("where", "")
         return Goal(self.kinds("goal.on", spec["on"]), self.where("goal.where", where_text), within, where_text)
+
+    def active(self) -> Active | None:
+        spec = self.table.get("active")
+        if spec is None:
+            return None
+        example = '{ from = "2026-12-01", until = "2026-12-31", days = [1, 2, 3, 4, 5], hours = "09:00-21:00" }'
+        if not isinstance(spec, dict) or set(spec) - {"from", "until", "days", "hours"}:
+            raise self.fail(f"'active' takes from, until, days and hours, each optional, e.g. {example}", spec)
+        bounds = []
+        for key in ("from", "until"):
+            value = spec.get(key)
+            if isinstance(value, str) and _DATE.match(value):
+                try:
+                    value = date.fromisoformat(value)
+                except ValueError:
+                    pass
+            if value is not None and (not isinstance(value, date) or hasattr(value, "hour")):
+                raise self.fail(f"active.{key}: a local date \"YYYY-MM-DD\"", value)
+            bounds.append(value)
+        days = ALL_DAYS
+        if "days" in spec:
+            days = _int_list(spec["days"])
+            if days is None or not set(days) <= set(ALL_DAYS):
+                raise self.fail("active.days: a list of ISO weekdays, 1 (Monday) to 7 (Sunday)", spec["days"])
+        hours = None
+        if "hours" in spec:
+            hours = _clock_range(spec["hours"])
+            if hours is None:
+                raise self.fail('active.hours: "HH:MM-HH:MM" local time, [start, end), e.g. "09:00-21:00"',
+                                spec["hours"])
+        return Active(bounds[0], bounds[1], days, hours)
 
     def condition(self, key: str) -> Condition:
         spec = self.table[key]
@@ -642,7 +693,15 @@ def _policy(source: str, table: object) -> Policy:
 
 
 def _quiet_hours(value: object) -> tuple[int, int] | None:
-    """"21:00-09:00" -> (1260, 540); None when malformed."""
+    """"21:00-09:00" -> (1260, 540); None when malformed or start == end."""
+    bounds = _clock_range(value)
+    if bounds is None or bounds[0] == bounds[1]:
+        return None
+    return bounds
+
+
+def _clock_range(value: object) -> tuple[int, int] | None:
+    """"21:00-09:00" -> (1260, 540), minutes after midnight; None when malformed."""
     if not isinstance(value, str) or value.count("-") != 1:
         return None
     bounds = []
@@ -651,8 +710,6 @@ def _quiet_hours(value: object) -> tuple[int, int] | None:
         if not m:
             return None
         bounds.append(int(m.group(1)) * 60 + int(m.group(2)))
-    if bounds[0] == bounds[1]:
-        return None
     return bounds[0], bounds[1]
 
 
