@@ -51,6 +51,11 @@ def _cost(expr: Expr) -> int:
     return sum(_cost(item) for item in expr.items) + 1
 
 
+def evaluation_order(items: tuple[Expr, ...]) -> list[Expr]:
+    """The operands of an and/or in the order the kernel runs them: cheapest first."""
+    return sorted(items, key=_cost)
+
+
 class _ProgramBuilder:
     """Lowers expressions to ops; registers and lists are numbered afresh per rule.
 
@@ -109,7 +114,7 @@ class _ProgramBuilder:
             self.op("prefix", dst, COLUMN_INDEX[expr.column], offset, len(prefixes), sel)
         elif isinstance(expr, (And, Or)):
             is_and = isinstance(expr, And)
-            items = sorted(expr.items, key=_cost)
+            items = evaluation_order(expr.items)
             results = [self.emit(items[0], sel)]
             undecided = sel
             for item in items[1:]:
