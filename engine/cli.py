@@ -22,7 +22,8 @@ from zoneinfo import ZoneInfo
 import pyarrow as pa
 
 from engine.engine import Engine
-from engine.rules import Changed, Count, First, RulesError, RuleSet, format_duration, load_rules, parse_rules
+from engine.explain import describe_active, describe_condition, describe_filter, rule_warnings
+from engine.rules import RulesError, RuleSet, format_duration, load_rules, parse_rules
 from engine.schema import KINDS
 from engine.synth import TrafficGenerator
 
@@ -30,19 +31,6 @@ DEMO_RULES = "demo_rules.toml"
 
 EXIT_OK = 0
 EXIT_USAGE = 2
-
-def describe_condition(rule) -> str:
-    cond = rule.condition
-    if cond is None:
-        return "none (every event that passes on + where)"
-    if isinstance(cond, Count):
-        return f"count: at least {cond.at_least} within {format_duration(cond.within)}"
-    if isinstance(cond, First):
-        return f"first: none in the previous {format_duration(cond.within)}"
-    if isinstance(cond, Changed):
-        return f"changed: {cond.column} differs from its last non-zero value"
-    return repr(cond)  # pragma: no cover - the parser builds nothing else
-
 
 def describe_policy(policy) -> list[str]:
     """The contact policy of a rules file in words (docs/policy.md)."""
@@ -216,12 +204,18 @@ def run_check(args: argparse.Namespace) -> int:
     for line in describe_policy(policy):
         print(f"  {line}", file=out)
     for name, values in ruleset.sets.items():
-        print(f"  set {name} = [{', '.join(str(v) for v in values)}]", file=out)
+        if name in ruleset.set_files:
+            print(f"  set {name} = {len(values):,} values from {ruleset.set_files[name]}", file=out)
+        else:
+            print(f"  set {name} = [{', '.join(str(v) for v in values)}]", file=out)
+    n_warnings = 0
     for rule in ruleset.rules:
         fields = [
             ("on", ", ".join(KINDS[k] for k in rule.on)),
             ("where", rule.where_text.strip() or "(none)"),
+            ("filter", describe_filter(rule.where)),
             ("condition", describe_condition(rule)),
+            ("active", describe_active(rule.active, policy.timezone)),
             ("channels", ", ".join(rule.channels)),
             ("cooldown", format_duration(rule.cooldown) if rule.cooldown else "none"),
             ("priority", str(rule.priority)),
@@ -238,10 +232,12 @@ def run_check(args: argparse.Namespace) -> int:
             goal_where = f" where {rule.goal.where_text.strip()}" if rule.goal.where_text.strip() else ""
             fields.append(("goal", f"{', '.join(KINDS[k] for k in rule.goal.on)}{goal_where} "
                                    f"within {format_duration(rule.goal.within)} of the instruction"))
+        fields.extend(("warning", warning) for warning in rule_warnings(rule))
+        n_warnings += sum(key == "warning" for key, _ in fields)
         print(f"\n{rule.id}", file=out)
         for key, value in fields:
             print(f"  {key:<10} {value}", file=out)
-    print("\nOK", file=out)
+    print(f"\nOK, {n_warnings} warning{'s' if n_warnings > 1 else ''}" if n_warnings else "\nOK", file=out)
     return EXIT_OK
 
 

@@ -8,6 +8,8 @@ engine/_fast/_types.pxd).  Nothing else about rules crosses into C.
 
 from __future__ import annotations
 
+from datetime import date
+
 import numpy as np
 
 from engine.calendar import MINUTE_MS, zone_table
@@ -47,6 +49,11 @@ def _cost(expr: Expr) -> int:
     if isinstance(expr, Not):
         return 1 + _cost(expr.item)
     return sum(_cost(item) for item in expr.items) + 1
+
+
+def evaluation_order(items: tuple[Expr, ...]) -> list[Expr]:
+    """The operands of an and/or in the order the kernel runs them: cheapest first."""
+    return sorted(items, key=_cost)
 
 
 class _ProgramBuilder:
@@ -107,7 +114,7 @@ class _ProgramBuilder:
             self.op("prefix", dst, COLUMN_INDEX[expr.column], offset, len(prefixes), sel)
         elif isinstance(expr, (And, Or)):
             is_and = isinstance(expr, And)
-            items = sorted(expr.items, key=_cost)
+            items = evaluation_order(expr.items)
             results = [self.emit(items[0], sel)]
             undecided = sel
             for item in items[1:]:
@@ -225,4 +232,35 @@ def _policy_program(ruleset: RuleSet, n: int) -> dict[str, np.ndarray | int]:
         "holdout_seed": seed,
         "max_per_hour": max_per_hour,
         "goal_within": goal_within,
+        **_active_program(ruleset, n),
     }
+
+
+_EPOCH_DAY = date(1970, 1, 1)
+NO_DAY_LIMIT = np.iinfo(np.int64).max
+
+
+def _active_program(ruleset: RuleSet, n: int) -> dict[str, np.ndarray]:
+    """Active periods as local day numbers, a weekday mask and ms after local midnight (docs/rules.md)."""
+    program = {
+        "active": np.zeros(n, np.uint8),  # 1: the rule has an active period; others never test one
+        "active_first": np.full(n, -NO_DAY_LIMIT, np.int64),  # local days since 1970-01-01, inclusive
+        "active_last": np.full(n, NO_DAY_LIMIT, np.int64),
+        "active_days": np.full(n, 0x7F, np.uint8),  # bit d: ISO weekday d + 1
+        "active_start": np.full(n, -1, np.int64),  # [start, end) ms after local midnight; -1: all day
+        "active_end": np.full(n, -1, np.int64),
+    }
+    for r, rule in enumerate(ruleset.rules):
+        period = rule.active
+        if period is None:
+            continue
+        program["active"][r] = 1
+        if period.first_day is not None:
+            program["active_first"][r] = (period.first_day - _EPOCH_DAY).days
+        if period.last_day is not None:
+            program["active_last"][r] = (period.last_day - _EPOCH_DAY).days
+        program["active_days"][r] = sum(1 << (d - 1) for d in period.days)
+        if period.hours is not None:
+            program["active_start"][r] = period.hours[0] * MINUTE_MS
+            program["active_end"][r] = period.hours[1] * MINUTE_MS
+    return program

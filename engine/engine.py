@@ -202,7 +202,8 @@ class Engine:
     def reload_rules(self, rules: str | os.PathLike | RuleSet) -> dict[str, list[str]]:
         """Swap in new rules while keeping subscribers and the state of unchanged rules.
 
-        `rules` is a path or a parsed RuleSet.  A file that does not compile
+        `rules` is a path or a parsed RuleSet.  A path is read again with its
+        set files.  A file that does not compile
         raises RulesError before anything changes: the old rules keep running.
 
         A rule keeps its condition state (windows, last values) and cooldown
@@ -361,6 +362,8 @@ class Engine:
         meta = {
             "format": _CHECKPOINT_FORMAT,
             "rules_source": self.ruleset.source,
+            # Values of the sets read from files: a restore does not read those files again.
+            "set_values": {name: list(self.ruleset.sets[name]) for name in self.ruleset.set_files},
             "profiles_source": self.profiles.source,
             "events": self._events,
             "batches": self._batches,
@@ -397,7 +400,8 @@ class Engine:
         text = (directory / "rules.toml").read_text(encoding="utf-8")
         options.setdefault("issued_max_entries", meta["issued_max_entries"])
         options.setdefault("issued_max_age", meta["issued_max_age"])
-        engine = cls(parse_rules(text, meta["rules_source"]), **options)
+        ruleset = parse_rules(text, meta["rules_source"], set_values=meta.get("set_values", {}))
+        engine = cls(ruleset, **options)
         tables = {}
         for name in ("profiles", "issued"):
             with pa.memory_map(str(directory / f"{name}.arrow")) as source:

@@ -44,7 +44,7 @@ from engine.policy import (
     rule_report,
 )
 from engine.profiles import ProfileStore
-from engine.rules import And, Changed, Compare, Count, Expr, First, InSet, Not, Or, Prefix, RuleSet
+from engine.rules import Active, And, Changed, Compare, Count, Expr, First, InSet, Not, Or, Prefix, RuleSet
 from engine.schema import EVENT_COLUMNS, INSTRUCTION_SCHEMA, validate_events
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -163,6 +163,21 @@ class ReferenceEngine:
             return not start <= minute_ms < end
         return not (minute_ms >= start or minute_ms < end)
 
+    def in_period(self, period: Active, ts: int) -> bool:
+        """ts lies in the active period, in local time: dates inclusive, hours [start, end) wrapping midnight."""
+        local = self.local(ts)
+        if period.first_day is not None and local.date() < period.first_day:
+            return False
+        if period.last_day is not None and local.date() > period.last_day:
+            return False
+        if local.isoweekday() not in period.days:
+            return False
+        if period.hours is None:
+            return True
+        start, end = (minutes * 60_000 for minutes in period.hours)
+        tod = (local.hour * 60 + local.minute) * 60_000 + local.second * 1000 + local.microsecond // 1000
+        return start <= tod < end if start <= end else (tod >= start or tod < end)
+
     def not_before(self, ts: int, days: tuple[int, ...]) -> int:
         """The first instant >= ts that is allowed: ts itself, a local midnight or quiet-hours end, or an
         offset change (a boundary inside a DST gap begins at the transition)."""
@@ -207,6 +222,8 @@ class ReferenceEngine:
             if rule.where is not None and not evaluate(rule.where, event):
                 continue
             if not self.condition_holds(r, event):
+                continue
+            if rule.active is not None and not self.in_period(rule.active, ts):
                 continue
             self.counters["matched"][r] += 1
             if r in self.paused:

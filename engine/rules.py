@@ -24,8 +24,13 @@ from __future__ import annotations
 import re
 import tomllib
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyarrow import csv
 
 from engine.schema import EVENT_COLUMNS, KIND_CODES
 
@@ -123,6 +128,22 @@ class Goal:
 
 
 @dataclass(frozen=True)
+class Active:
+    """When a rule may match, in local time of [policy] timezone (SPEC section 8).
+
+    A match needs the trigger's local date in [first_day, last_day] (both
+    inclusive; None: unbounded), its ISO weekday in `days`, and its local
+    time of day in `hours` = [start, end) minutes after midnight, wrapping
+    midnight when start > end (None: all day; start == end: no time at all).
+    """
+
+    first_day: date | None = None
+    last_day: date | None = None
+    days: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7)
+    hours: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
 class Rule:
     id: str
     on: tuple[int, ...]  # kind codes, sorted
@@ -138,6 +159,7 @@ class Rule:
     decline_cooldown: int = 0  # milliseconds the rule rests for a subscriber after `declined`
     max_per_hour: int = 0  # guardrail: more instructions than this within an hour pauses the rule; 0 = none
     goal: Goal | None = None
+    active: Active | None = None  # None: always active
 
 
 # Channels that push to the subscriber unless [policy] active_channels says otherwise.
@@ -167,6 +189,9 @@ class RuleSet:
     policy: Policy = Policy()
     source: str = "<string>"
     text: str = ""  # the file as read: checkpoints carry it so a restore needs no other file
+    # Sets read from files (name -> the file's path): a checkpoint stores their values beside `text`,
+    # so a restore needs neither the rules file nor its set files.
+    set_files: dict[str, str] = field(default_factory=dict)
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -385,7 +410,7 @@ def parse_where(text: str, sets: dict[str, tuple[int, ...]] | None = None) -> Ex
 
 _RULE_KEYS = {
     "id", "on", "where", "channels", "template", "params", "priority", "cooldown", *CONDITION_KEYS,
-    "holdout", "decline_cooldown", "max_per_hour", "goal",
+    "holdout", "decline_cooldown", "max_per_hour", "goal", "active",
 }
 _TOP_KEYS = {"policy", "sets", "rule"}
 _POLICY_KEYS = {
@@ -394,8 +419,10 @@ _POLICY_KEYS = {
 }
 MAX_PER_HOUR = 1_000_000  # the guardrail keeps this many timestamps per rule
 _CLOCK = re.compile(r"([01]\d|2[0-3]):([0-5]\d)\Z")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}\Z")
 _ID = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
 _INT64 = (-(2**63), 2**63 - 1)
+_INTEGER = re.compile(r"[+-]?\d+\Z")
 
 
 def _int_list(values: object) -> tuple[int, ...] | None:
@@ -449,6 +476,7 @@ class _RuleBuilder:
             decline_cooldown=self.duration("decline_cooldown", default=self.policy.decline_cooldown),
             max_per_hour=self.max_per_hour(),
             goal=self.goal(),
+            active=self.active(),
         )
 
     def where(self, key: str, text: object) -> Expr | None:
@@ -496,6 +524,37 @@ class _RuleBuilder:
             raise self.fail("goal: 'within' must be positive", spec["within"])
         where_text = spec.get("where", "")
         return Goal(self.kinds("goal.on", spec["on"]), self.where("goal.where", where_text), within, where_text)
+
+    def active(self) -> Active | None:
+        spec = self.table.get("active")
+        if spec is None:
+            return None
+        example = '{ from = "2026-12-01", until = "2026-12-31", days = [1, 2, 3, 4, 5], hours = "09:00-21:00" }'
+        if not isinstance(spec, dict) or set(spec) - {"from", "until", "days", "hours"}:
+            raise self.fail(f"'active' takes from, until, days and hours, each optional, e.g. {example}", spec)
+        bounds = []
+        for key in ("from", "until"):
+            value = spec.get(key)
+            if isinstance(value, str) and _DATE.match(value):
+                try:
+                    value = date.fromisoformat(value)
+                except ValueError:
+                    pass
+            if value is not None and (not isinstance(value, date) or hasattr(value, "hour")):
+                raise self.fail(f"active.{key}: a local date \"YYYY-MM-DD\"", value)
+            bounds.append(value)
+        days = ALL_DAYS
+        if "days" in spec:
+            days = _int_list(spec["days"])
+            if days is None or not set(days) <= set(ALL_DAYS):
+                raise self.fail("active.days: a list of ISO weekdays, 1 (Monday) to 7 (Sunday)", spec["days"])
+        hours = None
+        if "hours" in spec:
+            hours = _clock_range(spec["hours"])
+            if hours is None:
+                raise self.fail('active.hours: "HH:MM-HH:MM" local time, [start, end), e.g. "09:00-21:00"',
+                                spec["hours"])
+        return Active(bounds[0], bounds[1], days, hours)
 
     def condition(self, key: str) -> Condition:
         spec = self.table[key]
@@ -634,7 +693,15 @@ def _policy(source: str, table: object) -> Policy:
 
 
 def _quiet_hours(value: object) -> tuple[int, int] | None:
-    """"21:00-09:00" -> (1260, 540); None when malformed."""
+    """"21:00-09:00" -> (1260, 540); None when malformed or start == end."""
+    bounds = _clock_range(value)
+    if bounds is None or bounds[0] == bounds[1]:
+        return None
+    return bounds
+
+
+def _clock_range(value: object) -> tuple[int, int] | None:
+    """"21:00-09:00" -> (1260, 540), minutes after midnight; None when malformed."""
     if not isinstance(value, str) or value.count("-") != 1:
         return None
     bounds = []
@@ -643,27 +710,112 @@ def _quiet_hours(value: object) -> tuple[int, int] | None:
         if not m:
             return None
         bounds.append(int(m.group(1)) * 60 + int(m.group(2)))
-    if bounds[0] == bounds[1]:
-        return None
     return bounds[0], bounds[1]
 
 
-def _sets(source: str, table: object) -> dict[str, tuple[int, ...]]:
+def _sets(
+    source: str, table: object, base: Path | None, stored: dict[str, tuple[int, ...]]
+) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """The [sets] table: name -> sorted unique values, and name -> path for the sets read from files.
+
+    A set read from a file takes its values from `stored` when that holds it
+    (a checkpoint's copy), so a restore never reads the file again.
+    """
     if not isinstance(table, dict):
         raise RulesError(source, None, str(table), "[sets] must be a table of name = [numbers]")
-    sets = {}
+    sets, files = {}, {}
     for name, values in table.items():
         if not _ID.match(name) or name in _KEYWORDS or name in EVENT_COLUMNS:
             raise RulesError(source, None, name, "[sets]: a set name is an identifier that is not a column or keyword")
+        if isinstance(values, dict):
+            path = _set_file_path(source, name, values, base, must_resolve=name not in stored)
+            files[name] = str(path)
+            sets[name] = stored[name] if name in stored else _read_set_file(source, name, path, values.get("column"))
+            continue
         parsed = _int_list(values)
-        if not parsed:
-            raise RulesError(source, None, f"{name} = {values}", "[sets]: a set is a non-empty list of 64-bit integers")
+        if not parsed:  # an empty file is a set switched off; an empty list is a slip
+            raise RulesError(source, None, f"{name} = {values}", "[sets]: a set is a non-empty list of 64-bit "
+                             'integers, or { file = "cells.txt" } or { file = "cells.csv", column = "cell" }')
         sets[name] = parsed
-    return sets
+    return sets, files
 
 
-def parse_rules(text: str, source: str = "<string>") -> RuleSet:
-    """Parse and check the text of a rules file."""
+def _set_file_path(source: str, name: str, spec: dict, base: Path | None, must_resolve: bool) -> Path:
+    if not (set(spec) == {"file"} or set(spec) == {"file", "column"}) or not isinstance(spec["file"], str) or (
+            not isinstance(spec.get("column", ""), str)):
+        raise RulesError(source, None, f"{name} = {spec}", '[sets]: a set file is { file = "cells.txt" } '
+                         '(one integer a line) or { file = "cells.csv", column = "cell" }')
+    path = Path(spec["file"])
+    if not path.is_absolute():
+        if base is None and must_resolve:
+            raise RulesError(source, None, spec["file"], f"[sets] {name}: a relative set file needs the rules "
+                             "file's directory; load the rules from a file or give an absolute path")
+        path = path if base is None else base / path
+    return path
+
+
+def _read_set_file(source: str, name: str, path: Path, column: str | None) -> tuple[int, ...]:
+    """Values of a set file: one integer a line (blank lines and # comments allowed), or a CSV column."""
+
+    def fail(reason: str, text: str | None = None) -> RulesError:
+        return RulesError(source, None, text, f"[sets] {name}: set file {path}: {reason}")
+
+    if column is not None:
+        return _read_set_csv(path, column, fail)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise fail(f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise fail(f"not UTF-8 text (byte {exc.start})") from None
+    values = []
+    for number, line in enumerate(text.splitlines(), 1):
+        item = line.split("#", 1)[0].strip()
+        if not item:
+            continue
+        if not _INTEGER.match(item) or not _INT64[0] <= int(item) <= _INT64[1]:
+            raise fail(f"line {number} is not a 64-bit integer", line)
+        values.append(int(item))
+    return tuple(sorted(set(values)))
+
+
+def _read_set_csv(path: Path, column: str, fail) -> tuple[int, ...]:
+    # Read as text, so a bad value is reported with its line rather than as a type guess of pyarrow's.
+    try:
+        table = csv.read_csv(path, convert_options=csv.ConvertOptions(column_types={column: pa.string()}))
+    except FileNotFoundError:
+        raise fail("cannot read: No such file or directory") from None
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise fail(f"cannot read as CSV with a header line: {exc}") from None
+    if column not in table.column_names:
+        raise fail(f"no column {column!r} (columns: {', '.join(table.column_names)})")
+    text = pc.utf8_trim_whitespace(table.column(column))
+    try:
+        values = pc.cast(text, pa.int64())
+        if values.null_count:
+            raise pa.ArrowInvalid("empty value")
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        for row, item in enumerate(text.to_pylist()):
+            if item is None or not _INTEGER.match(item) or not _INT64[0] <= int(item) <= _INT64[1]:
+                raise fail(f"row {row + 1} after the header, column {column!r}, is not a 64-bit integer",
+                           item) from None
+        raise fail(f"column {column!r} does not hold 64-bit integers") from None
+    return tuple(sorted(set(values.to_pylist())))
+
+
+def parse_rules(
+    text: str,
+    source: str = "<string>",
+    base: str | Path | None = None,
+    set_values: dict[str, tuple[int, ...]] | None = None,
+) -> RuleSet:
+    """Parse and check the text of a rules file.
+
+    `base` is the directory set files are relative to (load_rules passes the
+    file's); without it only absolute set-file paths are read.  `set_values`
+    holds the values of file sets already read (a checkpoint's), used instead
+    of reading those files.
+    """
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -672,7 +824,8 @@ def parse_rules(text: str, source: str = "<string>") -> RuleSet:
     if unknown:
         raise RulesError(source, None, unknown[0], "unknown top-level key (expected [policy], [sets], [[rule]])")
     policy = _policy(source, doc.get("policy", {}))
-    sets = _sets(source, doc.get("sets", {}))
+    sets, set_files = _sets(source, doc.get("sets", {}), None if base is None else Path(base),
+                            {name: tuple(values) for name, values in (set_values or {}).items()})
     tables = doc.get("rule", [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise RulesError(source, None, None, "rules are [[rule]] tables")
@@ -684,7 +837,7 @@ def parse_rules(text: str, source: str = "<string>") -> RuleSet:
             raise RulesError(source, rule.id, rule.id, "duplicate rule id")
         seen.add(rule.id)
         rules.append(rule)
-    ruleset = RuleSet(rules=tuple(rules), sets=sets, policy=policy, source=source, text=text)
+    ruleset = RuleSet(rules=tuple(rules), sets=sets, policy=policy, source=source, text=text, set_files=set_files)
     if len(ruleset.channels) > MAX_CHANNELS:
         raise RulesError(source, None, ", ".join(ruleset.channels[MAX_CHANNELS:]),
                          f"at most {MAX_CHANNELS} distinct channels in one rules file")
@@ -700,4 +853,4 @@ def load_rules(path: str | Path) -> RuleSet:
         raise RulesError(str(path), None, None, f"cannot read: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise RulesError(str(path), None, None, f"not UTF-8 text (byte {exc.start})") from None
-    return parse_rules(text, source=str(path))
+    return parse_rules(text, source=str(path), base=path.parent)

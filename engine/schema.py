@@ -36,6 +36,24 @@ KINDS: tuple[str, ...] = (
     "portal",
 )
 KIND_CODES: dict[str, int] = {name: code for code, name in enumerate(KINDS)}
+# The fields each kind carries besides ts, msisdn and kind (SPEC section 2's
+# "typical fields"); any other field of that kind reads 0.  `kairos check`
+# warns about a filter on a field its kinds never carry.
+KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    "call_out": ("peer", "duration", "cell", "mcc"),
+    "call_in": ("peer", "duration", "cell", "mcc"),
+    "sms_out": ("peer", "cell"),
+    "sms_in": ("peer",),
+    "data": ("volume", "duration", "cell", "mcc", "code"),
+    "location": ("cell", "mcc"),
+    "recharge": ("amount", "balance"),
+    "balance": ("balance",),
+    "device": ("imei",),
+    "order": ("code", "amount"),
+    "care": ("code",),
+    "status": ("code",),
+    "portal": (),
+}
 
 # Canonical event columns in kernel order.  The kernel addresses columns by
 # their index in this tuple (see COLUMN_INDEX), so the order is part of the

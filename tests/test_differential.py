@@ -8,8 +8,9 @@ condition; priorities with ties; cooldowns zero, absent or inherited from
 conditions, windows, cooldowns and arbitration actually come into play.
 
 The contact policy is drawn too: caps, quiet hours, contact days, time zones
-with DST, active channels, holdouts, decline cooldowns, guardrails and
-goals in the rules; random subscriber profiles (opt-outs, channel
+with DST, active channels, holdouts, decline cooldowns, guardrails, goals
+and active periods (local dates, weekdays, hours wrapping midnight) in the
+rules; random subscriber profiles (opt-outs, channel
 preferences, contact days); and random feedback (real and unknown ids, every
 outcome) between batches.  Event times then step by hours and days across
 DST changes so that calendar rules come into play.
@@ -76,6 +77,12 @@ ZONES = ("UTC", "Asia/Shanghai", "Europe/Berlin", "America/New_York", "Australia
 CHANNEL_LISTS = ('["sms"]', '["portal", "sms"]', '["crm"]', '["mms", "sms"]', '["sms", "mms", "crm"]', '["push"]')
 PROFILE_CHANNELS = ("sms", "mms", "portal", "crm", "push", "fax")
 CHANGED_COLUMNS = tuple(c for c in EVENT_COLUMNS if c not in ("ts", "msisdn"))
+# Active periods: local dates around the policy streams' bases (DST changes included) and hours that wrap
+# midnight, fall into a DST gap or fold (02:00-03:00), or hold no time at all (12:00-12:00).
+ACTIVE_DATES = ("1970-01-01", "1970-01-02", "2023-11-14", "2023-11-15", "2023-11-16", "2024-03-30", "2024-03-31",
+                "2024-04-01", "2024-11-02", "2024-11-03", "2024-11-04")
+ACTIVE_HOURS = ("09:00-21:00", "21:00-09:00", "02:00-03:00", "01:30-02:30", "23:00-01:00", "00:00-00:30",
+                "12:00-12:00", "03:00-02:00", "00:00-23:59")
 
 
 def literal_domain(column: str) -> tuple[int, ...]:
@@ -155,8 +162,22 @@ deep_where_texts = st.recursive(where_leaves, _combine, max_leaves=16)
 
 
 @st.composite
+def active_periods(draw) -> str:
+    """An `active` table with any of its parts, sometimes one that holds no moment at all."""
+    parts = []
+    for key in ("from", "until"):
+        if draw(st.booleans()):
+            parts.append(f'{key} = "{draw(st.sampled_from(ACTIVE_DATES))}"')
+    if draw(st.booleans()):
+        parts.append(f"days = {draw(st.lists(st.integers(1, 7), max_size=7, unique=True))}")
+    if draw(st.booleans()):
+        parts.append(f'hours = "{draw(st.sampled_from(ACTIVE_HOURS))}"')
+    return "active = { " + ", ".join(parts) + " }"
+
+
+@st.composite
 def rule_tables(draw, index: int, *, cooldown_zero: bool = False, conditions=("none", "count", "first", "changed"),
-                where=where_texts, policy: bool = False):
+                where=where_texts, policy: bool = False, active_weight: int = 4):
     lines = ["[[rule]]", f'id = "r{index}"']
     kinds = draw(st.lists(st.sampled_from(KIND_POOL), min_size=1, max_size=3, unique=True))
     if len(kinds) == 1 and draw(st.booleans()):
@@ -205,6 +226,8 @@ def rule_tables(draw, index: int, *, cooldown_zero: bool = False, conditions=("n
             goal_where = f', where = "{draw(where_leaves)}"' if draw(st.booleans()) else ""
             on = ", ".join(f'"{k}"' for k in kinds)
             lines.append(f'goal = {{ on = [{on}]{goal_where}, within = "{draw(st.sampled_from(POLICY_WINDOWS))}" }}')
+        if draw(st.integers(1, active_weight)) == 1:
+            lines.append(draw(active_periods()))
     return "\n".join(lines)
 
 
@@ -233,7 +256,8 @@ def policy_tables(draw) -> str:
 
 @st.composite
 def rules_files(draw, *, min_rules: int = 1, max_rules: int = 6, cooldown_zero: bool = False,
-                conditions=("none", "count", "first", "changed"), where=where_texts, policy: bool = False) -> str:
+                conditions=("none", "count", "first", "changed"), where=where_texts, policy: bool = False,
+                active_weight: int = 4) -> str:
     parts = []
     if policy:
         parts.append(draw(policy_tables()))
@@ -243,7 +267,7 @@ def rules_files(draw, *, min_rules: int = 1, max_rules: int = 6, cooldown_zero: 
     n = draw(st.integers(min_rules, max_rules))
     for i in range(n):
         parts.append(draw(rule_tables(i, cooldown_zero=cooldown_zero, conditions=conditions, where=where,
-                                      policy=policy)) + "\n")
+                                      policy=policy, active_weight=active_weight)) + "\n")
     text = "\n".join(parts)
     parse_rules(text)  # the generator only writes valid files
     return text
@@ -317,9 +341,9 @@ def profile_tables(draw, msisdns=MSISDNS) -> pa.Table:
 
 
 @st.composite
-def policy_scenarios(draw, max_size: int = 60):
+def policy_scenarios(draw, max_size: int = 60, active_weight: int = 4):
     """(rules text, event stream, profiles, cuts, feedback choices) for the policy tests."""
-    text = draw(rules_files(policy=True))
+    text = draw(rules_files(policy=True, active_weight=active_weight))
     used = sorted({code for rule in parse_rules(text).rules for code in rule.on})
     stream = draw(event_streams(kind_pool=tuple(used), policy=True, max_size=max_size))
     profiles = draw(profile_tables()) if draw(st.integers(0, 3)) else None
@@ -485,6 +509,34 @@ def test_policy_kernel_equals_reference(scenario):
     expected, expected_results = run_with_feedback(reference, parts, feedback)
     assert_same_table(concat(got), concat(expected))
     assert got_results == expected_results
+    assert_same_counters(kernel, reference)
+
+
+@given(scenario=policy_scenarios(active_weight=1))
+def test_active_periods_kernel_equals_reference(scenario):
+    """Every rule with an active period (DST zones, wrapping hours, empty periods): same instructions and counters."""
+    text, columns, profiles, cuts, _ = scenario
+    describe(text, columns)
+    parts = slices(columns, cuts)
+    kernel = Engine(parse_rules(text), profiles=profiles)
+    reference = ReferenceEngine(parse_rules(text), profiles=profiles)
+    assert_same_table(concat([kernel.process(part) for part in parts]),
+                      concat([reference.process(part) for part in parts]))
+    assert_same_counters(kernel, reference)
+
+
+@given(zone=st.sampled_from(ZONES), base=st.sampled_from(POLICY_BASES), period=active_periods())
+def test_active_period_boundaries_on_a_grid(zone, base, period):
+    """Every quarter hour over three days around a DST change, and 1 ms before each: same events match."""
+    text = (f'[policy]\ntimezone = "{zone}"\n\n[[rule]]\nid = "r"\non = "call_out"\nchannels = ["portal"]\n'
+            f"{period}\n")
+    note(text)
+    quarters = max(base - 24 * H, 0) + np.arange(3 * 24 * 4, dtype=np.int64) * 15 * 60_000
+    ts = np.sort(np.concatenate([quarters, quarters[1:] - 1]))
+    columns = {"ts": ts, "msisdn": np.full(len(ts), 7, np.int64), "kind": np.zeros(len(ts), np.uint8)}
+    kernel = Engine.from_text(text)
+    reference = ReferenceEngine(parse_rules(text))
+    assert_same_table(kernel.process(columns), reference.process(columns))
     assert_same_counters(kernel, reference)
 
 

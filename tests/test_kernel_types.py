@@ -51,6 +51,17 @@ def test_kernel_refuses_malformed_program():
         kernel.Kernel(program)
 
 
+@pytest.mark.parametrize(("key", "value"), [("active", 2), ("active_days", 128), ("active_start", 86_400_000),
+                                            ("active_end", -5)])
+def test_kernel_refuses_malformed_active_period(key, value):
+    program = compile_program(parse_rules('[[rule]]\nid = "a"\non = "call_out"\nchannels = ["sms"]\n'
+                                          'active = { hours = "09:00-21:00" }\n'))
+    program[key] = program[key].copy()
+    program[key][0] = value
+    with pytest.raises(ValueError, match="active period"):
+        kernel.Kernel(program)
+
+
 def test_shard_of_is_stable_and_balanced():
     msisdn = np.arange(8613800000000, 8613800000000 + 100_000, dtype=np.int64)
     shards = shard_of(msisdn, 4)

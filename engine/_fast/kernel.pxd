@@ -73,6 +73,13 @@ cdef class Kernel:
     cdef uint64_t* holdout_seed
     cdef int64_t* max_per_hour    # per rule: guardrail, 0 = none
     cdef int64_t* goal_within     # per rule: goal window in ms, 0 = no goal
+    # Active periods (docs/rules.md), local time in the zone above; tested per match, only where active[r].
+    cdef uint8_t* active          # per rule: 1 when it has an active period
+    cdef int64_t* active_first    # per rule: first and last local day (days since 1970-01-01), inclusive
+    cdef int64_t* active_last
+    cdef uint8_t* active_days     # per rule: bit d (0 = Monday) set on an active weekday
+    cdef int64_t* active_start    # per rule: active hours [start, end) in ms after local midnight, wrapping
+    cdef int64_t* active_end      #   midnight when start > end; -1: all day
 
     # -- contact policy state ------------------------------------------------------
     cdef int32_t* sub_profile     # per subscriber: profile row + 1, -1 none, 0 not looked up yet
@@ -150,6 +157,7 @@ cdef class Kernel:
     cdef int32_t profile_row(self, int64_t sub, int64_t msisdn) noexcept nogil
     cdef Py_ssize_t zone_index(self, int64_t u) noexcept nogil
     cdef int64_t local_day(self, int64_t u) noexcept nogil
+    cdef bint in_period(self, Py_ssize_t rule, int64_t ts) noexcept nogil
     cdef int64_t next_allowed(self, int64_t ts, uint8_t days) noexcept nogil
     cdef int prune_caps(self) except -1 nogil
     cdef int64_t find_subscriber(self, int64_t msisdn) noexcept nogil

@@ -532,6 +532,12 @@ cdef class Kernel:
         self.stopped_no_channel = <int64_t*>checked_alloc(n * sizeof(int64_t))
         self.stopped_capped = <int64_t*>checked_alloc(n * sizeof(int64_t))
         self.holdout = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.active = <uint8_t*>checked_alloc(n * sizeof(uint8_t))
+        self.active_first = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.active_last = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.active_days = <uint8_t*>checked_alloc(n * sizeof(uint8_t))
+        self.active_start = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.active_end = <int64_t*>checked_alloc(n * sizeof(int64_t))
 
         cdef const uint32_t[::1] kinds = program["kinds"]
         cdef const int32_t[::1] op_begin = program["op_begin"]
@@ -556,6 +562,12 @@ cdef class Kernel:
         cdef const int64_t[::1] goal_within = program["goal_within"]
         cdef const int64_t[::1] zone_start = program["zone_start"]
         cdef const int64_t[::1] zone_offset = program["zone_offset"]
+        cdef const uint8_t[::1] active = program["active"]
+        cdef const int64_t[::1] active_first = program["active_first"]
+        cdef const int64_t[::1] active_last = program["active_last"]
+        cdef const uint8_t[::1] active_days = program["active_days"]
+        cdef const int64_t[::1] active_start = program["active_start"]
+        cdef const int64_t[::1] active_end = program["active_end"]
         self.n_channels = program["n_channels"]
         if not 1 <= self.n_channels <= 64:
             raise ValueError("malformed program: 1 to 64 channels")
@@ -607,6 +619,16 @@ cdef class Kernel:
             self.holdout_seed[r] = holdout_seed[r]
             self.max_per_hour[r] = max_per_hour[r]
             self.goal_within[r] = goal_within[r]
+            self.active[r] = active[r]
+            self.active_first[r] = active_first[r]
+            self.active_last[r] = active_last[r]
+            self.active_days[r] = active_days[r]
+            self.active_start[r] = active_start[r]
+            self.active_end[r] = active_end[r]
+            if not (active[r] <= 1 and active_days[r] < 128
+                    and (active_start[r] == -1 == active_end[r]
+                         or (0 <= active_start[r] < DAY_MS and 0 <= active_end[r] < DAY_MS))):
+                raise ValueError(f"malformed program for rule {r}: active period")
             if not (goal_within[r] >= 0 and -1 <= goal_of[r] < n and 0 <= chan_begin[r] <= chan_end[r] <= chan_list.shape[0]
                     and (goal_of[r] >= 0 or chan_end[r] > chan_begin[r])
                     and 0 <= max_per_hour[r] <= 1000000 and 0 <= holdout_threshold[r] <= 9007199254740992):
@@ -727,6 +749,8 @@ cdef class Kernel:
         big_free(self.goal_open.entries, self.goal_open.capacity * sizeof(Entry))
         free(self.goal_within); free(self.goal_treated); free(self.goal_holdout)
         free(self.rec_ts); free(self.rec_next); free(self.rec_flags)
+        free(self.active); free(self.active_first); free(self.active_last); free(self.active_days)
+        free(self.active_start); free(self.active_end)
         big_free(self.caps.entries, self.caps.capacity * sizeof(Entry))
 
     cdef bint _op_is_valid(self, Op op, Py_ssize_t n_constants):
@@ -739,7 +763,7 @@ cdef class Kernel:
         if op.code <= OP_PREFIX and op.a >= N_COLUMNS:
             return False
         if op.code in (OP_IN, OP_PREFIX):
-            return 0 <= op.b and op.imm >= 1 and op.b + op.imm <= n_constants
+            return 0 <= op.b and op.imm >= 0 and op.b + op.imm <= n_constants  # an empty set matches nothing
         if op.code in (OP_AND, OP_OR, OP_NOT):
             return op.a < self.n_regs and 0 <= op.b < self.n_regs
         return True
@@ -892,6 +916,22 @@ cdef class Kernel:
     cdef int64_t local_day(self, int64_t u) noexcept nogil:
         """Days since 1970-01-01 of instant u in the configured zone."""
         return floordiv(u + self.zone_offset[self.zone_index(u)], DAY_MS)
+
+    cdef bint in_period(self, Py_ssize_t rule, int64_t ts) noexcept nogil:
+        """Whether instant ts lies in the rule's active period, in local time."""
+        cdef int64_t local = ts + self.zone_offset[self.zone_index(ts)]
+        cdef int64_t day = floordiv(local, DAY_MS)
+        cdef int64_t tod = local - day * DAY_MS
+        cdef int64_t start = self.active_start[rule], end = self.active_end[rule]
+        if day < self.active_first[rule] or day > self.active_last[rule]:
+            return 0
+        if not (self.active_days[rule] >> ((day + 3) - floordiv(day + 3, 7) * 7)) & 1:   # day 0 was a Thursday
+            return 0
+        if start < 0:
+            return 1
+        if start <= end:   # start == end: no time of day at all
+            return start <= tod < end
+        return tod >= start or tod < end
 
     cdef int64_t next_allowed(self, int64_t ts, uint8_t days) noexcept nogil:
         """The first instant >= ts on a contact day (mask `days`) and outside quiet hours.
@@ -1306,6 +1346,9 @@ cdef class Kernel:
                             match = row[1] != 0 and row[1] != v
                             row[1] = v
                     if not match:
+                        continue
+                    # The active period is part of the match, tested only for rules that have one.
+                    if self.active[r] and not self.in_period(r, ts):
                         continue
                     self.matched[r] += 1
                     # Policy steps 1-3, each match on its own (SPEC section 8).

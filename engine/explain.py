@@ -1,0 +1,236 @@
+"""What a checked rule does, in words, and what in it can never happen: `kairos check`'s plan and warnings.
+
+The plan shows the filter as the kernel evaluates it (engine.compiler's
+order: cheapest test first, and/or stopping early), the condition and the
+active period.  Warnings name what is legal but almost surely a mistake:
+
+- a rule that can never fire: comparisons on one column that no value
+  satisfies (`duration > 60 and duration < 30`), `in` an empty set, an active
+  period that ends before it starts or whose days or hours exclude every
+  moment;
+- a filter on a field that none of the rule's kinds carries
+  (engine.schema.KIND_FIELDS): the field reads 0 on every event it sees.
+
+Warnings are conservative: a warning is a proof, silence is not.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from engine.compiler import evaluation_order
+from engine.rules import (
+    Active,
+    And,
+    Changed,
+    Compare,
+    Count,
+    Expr,
+    First,
+    InSet,
+    Not,
+    Or,
+    Prefix,
+    Rule,
+    format_duration,
+)
+from engine.schema import KIND_FIELDS, KINDS
+
+WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_ALWAYS_CARRIED = ("ts", "msisdn", "kind")
+_SHOWN_VALUES = 6  # a longer literal list is shown by its first values and its size
+_INT64 = (-(2**63), 2**63 - 1)
+_NEGATED = {"==": "!=", "!=": "==", "<": ">=", "<=": ">", ">": "<=", ">=": "<"}
+
+
+def describe_condition(rule: Rule) -> str:
+    cond = rule.condition
+    if cond is None:
+        return "none (every event that passes on + where)"
+    if isinstance(cond, Count):
+        return f"count: at least {cond.at_least} within {format_duration(cond.within)}"
+    if isinstance(cond, First):
+        return f"first: none in the previous {format_duration(cond.within)}"
+    if isinstance(cond, Changed):
+        return f"changed: {cond.column} differs from its last non-zero value"
+    return repr(cond)  # pragma: no cover - the parser builds nothing else
+
+
+def clock(minutes: int) -> str:
+    return f"{minutes // 60:02d}:{minutes % 60:02d}"
+
+
+def describe_active(active: Active | None, timezone: str) -> str:
+    """The active period in words, in the rules file's time zone."""
+    if active is None:
+        return "always"
+    parts = []
+    if active.first_day is not None and active.last_day is not None:
+        parts.append(f"from {active.first_day} until {active.last_day} (both inclusive)")
+    elif active.first_day is not None:
+        parts.append(f"from {active.first_day} on")
+    elif active.last_day is not None:
+        parts.append(f"until {active.last_day} (inclusive)")
+    if active.days != (1, 2, 3, 4, 5, 6, 7):
+        parts.append(f"on {', '.join(WEEKDAYS[d - 1] for d in active.days) or 'no day'}")
+    if active.hours is not None:
+        start, end = active.hours
+        wraps = " (wraps midnight)" if start > end else ""
+        parts.append(f"{clock(start)}-{clock(end)}{wraps}")
+    return f"{', '.join(parts) or 'always'} local time ({timezone})"
+
+
+def describe_filter(expr: Expr | None) -> str:
+    """The filter in the order the kernel evaluates it."""
+    if expr is None:
+        return "(none: every event of these kinds)"
+    return _render(expr, top=True)
+
+
+def _values(values: tuple[int, ...], set_name: str | None) -> str:
+    if set_name is not None:
+        return f"{set_name} ({len(values):,} values)"
+    if len(values) > _SHOWN_VALUES:
+        return f"[{', '.join(map(str, values[:_SHOWN_VALUES]))}, ... {len(values):,} values]"
+    return f"[{', '.join(map(str, values))}]"
+
+
+def _render(expr: Expr, top: bool = False) -> str:
+    if isinstance(expr, Compare):
+        return f"{expr.column} {expr.op} {expr.value}"
+    if isinstance(expr, InSet):
+        return f"{expr.column} in {_values(expr.values, expr.set_name)}"
+    if isinstance(expr, Prefix):
+        return f"{expr.column} prefix {_values(expr.prefixes, expr.set_name)}"
+    if isinstance(expr, Not):
+        if isinstance(expr.item, InSet):
+            return f"{expr.item.column} not in {_values(expr.item.values, expr.item.set_name)}"
+        return f"not {_render(expr.item)}"
+    word = " and then " if isinstance(expr, And) else " or else "
+    text = word.join(_render(item) for item in evaluation_order(expr.items))
+    return text if top else f"({text})"
+
+
+# ---------------------------------------------------------------------------
+# Warnings.
+
+
+def rule_warnings(rule: Rule) -> list[str]:
+    """Why `rule` can never fire, and filters on fields its kinds never carry."""
+    warnings = []
+    if rule.where is not None:
+        reason = _never(rule.where)
+        if reason is not None:
+            warnings.append(f"never fires: the filter cannot hold: {reason}")
+    if rule.active is not None:
+        reason = _empty_period(rule.active)
+        if reason is not None:
+            warnings.append(f"never fires: the active period holds no moment: {reason}")
+    used = _columns(rule.where) if rule.where is not None else []
+    if isinstance(rule.condition, Changed) and rule.condition.column not in used:
+        used.append(rule.condition.column)
+    for column in used:
+        # A rule over several kinds may well test a field only some of them carry (amount > 0 picks the
+        # recharges out of balance and recharge events); a field none of them carries is always 0.
+        kinds = [KINDS[k] for k in rule.on]
+        if column not in _ALWAYS_CARRIED and not any(column in KIND_FIELDS[kind] for kind in kinds):
+            warnings.append(f"field {column} is never carried by {', '.join(kinds)} events (it reads 0 there)")
+    return warnings
+
+
+def _columns(expr: Expr) -> list[str]:
+    """Columns an expression reads, in order of first appearance."""
+    if isinstance(expr, Compare | InSet | Prefix):
+        return [expr.column]
+    if isinstance(expr, Not):
+        return _columns(expr.item)
+    found: dict[str, None] = {}
+    for item in expr.items:
+        found.update(dict.fromkeys(_columns(item)))
+    return list(found)
+
+
+def _never(expr: Expr) -> str | None:
+    """Why expr is false for every event, or None when that is not proven."""
+    if isinstance(expr, InSet) and not expr.values:
+        return f"{_render(expr)} is empty"
+    if isinstance(expr, Prefix) and not expr.prefixes:
+        return f"{_render(expr)} is empty"
+    if isinstance(expr, Or):
+        reasons = [_never(item) for item in expr.items]
+        return "; ".join(reasons) if all(reasons) else None  # type: ignore[arg-type]
+    if isinstance(expr, And):
+        items = _flatten_and(expr)
+        for item in items:
+            reason = _never(item)
+            if reason is not None:
+                return reason
+        return _contradiction(items)
+    return None
+
+
+def _flatten_and(expr: And) -> list[Expr]:
+    items = []
+    for item in expr.items:
+        items.extend(_flatten_and(item) if isinstance(item, And) else [item])
+    return items
+
+
+def _contradiction(items: list[Expr]) -> str | None:
+    """Tests on one column, among the operands of an `and`, that no value satisfies together."""
+    by_column: dict[str, list[Expr]] = {}
+    for item in items:
+        inner = item.item if isinstance(item, Not) else item
+        if isinstance(inner, Compare | InSet):
+            by_column.setdefault(inner.column, []).append(item)
+    for column, tests in by_column.items():
+        if len(tests) > 1 and not _satisfiable(tests):
+            return f"no value of {column} satisfies {' and '.join(_render(t) for t in tests)}"
+    return None
+
+
+def _satisfiable(tests: list[Expr]) -> bool:
+    lo, hi = _INT64
+    allowed: set[int] | None = None
+    excluded: set[int] = set()
+    for test in tests:
+        negated = isinstance(test, Not)
+        inner = test.item if negated else test
+        if isinstance(inner, InSet):
+            if negated:
+                excluded.update(inner.values)
+            else:
+                allowed = set(inner.values) if allowed is None else allowed & set(inner.values)
+            continue
+        op, v = (_NEGATED[inner.op] if negated else inner.op), inner.value
+        if op == "==":
+            lo, hi = max(lo, v), min(hi, v)
+        elif op == "!=":
+            excluded.add(v)
+        elif op == "<":
+            hi = min(hi, v - 1)
+        elif op == "<=":
+            hi = min(hi, v)
+        elif op == ">":
+            lo = max(lo, v + 1)
+        else:
+            lo = max(lo, v)
+    if allowed is not None:
+        return any(lo <= v <= hi and v not in excluded for v in allowed)
+    return hi - lo + 1 > len({v for v in excluded if lo <= v <= hi})
+
+
+def _empty_period(active: Active) -> str | None:
+    first, last = active.first_day, active.last_day
+    if first is not None and last is not None and last < first:
+        return f"until {last} is before from {first}"
+    if not active.days:
+        return "days is empty"
+    if active.hours is not None and active.hours[0] == active.hours[1]:
+        return f"hours {clock(active.hours[0])}-{clock(active.hours[1])} is empty ([start, end) with start == end)"
+    if first is not None and last is not None and (last - first).days < 7:
+        dates = [first + timedelta(days=k) for k in range((last - first).days + 1)]
+        if not any(d.isoweekday() in active.days for d in dates):
+            return f"no day from {first} until {last} is on {', '.join(WEEKDAYS[d - 1] for d in active.days)}"
+    return None
+
