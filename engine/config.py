@@ -145,7 +145,9 @@ def _input(source: str, name: str, table: object) -> InputConfig:
     if endpoint is None:
         raise t.error("endpoint", "required (e.g. \"tcp://127.0.0.1:5555\")")
     allow_remote = t.get("allow_remote", bool, False)
-    if not allow_remote and not is_loopback_endpoint(endpoint):
+    bind = t.get("bind", bool, True)
+    # SPEC section 9 is about listening: connecting out to a feeder elsewhere needs no permission.
+    if bind and not allow_remote and not is_loopback_endpoint(endpoint):
         raise t.error("endpoint", f"{endpoint!r} is not a loopback address; set allow_remote = true to listen beyond "
                       "this machine")
     socket = t.choice("socket", SOCKET_TYPES, "pull")
@@ -166,7 +168,7 @@ def _input(source: str, name: str, table: object) -> InputConfig:
         name=name,
         endpoint=endpoint,
         socket=socket,
-        bind=t.get("bind", bool, True),
+        bind=bind,
         format=t.choice("format", FORMATS, "arrow"),
         role=role,
         rcvhwm=t.positive("rcvhwm", 1000),

@@ -131,6 +131,12 @@ def test_not_toml_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.toml")
 
 
+def test_connecting_to_a_remote_feeder_needs_no_permission(tmp_path):
+    text = MINIMAL.replace("127.0.0.1:5555", "10.1.2.3:5555")
+    text = text.replace("[inputs.switch]", "[inputs.switch]\nbind = false")
+    assert parse_config(text, "k.toml", tmp_path).inputs[0].endpoint == "tcp://10.1.2.3:5555"
+
+
 def test_remote_endpoint_needs_allow_remote(tmp_path):
     text = MINIMAL.replace("127.0.0.1:5555", "0.0.0.0:5555").replace(
         "[inputs.switch]", "[inputs.switch]\nallow_remote = true")
