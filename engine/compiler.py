@@ -14,7 +14,7 @@ import numpy as np
 
 from engine.calendar import MINUTE_MS, zone_table
 from engine.policy import holdout_seed, holdout_threshold
-from engine.rules import And, Changed, Compare, Count, Expr, First, InSet, Not, Or, Prefix, RuleSet
+from engine.rules import And, Changed, Compare, Count, Distinct, Expr, First, InSet, Not, Or, Prefix, RuleSet, Sum
 from engine.schema import COLUMN_INDEX
 
 # Mirrors engine/_fast/_types.pxd; tests/test_kernel_types.py checks the sizes.
@@ -35,7 +35,7 @@ OPCODES = {
     "and": 8, "or": 9, "not": 10, "narrow_true": 11, "narrow_false": 12,
 }
 ALL_POSITIONS = 0  # the list id meaning "every position of the selection"
-CONDITIONS = {None: 0, Count: 1, First: 2, Changed: 3}
+CONDITIONS = {None: 0, Count: 1, First: 2, Changed: 3, Sum: 4, Distinct: 5}
 
 
 def _cost(expr: Expr) -> int:
@@ -163,6 +163,7 @@ def compile_program(ruleset: RuleSet) -> dict[str, np.ndarray | int]:
         "cond_n": np.zeros(n, np.int64),
         "cond_window": np.zeros(n, np.int64),
         "cond_column": np.zeros(n, np.int32),
+        "cond_resolution": np.zeros(n, np.int64),
         "cooldown": np.zeros(n, np.int64),
         "priority": np.zeros(n, np.int32),
         "goal_of": np.full(n, -1, np.int32),
@@ -187,6 +188,11 @@ def compile_program(ruleset: RuleSet) -> dict[str, np.ndarray | int]:
             program["cond_window"][r] = cond.within
         elif isinstance(cond, Changed):
             program["cond_column"][r] = COLUMN_INDEX[cond.column]
+        elif isinstance(cond, (Sum, Distinct)):
+            program["cond_n"][r] = cond.at_least
+            program["cond_window"][r] = cond.within
+            program["cond_column"][r] = COLUMN_INDEX[cond.column]
+            program["cond_resolution"][r] = cond.resolution
         program["cooldown"][r] = rule.cooldown
         program["priority"][r] = rule.priority
     program.update(_policy_program(ruleset, n))

@@ -25,6 +25,7 @@ from engine.rules import (
     Changed,
     Compare,
     Count,
+    Distinct,
     Expr,
     First,
     InSet,
@@ -32,6 +33,7 @@ from engine.rules import (
     Or,
     Prefix,
     Rule,
+    Sum,
     format_duration,
 )
 from engine.schema import KIND_FIELDS, KINDS
@@ -53,6 +55,12 @@ def describe_condition(rule: Rule) -> str:
         return f"first: none in the previous {format_duration(cond.within)}"
     if isinstance(cond, Changed):
         return f"changed: {cond.column} differs from its last non-zero value"
+    if isinstance(cond, Sum):
+        return (f"sum: {cond.column} adds up to at least {cond.at_least} within {format_duration(cond.within)}"
+                f" (in buckets of {format_duration(cond.resolution)})")
+    if isinstance(cond, Distinct):
+        return (f"distinct: at least {cond.at_least} different non-zero {cond.column} values within "
+                f"{format_duration(cond.within)} (in buckets of {format_duration(cond.resolution)})")
     return repr(cond)  # pragma: no cover - the parser builds nothing else
 
 
@@ -127,7 +135,7 @@ def rule_warnings(rule: Rule) -> list[str]:
         if reason is not None:
             warnings.append(f"never fires: the active period holds no moment: {reason}")
     used = _columns(rule.where) if rule.where is not None else []
-    if isinstance(rule.condition, Changed) and rule.condition.column not in used:
+    if isinstance(rule.condition, (Changed, Sum, Distinct)) and rule.condition.column not in used:
         used.append(rule.condition.column)
     for column in used:
         # A rule over several kinds may well test a field only some of them carry (amount > 0 picks the

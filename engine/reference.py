@@ -9,8 +9,12 @@ One documented difference: the kernel keeps bounded state per subscriber
 (count: the at_least - 1 latest timestamps; first: the latest timestamp), so
 when a subscriber's qualifying events arrive out of event-time order it may
 miss a count or first match that this full-history reference finds.  It never
-produces a match the reference does not.  For streams in event-time order per
-subscriber and rule the two are identical.  docs/kernel.md explains why.
+produces a match the reference does not.  `sum` and `distinct` keep buckets:
+the kernel drops a late event whose bucket has left its ring (sum) or whose
+value it no longer tracks (distinct), so late events may lower a sum or a
+distinct count, never raise one (a sum over negative values can then rise).
+For streams in event-time order per subscriber and rule the two are
+identical.  docs/kernel.md explains why.
 
 The contact policy (SPEC sections 4 and 8) is here too, as plainly: full
 history of cap counts, instructions and feedback; local time from zoneinfo
@@ -44,7 +48,22 @@ from engine.policy import (
     rule_report,
 )
 from engine.profiles import ProfileStore
-from engine.rules import Active, And, Changed, Compare, Count, Expr, First, InSet, Not, Or, Prefix, RuleSet
+from engine.rules import (
+    Active,
+    And,
+    Changed,
+    Compare,
+    Count,
+    Distinct,
+    Expr,
+    First,
+    InSet,
+    Not,
+    Or,
+    Prefix,
+    RuleSet,
+    Sum,
+)
 from engine.schema import EVENT_COLUMNS, INSTRUCTION_SCHEMA, validate_events
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -87,6 +106,8 @@ class ReferenceEngine:
         self.seeds = [rule_seed(rule.id) for rule in ruleset.rules]
         # (rule index, msisdn) -> every qualifying ts, in arrival order
         self.history: dict[tuple[int, int], list[int]] = defaultdict(list)
+        # (rule index, msisdn) -> (ts, column value) of every qualifying event of a `sum` or `distinct` rule
+        self.samples: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
         # (rule index, msisdn) -> last non-zero value of a `changed` column
         self.last_value: dict[tuple[int, int], int] = {}
         # (rule index, msisdn) -> trigger ts of the rule's last instruction
@@ -134,6 +155,8 @@ class ReferenceEngine:
             previous = self.last_value.get(key)
             self.last_value[key] = value
             return previous is not None and previous != value
+        if isinstance(condition, (Sum, Distinct)):
+            return self.bucketed_holds(condition, key, t, event[condition.column])
         earlier = self.history[key]
         if isinstance(condition, Count):
             in_window = sum(1 for s in earlier if t - condition.within < s <= t) + 1
@@ -143,6 +166,17 @@ class ReferenceEngine:
             holds = not any(t - condition.within <= s <= t for s in earlier)
         earlier.append(t)
         return holds
+
+    def bucketed_holds(self, condition: Sum | Distinct, key: tuple[int, int], t: int, value: int) -> bool:
+        """The events whose bucket (ts // resolution) starts after t - within, up to t's bucket, this one included."""
+        samples = self.samples[key]
+        samples.append((t, value))
+        res = condition.resolution
+        first, last = (t - condition.within) // res + 1, t // res
+        in_window = [v for s, v in samples if first <= s // res <= last]
+        if isinstance(condition, Sum):
+            return sum(in_window) >= condition.at_least
+        return len(set(in_window) - {0}) >= condition.at_least
 
     # -- local time -----------------------------------------------------------------
 

@@ -108,8 +108,39 @@ class Changed:
     column: str
 
 
-Condition = Count | First | Changed
-CONDITION_KEYS = ("count", "first", "changed")
+@dataclass(frozen=True)
+class Sum:
+    """The column summed over the window's buckets is at least `at_least` (docs/rules.md, "sum and distinct").
+
+    Event time is cut into buckets [k * resolution, (k + 1) * resolution);
+    the window of an event at t holds the buckets that start after t - within,
+    up to t's own bucket, this event included.
+    """
+
+    column: str
+    at_least: int
+    within: int  # milliseconds
+    resolution: int  # milliseconds, the bucket width
+
+
+@dataclass(frozen=True)
+class Distinct:
+    """At least `at_least` distinct non-zero values of the column in the window's buckets (as for Sum)."""
+
+    column: str
+    at_least: int
+    within: int  # milliseconds
+    resolution: int  # milliseconds, the bucket width
+
+
+Condition = Count | First | Changed | Sum | Distinct
+CONDITION_KEYS = ("count", "first", "changed", "sum", "distinct")
+MAX_BUCKETS = 1024  # buckets a window may span: within / resolution, rounded up
+
+
+def window_buckets(within: int, resolution: int) -> int:
+    """Buckets a sum or distinct window may touch: within / resolution, rounded up."""
+    return -(-within // resolution)
 
 
 @dataclass(frozen=True)
@@ -560,6 +591,8 @@ class _RuleBuilder:
         spec = self.table[key]
         if not isinstance(spec, dict):
             raise self.fail(f"'{key}' is a table, e.g. {_CONDITION_EXAMPLES[key]}", spec)
+        if key in ("sum", "distinct"):
+            return self.bucketed(key, spec)
         expected = {"count": {"at_least", "within"}, "first": {"within"}, "changed": {"column"}}[key]
         if set(spec) != expected:
             raise self.fail(f"'{key}' takes exactly {sorted(expected)}, e.g. {_CONDITION_EXAMPLES[key]}", spec)
@@ -577,6 +610,32 @@ class _RuleBuilder:
         if isinstance(at_least, bool) or not isinstance(at_least, int) or not 1 <= at_least <= 1024:
             raise self.fail("count: 'at_least' must be an integer from 1 to 1024", at_least)
         return Count(at_least, within)
+
+    def bucketed(self, key: str, spec: dict) -> Sum | Distinct:
+        required = {"column", "at_least", "within"}
+        if not required <= set(spec) or set(spec) - required - {"resolution"}:
+            raise self.fail(f"'{key}' takes column, at_least, within and an optional resolution, "
+                            f"e.g. {_CONDITION_EXAMPLES[key]}", spec)
+        column = spec["column"]
+        if column not in EVENT_COLUMNS or column in ("ts", "msisdn", "kind"):
+            raise self.fail(f"{key}: 'column' must be an event column other than ts, msisdn and kind", column)
+        within = self.duration_value(f"{key}.within", spec["within"])
+        if within <= 0:
+            raise self.fail(f"{key}: 'within' must be positive", spec["within"])
+        resolution = max(within // 12, 1)
+        if "resolution" in spec:
+            resolution = self.duration_value(f"{key}.resolution", spec["resolution"])
+            if not 0 < resolution <= within or window_buckets(within, resolution) > MAX_BUCKETS:
+                raise self.fail(f"{key}: 'resolution' must be positive, at most 'within', and at least "
+                                f"within / {MAX_BUCKETS}", spec["resolution"])
+        at_least = spec["at_least"]
+        if key == "sum":
+            if isinstance(at_least, bool) or not isinstance(at_least, int) or not 1 <= at_least < 2**62:
+                raise self.fail("sum: 'at_least' must be a positive integer below 2**62", at_least)
+            return Sum(column, at_least, within, resolution)
+        if isinstance(at_least, bool) or not isinstance(at_least, int) or not 1 <= at_least <= 1024:
+            raise self.fail("distinct: 'at_least' must be an integer from 1 to 1024", at_least)
+        return Distinct(column, at_least, within, resolution)
 
     def channels(self) -> tuple[str, ...]:
         channels = self.table.get("channels")
@@ -628,6 +687,8 @@ _CONDITION_EXAMPLES = {
     "count": '{ at_least = 3, within = "30d" }',
     "first": '{ within = "30d" }',
     "changed": '{ column = "imei" }',
+    "sum": '{ column = "amount", at_least = 10000, within = "7d", resolution = "14h" }',
+    "distinct": '{ column = "cell", at_least = 5, within = "1d" }',
 }
 
 

@@ -106,6 +106,21 @@ def test_changed_on_a_field_the_kind_never_carries():
     assert found == ["field imei is never carried by portal events (it reads 0 there)"]
 
 
+def test_sum_and_distinct_are_described_with_their_buckets(tmp_path, capsys):
+    text = (one_rule('on = "call_out"\nsum = { column = "duration", at_least = 180000, within = "30d" }')
+            + one_rule('on = "data"\ndistinct = { column = "cell", at_least = 20, within = "1d", resolution = "1h" }')
+            .replace('id = "promo"', 'id = "travel"'))
+    status, out = check(tmp_path, capsys, text)
+    assert status == 0
+    assert "sum: duration adds up to at least 180000 within 30d (in buckets of 2d12h)" in out
+    assert "distinct: at least 20 different non-zero cell values within 1d (in buckets of 1h)" in out
+
+
+def test_sum_on_a_field_the_kind_never_carries():
+    found = warnings_of('on = "portal"\nsum = { column = "amount", at_least = 5, within = "1d" }')
+    assert found == ["field amount is never carried by portal events (it reads 0 there)"]
+
+
 def test_filter_is_shown_in_evaluation_order():
     rules = parse_rules(one_rule('on = "call_out"\nwhere = "peer prefix 95555 and (duration >= 30 or peer in [1, 2])"'))
     # Prefix tests cost more than comparisons and set lookups, so the kernel runs them last.

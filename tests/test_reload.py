@@ -183,3 +183,43 @@ def test_feedback_to_a_removed_rule_is_unknown_and_a_goal_can_go(batch):
     assert eng.feedback([gone, still], ["accepted", "accepted"], [10**13, 10**13]) == {
         "applied": 1, "unknown": 1, "invalid": 0}
     assert eng.stats()["rules"]["low_balance"]["feedback"]["accepted"] == 1
+
+
+BUCKETED = """
+[[rule]]
+id = "heavy"
+on = "call_out"
+sum = { column = "duration", at_least = 100, within = "1d", resolution = "2h" }
+channels = ["sms"]
+template = "t"
+
+[[rule]]
+id = "traveller"
+on = "call_out"
+distinct = { column = "cell", at_least = 2, within = "1d" }
+channels = ["sms"]
+template = "d"
+"""
+
+
+def test_sum_and_distinct_keep_their_windows_across_a_reload_and_a_checkpoint(tmp_path, batch):
+    eng = Engine.from_text(BUCKETED)
+    assert eng.process(batch([{"ts": 1_000, "msisdn": 5, "kind": 0, "duration": 60, "cell": 7}])).num_rows == 0
+    edited = BUCKETED.replace('template = "t"', 'template = "t2"').replace('template = "d"', 'template = "d2"')
+    assert eng.reload_rules(parse_rules(edited))["kept"] == ["heavy", "traveller"]
+    eng.checkpoint(tmp_path / "state")
+    restored = Engine.restore(tmp_path / "state")
+    # 60 + 40 reaches 100 and cell 8 is a second cell only if the first event's state survived.
+    out = restored.process(batch([{"ts": 3 * 3_600_000, "msisdn": 5, "kind": 0, "duration": 40, "cell": 8}]))
+    assert out.column("template").to_pylist() == ["t2"]  # one instruction per event: the earlier rule wins
+    rules = restored.stats()["rules"]
+    assert rules["heavy"]["matched"] == rules["traveller"]["matched"] == 1
+
+
+def test_a_changed_resolution_starts_the_window_afresh(batch):
+    eng = Engine.from_text(BUCKETED)
+    eng.process(batch([{"ts": 1_000, "msisdn": 5, "kind": 0, "duration": 60}]))
+    fate = eng.reload_rules(parse_rules(BUCKETED.replace('resolution = "2h"', 'resolution = "1h"')))
+    assert fate["fresh"] == ["heavy"]
+    out = eng.process(batch([{"ts": 2_000, "msisdn": 5, "kind": 0, "duration": 40}]))
+    assert out.num_rows == 0

@@ -404,3 +404,75 @@ def test_instruction_table_schema(implementation, batch):
             "id", "ts", "msisdn", "rule", "channel", "template", "priority", "holdout", "not_before", "params",
         ]
     assert table.num_rows == 1
+
+
+# ---------------------------------------------------------------------------
+# sum and distinct: buckets of `resolution` aligned to multiples of it in event time; the window of an event
+# at t holds the buckets that start after t - W, up to t's own (docs/rules.md).
+
+HEAVY = rule("heavy", where='"peer != 0"',
+             sum='{ column = "amount", at_least = 100, within = "10s", resolution = "1s" }')
+TRAVEL = rule("travel", distinct='{ column = "cell", at_least = 3, within = "10s", resolution = "1s" }')
+
+
+def test_sum_includes_the_current_event_and_holds_on_every_event(run):
+    out, engine = run(HEAVY, [ev(T0, peer=1, amount=100), ev(T0 + 1, peer=1, amount=0), ev(T0 + 2, peer=1, amount=5)])
+    assert [r["ts"] for r in out] == [T0, T0 + 1, T0 + 2]
+    assert counters(engine, "heavy") == (3, 3, 0, 0)
+
+
+def test_sum_window_exactly_w_before_is_outside(run):
+    out, _ = run(HEAVY, [ev(T0, peer=1, amount=60), ev(T0 + 10 * S, peer=1, amount=60)])
+    assert out == []
+
+
+def test_sum_window_counts_whole_buckets_starting_after_t_minus_w(run):
+    # t - W = T0 + 400 falls inside the bucket [T0, T0 + 1s): that bucket is out, though its event is 9.9s back.
+    out, _ = run(HEAVY, [ev(T0 + 500, peer=1, amount=60), ev(T0 + 10 * S + 400, peer=1, amount=60)])
+    assert out == []
+    # t - W = T0 + 999: the bucket starting at T0 + 1s is in, all of it.
+    out, _ = run(HEAVY, [ev(T0 + S, peer=1, amount=60), ev(T0 + 11 * S - 1, peer=1, amount=60)])
+    assert [r["ts"] for r in out] == [T0 + 11 * S - 1]
+
+
+def test_sum_counts_only_events_passing_where_and_slides(run):
+    out, _ = run(HEAVY, [ev(T0, peer=1, amount=60), ev(T0 + S, peer=0, amount=500), ev(T0 + 2 * S, peer=1, amount=40),
+                         ev(T0 + 12 * S, peer=1, amount=60)])
+    assert [r["ts"] for r in out] == [T0 + 2 * S]
+
+
+def test_sum_default_resolution_is_a_twelfth_of_the_window(run):
+    text = rule("heavy", sum='{ column = "amount", at_least = 100, within = "12s" }')
+    # Buckets of 1s: at T0 + 12s + 999 the window starts with the bucket at T0 + 1s.
+    out, _ = run(text, [ev(T0 + 999, amount=60), ev(T0 + S, amount=30), ev(T0 + 12 * S + 999, amount=10)])
+    assert out == []
+    out, _ = run(text, [ev(T0 + S, amount=60), ev(T0 + 2 * S, amount=30), ev(T0 + 12 * S + 999, amount=10)])
+    assert [r["ts"] for r in out] == [T0 + 12 * S + 999]
+
+
+def test_distinct_ignores_zero_and_repeats(run):
+    out, engine = run(TRAVEL, [ev(T0, cell=1), ev(T0 + 1, cell=0), ev(T0 + 2, cell=1), ev(T0 + 3, cell=2),
+                               ev(T0 + 4, cell=0), ev(T0 + 5, cell=3), ev(T0 + 6, cell=0)])
+    # The third distinct cell arrives at T0 + 5; an event of unknown cell still sees three in the window.
+    assert [r["ts"] for r in out] == [T0 + 5, T0 + 6]
+    assert counters(engine, "travel") == (2, 2, 0, 0)
+
+
+def test_distinct_window_edges(run):
+    out, _ = run(TRAVEL, [ev(T0, cell=1), ev(T0 + 5 * S, cell=2), ev(T0 + 10 * S, cell=3)])
+    assert out == []
+    out, _ = run(TRAVEL, [ev(T0, cell=1), ev(T0 + 5 * S, cell=2), ev(T0 + 10 * S - 1, cell=3)])
+    assert [r["ts"] for r in out] == [T0 + 10 * S - 1]
+
+
+def test_distinct_a_value_seen_again_stays_in_the_window(run):
+    out, _ = run(TRAVEL, [ev(T0, cell=1), ev(T0 + 5 * S, cell=2), ev(T0 + 8 * S, cell=1), ev(T0 + 12 * S, cell=3)])
+    assert [r["ts"] for r in out] == [T0 + 12 * S]
+
+
+def test_distinct_keeps_the_most_recent_values_when_more_arrive(run):
+    # Five cells for a threshold of three: the kernel keeps three pairs; the latest three are what counts.
+    rows = [ev(T0 + k * S, cell=c) for k, c in enumerate((1, 2, 3, 4, 5))] + [ev(T0 + 14 * S, cell=6)]
+    out, _ = run(TRAVEL, rows)
+    # At T0 + 14s the window starts after T0 + 4s: cells 5 (T0 + 4s) is out, only 6 is in.
+    assert [r["ts"] for r in out] == [T0 + 2 * S, T0 + 3 * S, T0 + 4 * S]

@@ -83,6 +83,8 @@ cdef enum CondType:
     COND_COUNT = 1      # state: the at_least - 1 largest qualifying ts seen, ascending
     COND_FIRST = 2      # state: the largest qualifying ts seen
     COND_CHANGED = 3    # state: the last non-zero value of the column
+    COND_SUM = 4        # state: newest bucket index, then a ring of per-bucket sums (docs/kernel.md)
+    COND_DISTINCT = 5   # state: at_least (value, last-seen bucket) pairs, value 0 = empty
 
 
 # splitmix64's finaliser: a bijection on 64 bits with full avalanche.  The

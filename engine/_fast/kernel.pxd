@@ -15,9 +15,10 @@ cdef class Kernel:
     cdef int32_t* op_end
     cdef int32_t* result_reg      # per rule: register holding where's result; -1 = no where
     cdef int32_t* cond            # per rule: a CondType
-    cdef int64_t* cond_n          # per rule: count's at_least
-    cdef int64_t* cond_window     # per rule: count/first window W in ms
-    cdef int32_t* cond_column     # per rule: changed's column index
+    cdef int64_t* cond_n          # per rule: count/sum/distinct's at_least
+    cdef int64_t* cond_window     # per rule: count/first/sum/distinct window W in ms
+    cdef int32_t* cond_column     # per rule: changed/sum/distinct's column index
+    cdef int64_t* cond_resolution # per rule: sum/distinct bucket width in ms
     cdef int64_t* cooldown        # per rule: ms, 0 = none
     cdef int32_t* priority        # per rule: higher wins arbitration
     cdef int32_t* width           # per rule: int64 words per state row; 0 = stateless

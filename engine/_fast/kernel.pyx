@@ -34,7 +34,7 @@ import numpy as np
 
 from engine._fast._types cimport (
     COL_ABSENT, COL_I32, COL_I64, COL_U16, COL_U8,
-    COND_CHANGED, COND_COUNT, COND_FIRST, COND_NONE,
+    COND_CHANGED, COND_COUNT, COND_DISTINCT, COND_FIRST, COND_NONE, COND_SUM,
     OP_AND, OP_EQ, OP_GE, OP_GT, OP_IN, OP_LE, OP_LT, OP_NARROW_FALSE, OP_NARROW_TRUE, OP_NE, OP_NOT,
     OP_OR, OP_PREFIX,
     Bucket, Column, Entry, Map, Op, mix64,
@@ -233,6 +233,79 @@ cdef inline int64_t read(const Column* col, Py_ssize_t row) noexcept nogil:
     if col.type == COL_U8:
         return (<const uint8_t*>col.data)[row]
     return 0
+
+
+cdef inline int64_t floor_div(int64_t a, int64_t b) noexcept nogil:
+    """a // b rounded towards minus infinity (b > 0): t - W may be negative."""
+    if a >= 0:
+        return a // b
+    return -((-a + b - 1) // b)
+
+
+cdef inline bint sum_holds(int64_t* row, int64_t k, int64_t ts, int64_t v, int64_t window, int64_t resolution,
+                           int64_t at_least) noexcept nogil:
+    """Add v to its bucket of the ring row[2:2 + k] (row[1]: newest bucket), then test the window's sum.
+
+    The window is the buckets from floor((ts - window) / resolution) + 1 to
+    ts's own; a bucket k or more behind the newest has left the ring.
+    """
+    cdef int64_t b = ts // resolution, newest = row[1], q, lo, total = 0
+    if newest == NO_TS or b - newest >= k:
+        for q in range(k):
+            row[2 + q] = 0
+        newest = b
+    elif b > newest:
+        for q in range(newest + 1, b + 1):
+            row[2 + q % k] = 0
+        newest = b
+    row[1] = newest
+    if b > newest - k:
+        row[2 + b % k] += v
+    lo = floor_div(ts - window, resolution) + 1
+    if lo < newest - k + 1:
+        lo = newest - k + 1
+    if lo < 0:    # ts >= 0: no bucket before 0 holds anything, and ring positions stay non-negative
+        lo = 0
+    for q in range(lo, b + 1):
+        total += row[2 + q % k]
+    return total >= at_least
+
+
+cdef inline bint distinct_holds(int64_t* row, int64_t n, int64_t ts, int64_t v, int64_t window,
+                                int64_t resolution) noexcept nogil:
+    """Note v (0: unknown, ignored) in the pairs row[1:1 + 2n], then count those whose bucket is in the window.
+
+    Pairs are (value, last-seen bucket), value 0 marking a free pair; when
+    all n are taken a new value replaces the pair seen longest ago, if that
+    is older than its own bucket.  In event-time order the pairs are always
+    n most recently seen values, which is all it takes to know whether n
+    distinct values lie in the window.
+    """
+    cdef int64_t b = ts // resolution, lo, j, found = -1, empty = -1, oldest = -1, c = 0
+    if v != 0:
+        for j in range(n):
+            if row[1 + 2 * j] == v:
+                found = j
+                break
+            if row[1 + 2 * j] == 0:
+                empty = j   # pairs fill in order: v is in none of the rest
+                break
+            if oldest < 0 or row[2 + 2 * j] < row[2 + 2 * oldest]:
+                oldest = j
+        if found >= 0:
+            if b > row[2 + 2 * found]:
+                row[2 + 2 * found] = b
+        elif empty >= 0:
+            row[1 + 2 * empty] = v
+            row[2 + 2 * empty] = b
+        elif row[2 + 2 * oldest] < b:
+            row[1 + 2 * oldest] = v
+            row[2 + 2 * oldest] = b
+    lo = floor_div(ts - window, resolution) + 1
+    for j in range(n):
+        if row[1 + 2 * j] != 0 and lo <= row[2 + 2 * j] <= b:
+            c += 1
+    return c >= n
 
 
 cdef Py_ssize_t first_out_of_range(const Column* cols, Py_ssize_t n) noexcept nogil:
@@ -500,6 +573,7 @@ cdef class Kernel:
         self.cond_n = <int64_t*>checked_alloc(n * sizeof(int64_t))
         self.cond_window = <int64_t*>checked_alloc(n * sizeof(int64_t))
         self.cond_column = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.cond_resolution = <int64_t*>checked_alloc(n * sizeof(int64_t))
         self.cooldown = <int64_t*>checked_alloc(n * sizeof(int64_t))
         self.priority = <int32_t*>checked_alloc(n * sizeof(int32_t))
         self.width = <int32_t*>checked_alloc(n * sizeof(int32_t))
@@ -547,6 +621,7 @@ cdef class Kernel:
         cdef const int64_t[::1] cond_n = program["cond_n"]
         cdef const int64_t[::1] cond_window = program["cond_window"]
         cdef const int32_t[::1] cond_column = program["cond_column"]
+        cdef const int64_t[::1] cond_resolution = program["cond_resolution"]
         cdef const int64_t[::1] cooldown = program["cooldown"]
         cdef const int32_t[::1] priority = program["priority"]
         cdef const Op[::1] ops = program["ops"]
@@ -610,6 +685,7 @@ cdef class Kernel:
             self.cond_n[r] = cond_n[r]
             self.cond_window[r] = cond_window[r]
             self.cond_column[r] = cond_column[r]
+            self.cond_resolution[r] = cond_resolution[r]
             self.cooldown[r] = cooldown[r]
             self.priority[r] = priority[r]
             self.goal_of[r] = goal_of[r]
@@ -635,15 +711,22 @@ cdef class Kernel:
                 raise ValueError(f"malformed program for rule {r}")
             if max_per_hour[r]:
                 self.guard_ts[r] = <int64_t*>checked_alloc(max_per_hour[r] * sizeof(int64_t))
-            if not (COND_NONE <= cond[r] <= COND_CHANGED
+            if not (COND_NONE <= cond[r] <= COND_DISTINCT
                     and 0 <= op_begin[r] <= op_end[r] <= ops.shape[0]
                     and -1 <= result_reg[r] < self.n_regs
                     and (result_reg[r] >= 0) == (op_end[r] > op_begin[r])
                     and (cond[r] != COND_COUNT or 1 <= cond_n[r] <= 1024)
-                    and (cond[r] != COND_CHANGED or 1 < cond_column[r] < N_COLUMNS)):
+                    and (cond[r] != COND_CHANGED or 1 < cond_column[r] < N_COLUMNS)
+                    and (cond[r] < COND_SUM or (2 < cond_column[r] < N_COLUMNS and 0 < cond_resolution[r]
+                                                <= cond_window[r] <= 1024 * cond_resolution[r]
+                                                and 1 <= cond_n[r] and (cond[r] == COND_SUM or cond_n[r] <= 1024)))):
                 raise ValueError(f"malformed program for rule {r}")
             if cond[r] == COND_COUNT:
                 self.width[r] = <int32_t>cond_n[r]       # last instruction ts + (at_least - 1) ts
+            elif cond[r] == COND_SUM:    # last instruction ts, newest bucket, one sum per bucket of the window
+                self.width[r] = <int32_t>(2 + (cond_window[r] + cond_resolution[r] - 1) // cond_resolution[r])
+            elif cond[r] == COND_DISTINCT:   # last instruction ts, at_least (value, bucket) pairs
+                self.width[r] = <int32_t>(1 + 2 * cond_n[r])
             elif cond[r] != COND_NONE:
                 self.width[r] = 2
             elif cooldown[r] > 0:
@@ -722,6 +805,7 @@ cdef class Kernel:
                 big_free(self.state[r], self.state_capacity[r] * self.width[r] * sizeof(int64_t))
         free(self.kinds); free(self.op_begin); free(self.op_end); free(self.result_reg)
         free(self.cond); free(self.cond_n); free(self.cond_window); free(self.cond_column)
+        free(self.cond_resolution)
         free(self.cooldown); free(self.priority); free(self.width); free(self.stateful_index)
         big_free(self.slots, self.sub_capacity * self.n_stateful * sizeof(int32_t))
         free(self.state); free(self.state_rows); free(self.state_capacity)
@@ -879,6 +963,9 @@ cdef class Kernel:
             row[k] = NO_TS
         if self.cond[rule] == COND_CHANGED:
             row[1] = 0
+        elif self.cond[rule] == COND_DISTINCT:
+            for k in range(1, w, 2):
+                row[k] = 0
         return row
 
     # -- contact policy ------------------------------------------------------------
@@ -1345,6 +1432,14 @@ cdef class Kernel:
                             row = self.state_row(r, sub)
                             match = row[1] != 0 and row[1] != v
                             row[1] = v
+                    elif self.cond[r] == COND_SUM:
+                        row = self.state_row(r, sub)
+                        match = sum_holds(row, self.width[r] - 2, ts, read(&cols[self.cond_column[r]], g),
+                                          self.cond_window[r], self.cond_resolution[r], self.cond_n[r])
+                    elif self.cond[r] == COND_DISTINCT:
+                        row = self.state_row(r, sub)
+                        match = distinct_holds(row, self.cond_n[r], ts, read(&cols[self.cond_column[r]], g),
+                                               self.cond_window[r], self.cond_resolution[r])
                     if not match:
                         continue
                     # The active period is part of the match, tested only for rules that have one.
