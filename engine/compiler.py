@@ -14,7 +14,23 @@ import numpy as np
 
 from engine.calendar import MINUTE_MS, zone_table
 from engine.policy import holdout_seed, holdout_threshold
-from engine.rules import And, Changed, Compare, Count, Distinct, Expr, First, InSet, Not, Or, Prefix, RuleSet, Sum
+from engine.rules import (
+    Absence,
+    After,
+    And,
+    Changed,
+    Compare,
+    Count,
+    Distinct,
+    Expr,
+    First,
+    InSet,
+    Not,
+    Or,
+    Prefix,
+    RuleSet,
+    Sum,
+)
 from engine.schema import COLUMN_INDEX
 
 # Mirrors engine/_fast/_types.pxd; tests/test_kernel_types.py checks the sizes.
@@ -35,7 +51,7 @@ OPCODES = {
     "and": 8, "or": 9, "not": 10, "narrow_true": 11, "narrow_false": 12,
 }
 ALL_POSITIONS = 0  # the list id meaning "every position of the selection"
-CONDITIONS = {None: 0, Count: 1, First: 2, Changed: 3, Sum: 4, Distinct: 5}
+CONDITIONS = {None: 0, Count: 1, First: 2, Changed: 3, Sum: 4, Distinct: 5, After: 6, Absence: 7}
 
 
 def _cost(expr: Expr) -> int:
@@ -149,10 +165,13 @@ def compile_program(ruleset: RuleSet) -> dict[str, np.ndarray | int]:
     Rules keep their file order as kernel rules 0..n-1.  Each rule with a
     `goal` adds a goal filter after them (goal_of = the rule's index): a
     kernel rule with the goal's on + where and nothing else, whose passing
-    events convert the rule's open instructions instead of matching.
+    events convert the rule's open instructions instead of matching.  Then
+    each `absence` rule adds its cancel filter (cancel_of = the rule's index),
+    whose passing events cancel the rule's pending timer.
     """
     goals = [(r, rule.goal) for r, rule in enumerate(ruleset.rules) if rule.goal is not None]
-    n = len(ruleset.rules) + len(goals)
+    cancels = [(r, rule.condition) for r, rule in enumerate(ruleset.rules) if isinstance(rule.condition, Absence)]
+    n = len(ruleset.rules) + len(goals) + len(cancels)
     builder = _ProgramBuilder()
     program: dict[str, np.ndarray | int] = {
         "kinds": np.zeros(n, np.uint32),
@@ -167,8 +186,11 @@ def compile_program(ruleset: RuleSet) -> dict[str, np.ndarray | int]:
         "cooldown": np.zeros(n, np.int64),
         "priority": np.zeros(n, np.int32),
         "goal_of": np.full(n, -1, np.int32),
+        "cancel_of": np.full(n, -1, np.int32),
+        "shadow": np.array([rule.shadow for rule in ruleset.rules] + [False] * (n - len(ruleset.rules)), np.uint8),
     }
-    filters = [(rule.on, rule.where) for rule in ruleset.rules] + [(goal.on, goal.where) for _, goal in goals]
+    filters = [(rule.on, rule.where) for rule in ruleset.rules] + [(goal.on, goal.where) for _, goal in goals] + [
+        (absence.on, absence.where) for _, absence in cancels]
     for r, (kinds, where) in enumerate(filters):
         program["kinds"][r] = _kind_mask(kinds)
         program["op_begin"][r] = len(builder.ops)
@@ -178,6 +200,8 @@ def compile_program(ruleset: RuleSet) -> dict[str, np.ndarray | int]:
         program["op_end"][r] = len(builder.ops)
     for k, (owner, _) in enumerate(goals):
         program["goal_of"][len(ruleset.rules) + k] = owner
+    for k, (owner, _) in enumerate(cancels):
+        program["cancel_of"][len(ruleset.rules) + len(goals) + k] = owner
     for r, rule in enumerate(ruleset.rules):
         cond = rule.condition
         program["cond"][r] = CONDITIONS[type(cond) if cond is not None else None]
@@ -193,8 +217,11 @@ def compile_program(ruleset: RuleSet) -> dict[str, np.ndarray | int]:
             program["cond_window"][r] = cond.within
             program["cond_column"][r] = COLUMN_INDEX[cond.column]
             program["cond_resolution"][r] = cond.resolution
+        elif isinstance(cond, (After, Absence)):
+            program["cond_window"][r] = cond.within
         program["cooldown"][r] = rule.cooldown
         program["priority"][r] = rule.priority
+    program.update(_sequence_program(ruleset, n))
     program.update(_policy_program(ruleset, n))
     program["ops"] = np.array(builder.ops, dtype=OP_DTYPE) if builder.ops else np.zeros(0, OP_DTYPE)
     program["n_regs"] = builder.max_regs
@@ -202,6 +229,41 @@ def compile_program(ruleset: RuleSet) -> dict[str, np.ndarray | int]:
     program["constants"] = np.array(builder.constants, dtype=np.int64)
     program["constant_digits"] = np.array(builder.digits, dtype=np.int32)
     return program
+
+
+def _sequence_program(ruleset: RuleSet, n: int) -> dict[str, np.ndarray]:
+    """`after` links and the event columns an `absence` timer keeps for its instruction's params.
+
+    after_rule[b] is the rule whose matches rule b follows (-1 none); dep_list[dep_begin[a]:dep_end[a]]
+    are the rules following rule a, which the kernel tells of each match of a.  param_list[param_begin[r]:
+    param_end[r]] are the columns of rule r's params, kept from the event that started its timer.
+    """
+    index = {rule.id: r for r, rule in enumerate(ruleset.rules)}
+    after_rule = np.full(n, -1, np.int32)
+    followers: dict[int, list[int]] = {}
+    for b, rule in enumerate(ruleset.rules):
+        if isinstance(rule.condition, After):
+            after_rule[b] = index[rule.condition.rule]
+            followers.setdefault(int(after_rule[b]), []).append(b)
+    dep_begin, dep_end, dep_list = np.zeros(n, np.int32), np.zeros(n, np.int32), []
+    param_begin, param_end, param_list = np.zeros(n, np.int32), np.zeros(n, np.int32), []
+    for r, rule in enumerate(ruleset.rules):
+        dep_begin[r] = len(dep_list)
+        dep_list.extend(followers.get(r, ()))
+        dep_end[r] = len(dep_list)
+        param_begin[r] = len(param_list)
+        if isinstance(rule.condition, Absence):
+            param_list.extend(COLUMN_INDEX[p] for p in rule.params)
+        param_end[r] = len(param_list)
+    return {
+        "after_rule": after_rule,
+        "dep_begin": dep_begin,
+        "dep_end": dep_end,
+        "dep_list": np.array(dep_list, np.int32),
+        "param_begin": param_begin,
+        "param_end": param_end,
+        "param_list": np.array(param_list, np.int32),
+    }
 
 
 def _policy_program(ruleset: RuleSet, n: int) -> dict[str, np.ndarray | int]:

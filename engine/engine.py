@@ -24,8 +24,8 @@ from engine.feedback import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES, IssuedInstruct
 from engine.instructions import InstructionBuilder
 from engine.policy import FOREVER, OUTCOME_CODES, OUTCOMES, rule_report
 from engine.profiles import ProfileStore
-from engine.rules import Rule, RuleSet, load_rules, parse_rules
-from engine.schema import INSTRUCTION_SCHEMA, validate_events
+from engine.rules import Absence, Rule, RuleSet, load_rules, parse_rules
+from engine.schema import COLUMN_DTYPES, EVENT_COLUMNS, INSTRUCTION_SCHEMA, EventColumns, validate_events
 
 log = logging.getLogger("kairos.engine")
 
@@ -33,7 +33,7 @@ _CHECKPOINT_FORMAT = 2
 _KERNEL_COUNTERS = (
     "matched", "emitted", "holdout", "stopped_paused", "stopped_opt_out", "stopped_suppressed",
     "stopped_decline_cooldown", "stopped_cooldown", "stopped_arbitrated", "stopped_no_channel", "stopped_capped",
-    "goal_treated", "goal_holdout",
+    "goal_treated", "goal_holdout", "cap_draw",
 )
 # Subscribers the kernel's first allocation holds; it doubles as needed.
 DEFAULT_INITIAL_SUBSCRIBERS = 1 << 16
@@ -54,10 +54,13 @@ class Engine:
         initial_subscribers: int = DEFAULT_INITIAL_SUBSCRIBERS,
         issued_max_entries: int = DEFAULT_MAX_ENTRIES,
         issued_max_age: int = DEFAULT_MAX_AGE,
+        lateness: int = 0,
     ):
+        """`lateness` (ms) is how far the timer watermark trails the largest event ts seen (SPEC section 8)."""
         self.ruleset = ruleset
         self._initial_subscribers = initial_subscribers
-        self._kernel = Kernel(compile_program(ruleset), initial_subscribers)
+        self._lateness = int(lateness)
+        self._kernel = Kernel(compile_program(ruleset), initial_subscribers, self._lateness)
         self._builder = InstructionBuilder(ruleset)
         self._channel_codes = {name: code for code, name in enumerate(ruleset.channels)}
         self._events = 0
@@ -113,10 +116,31 @@ class Engine:
             self._watermark = max(self._watermark, int(events["ts"].max()))
         self._events += events.n
         self._batches += 1
-        self._instructions += len(rows)
         table = self._builder.build(events, rows, rules, channels, not_before, holdout)
-        if len(rows):
-            self._issued.add(table.column("id"), rules, events["msisdn"][rows], events["ts"][rows], holdout)
+        return self._issue(table, rules, events["msisdn"][rows], events["ts"][rows], holdout, 2 * rows + 1)
+
+    def _issue(self, table: pa.Table, rules: np.ndarray, msisdn: np.ndarray, ts: np.ndarray, holdout: np.ndarray,
+               order: np.ndarray) -> pa.Table:
+        """Join the instructions of fired timers to `table` and remember them all for feedback.
+
+        `order` places each row of `table`: 2 * event row + 1; a timer that
+        fired before event row k sorts at 2 * k, in firing order.
+        """
+        before, fired_rules, channels, not_before, fired_holdout, columns = self._kernel.take_fired()
+        if len(before):
+            fired_events = EventColumns(len(before), tuple(
+                columns[:, c].astype(COLUMN_DTYPES[name]) for c, name in enumerate(EVENT_COLUMNS)))
+            fired = self._builder.build(fired_events, np.arange(len(before)), fired_rules, channels, not_before,
+                                        fired_holdout)
+            place = np.argsort(np.concatenate([2 * before, order]), kind="stable")
+            table = pa.concat_tables([fired, table]).take(place)
+            rules = np.concatenate([fired_rules, rules])[place]
+            msisdn = np.concatenate([columns[:, 1], msisdn])[place]
+            ts = np.concatenate([columns[:, 0], ts])[place]
+            holdout = np.concatenate([fired_holdout, holdout])[place]
+        self._instructions += table.num_rows
+        if table.num_rows:
+            self._issued.add(table.column("id"), rules, msisdn, ts, holdout)
         if self._guarded:
             self._note_pauses()
         return table
@@ -192,12 +216,15 @@ class Engine:
     def advance(self, ts: int) -> pa.Table:
         """Move event time to `ts` without events, as an event with that ts would.
 
-        Returns the instructions of timers that fall due (SPEC section 8).  No
-        condition of the current rule language keeps timers, so the table is
-        empty; the watermark moves forward and never back.
+        Returns the instructions of `absence` timers that fall due: those due
+        at or before ts - lateness (SPEC section 8), in firing order.  The
+        watermark moves forward and never back.
         """
         self._watermark = max(self._watermark, int(ts))
-        return INSTRUCTION_SCHEMA.empty_table()
+        self._kernel.advance(int(ts))
+        empty = np.zeros(0, np.int64)
+        return self._issue(INSTRUCTION_SCHEMA.empty_table(), np.zeros(0, np.int32), empty, empty,
+                           np.zeros(0, np.bool_), empty)
 
     def reload_rules(self, rules: str | os.PathLike | RuleSet) -> dict[str, list[str]]:
         """Swap in new rules while keeping subscribers and the state of unchanged rules.
@@ -222,7 +249,8 @@ class Engine:
         new_set = rules if isinstance(rules, RuleSet) else load_rules(rules)
         old_rules, new_rules = self.ruleset.rules, new_set.rules
         # Presized as the old one was (or to the subscribers it holds), so a reload adds no growth pauses.
-        new_kernel = Kernel(compile_program(new_set), max(self._kernel.n_subs, self._initial_subscribers))
+        new_kernel = Kernel(compile_program(new_set), max(self._kernel.n_subs, self._initial_subscribers),
+                            self._lateness)
         # The kernel numbers the file's rules, then one goal filter per rule with a goal (engine.compiler).
         # source[r]: the old kernel index of new kernel rule r (a rule or goal of the same id), -1 for none;
         # target: the reverse, with one more slot for "every rule" (opt-out) in the blocks map.
@@ -294,7 +322,14 @@ class Engine:
                 times.setdefault(r, []).append(t)
         state["guard"] = np.array([(r, t) for r, ts in times.items() for t in ts[-limit[r]:]], np.int64).reshape(-1, 2)
 
+        # A rule switched between shadow and live keeps its state; its figures start again, so that
+        # what it would have sent and what it sent are never added up.
+        switched = np.array([bool(kept[r]) and r < len(new_rules) and old_rules[source[r]].shadow != new_rules[r].shadow
+                             for r in range(n_new)], bool)
+        for name in [*(k for k in self._kernel.counters()), "paused"]:
+            state[name][switched] = 0
         new_kernel.import_state(state)
+        new_kernel.set_clock(self._kernel.max_ts)
         arrays = self.profiles.policy_arrays(new_set.channels)
         new_kernel.set_profiles(arrays["msisdn"], arrays["allowed"], arrays["flags"], arrays["days"])
         # Feedback counts and issued instructions are numbered by the file's rules only.
@@ -325,7 +360,7 @@ class Engine:
             c = {name: int(counters[name][r]) for name in _KERNEL_COUNTERS}
             c.update({outcome: int(self._outcomes[r, code]) for code, outcome in enumerate(OUTCOMES)})
             by_channel = {ch: int(counters["sent_channel"][r, self._channel_codes[ch]]) for ch in rule.channels}
-            rules[rule.id] = rule_report(c, by_channel, bool(paused[r]))
+            rules[rule.id] = rule_report(c, by_channel, bool(paused[r]), rule.shadow)
         return {
             "events": self._events,
             "batches": self._batches,
@@ -371,6 +406,7 @@ class Engine:
             "feedback": self._feedback,
             "guardrail_pauses": self._pauses,
             "watermark": self._watermark,
+            "timer_clock": self._kernel.max_ts,
             "issued_max_entries": self._issued.max_entries,
             "issued_max_age": self._issued.max_age,
             "issued": self._issued.state,
@@ -424,18 +460,27 @@ class Engine:
         engine._feedback = dict(meta["feedback"])
         engine._pauses = meta["guardrail_pauses"]
         engine._watermark = meta["watermark"]
+        engine._kernel.set_clock(meta.get("timer_clock", meta["watermark"]))
         return engine
 
 
 def _kernel_rule_keys(ruleset: RuleSet) -> list[tuple[str, str]]:
     """What each kernel rule is, in kernel order: the file's rules, then their goal filters (engine.compiler)."""
     return [("rule", rule.id) for rule in ruleset.rules] + [
-        ("goal", rule.id) for rule in ruleset.rules if rule.goal is not None]
+        ("goal", rule.id) for rule in ruleset.rules if rule.goal is not None] + [
+        ("cancel", rule.id) for rule in ruleset.rules if isinstance(rule.condition, Absence)]
 
 
 def _same_definition(old: Rule, new: Rule) -> bool:
-    """Whether a rule's state means the same under `new` as under `old`."""
-    return (old.on, old.where, old.condition) == (new.on, new.where, new.condition)
+    """Whether a rule's state means the same under `new` as under `old`.
+
+    A pending absence timer keeps the start event's params, so for an
+    absence rule the params are part of its definition.
+    """
+    def kept_params(rule: Rule) -> tuple[str, ...]:
+        return rule.params if isinstance(rule.condition, Absence) else ()
+
+    return (old.on, old.where, old.condition, kept_params(old)) == (new.on, new.where, new.condition, kept_params(new))
 
 
 def _pylist(values) -> list:

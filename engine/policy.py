@@ -55,12 +55,14 @@ def _rate(numerator: int, denominator: int) -> float | None:
     return numerator / denominator if denominator else None
 
 
-def rule_report(counters: dict[str, int], sent_by_channel: dict[str, int], paused: bool) -> dict:
+def rule_report(counters: dict[str, int], sent_by_channel: dict[str, int], paused: bool, shadow: bool) -> dict:
     """One rule's entry of stats()["rules"], from its raw counters.
 
     `counters` has matched, emitted (instructions, holdout included), holdout,
-    stopped_<reason> for each STOP_REASON, each OUTCOME, goal_treated and
-    goal_holdout.  Rates are None when their denominator is 0.
+    cap_draw, stopped_<reason> for each STOP_REASON, each OUTCOME, goal_treated
+    and goal_holdout.  Rates are None when their denominator is 0.  For a
+    shadow rule, sent, holdout, sent_by_channel and cap_draw are what it would
+    have sent: it sends nothing.
     """
     holdout = counters["holdout"]
     sent = counters["emitted"] - holdout
@@ -84,4 +86,6 @@ def rule_report(counters: dict[str, int], sent_by_channel: dict[str, int], pause
             "uplift": None if treated_rate is None or holdout_rate is None else treated_rate - holdout_rate,
         },
         "paused": paused,
+        "shadow": shadow,
+        "cap_draw": counters["cap_draw"],
     }

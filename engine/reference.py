@@ -49,7 +49,9 @@ from engine.policy import (
 )
 from engine.profiles import ProfileStore
 from engine.rules import (
+    Absence,
     Active,
+    After,
     And,
     Changed,
     Compare,
@@ -99,8 +101,15 @@ def evaluate(expr: Expr, event: dict[str, int]) -> bool:
 class ReferenceEngine:
     """Same interface as engine.Engine for process(), feedback(), load_profiles(), resume() and stats()."""
 
-    def __init__(self, ruleset: RuleSet, profiles=None):
+    def __init__(self, ruleset: RuleSet, profiles=None, lateness: int = 0):
         self.ruleset = ruleset
+        self.lateness = lateness
+        self.max_ts = -1  # the largest ts seen or advanced to; the watermark is this less the lateness
+        # (rule index, msisdn) -> (start ts, start event) of the pending absence timer
+        self.timers: dict[tuple[int, int], tuple[int, dict[str, int]]] = {}
+        # (rule index, msisdn) -> ts of every match of a rule that another rule follows (`after`)
+        self.matches: dict[tuple[int, int], list[int]] = defaultdict(list)
+        self.followed = {self.index(rule.condition.rule) for rule in ruleset.rules if isinstance(rule.condition, After)}
         self.policy = ruleset.policy
         self.zone = ZoneInfo(ruleset.policy.timezone)
         self.seeds = [rule_seed(rule.id) for rule in ruleset.rules]
@@ -123,13 +132,16 @@ class ReferenceEngine:
         self.open_goals: dict[tuple[int, int], list[list[int]]] = defaultdict(list)  # -> [[ts, holdout, converted]]
         n = len(ruleset.rules)
         names = ("matched", "emitted", "holdout", *(f"stopped_{r}" for r in STOP_REASONS), *OUTCOMES,
-                 "goal_treated", "goal_holdout")
+                 "goal_treated", "goal_holdout", "cap_draw")
         self.counters = {name: [0] * n for name in names}
         self.sent_by_channel = [dict.fromkeys(rule.channels, 0) for rule in ruleset.rules]
         self.events = 0
         self.profiles = ProfileStore.empty()
         if profiles is not None:
             self.load_profiles(profiles)
+
+    def index(self, rule_id: str) -> int:
+        return [rule.id for rule in self.ruleset.rules].index(rule_id)
 
     def load_profiles(self, source) -> None:
         self.profiles = ProfileStore.load(source)
@@ -157,6 +169,13 @@ class ReferenceEngine:
             return previous is not None and previous != value
         if isinstance(condition, (Sum, Distinct)):
             return self.bucketed_holds(condition, key, t, event[condition.column])
+        if isinstance(condition, After):
+            earlier = self.matches.get((self.index(condition.rule), event["msisdn"]), ())
+            return any(t - condition.within < s <= t for s in earlier)
+        if isinstance(condition, Absence):
+            if key not in self.timers:  # a start while a timer is pending is ignored
+                self.timers[key] = (t, event)
+            return False
         earlier = self.history[key]
         if isinstance(condition, Count):
             in_window = sum(1 for s in earlier if t - condition.within < s <= t) + 1
@@ -248,8 +267,16 @@ class ReferenceEngine:
                         entry[2] = 1
                         self.counters["goal_holdout" if entry[1] else "goal_treated"][r] += 1
                         break
-        profile = None  # looked up on the first match: most events match nothing
-        survivors = []
+        # On one event, a cancel applies before the same event may start the timer again.
+        for r, rule in enumerate(rules):
+            absence = rule.condition
+            if isinstance(absence, Absence) and (r, msisdn) in self.timers and event["kind"] in absence.on and (
+                    absence.where is None or evaluate(absence.where, event)):
+                start = self.timers[(r, msisdn)][0]
+                if start <= ts < start + absence.within:
+                    del self.timers[(r, msisdn)]
+        profile = self.profile(msisdn)
+        survivors, shadows, matched = [], [], []
         for r, rule in enumerate(rules):
             if event["kind"] not in rule.on:
                 continue
@@ -260,37 +287,57 @@ class ReferenceEngine:
             if rule.active is not None and not self.in_period(rule.active, ts):
                 continue
             self.counters["matched"][r] += 1
-            if r in self.paused:
-                self.stop(r, "paused")
+            matched.append(r)
+            if not self.admit(r, msisdn, ts, profile):
                 continue
-            if profile is None:
-                profile = self.profile(msisdn)
-            if profile.get("opt_out") or msisdn in self.opted_out:
-                self.stop(r, "opt_out")
-                continue
-            until = self.blocked.get((r, msisdn))
-            if until is not None and ts < until:
-                self.stop(r, "suppressed" if until == FOREVER else "decline_cooldown")
-                continue
-            last = self.last_instruction.get((r, msisdn))
-            if rule.cooldown > 0 and last is not None and last > ts - rule.cooldown:
-                self.stop(r, "cooldown")
-                continue
-            survivors.append(r)
-        if not survivors:
-            return None
+            (shadows if rule.shadow else survivors).append(r)
+        # Rules following a match see it from the next event on.
+        for r in matched:
+            if r in self.followed:
+                self.matches[(r, msisdn)].append(ts)
         # Highest priority wins; on a tie, the rule earlier in the file.
-        winner = max(survivors, key=lambda r: (rules[r].priority, -r))
+        winner = max(survivors, key=lambda r: (rules[r].priority, -r)) if survivors else None
+        # A shadow rule does what it would have done had it alone been live: it loses to a live survivor
+        # that beats it, else goes on with the caps as they stand; it changes nothing for live rules.
+        for r in shadows:
+            if winner is not None and (rules[winner].priority, -winner) > (rules[r].priority, -r):
+                self.stop(r, "arbitrated")
+            else:
+                self.deliver(r, msisdn, ts, profile)
+        if winner is None:
+            return None
         for r in survivors:
             if r != winner:
                 self.stop(r, "arbitrated")
-        rule = rules[winner]
-        profile = self.profile(msisdn) if profile is None else profile
+        return self.deliver(winner, msisdn, ts, profile)
+
+    def admit(self, r: int, msisdn: int, ts: int, profile: dict) -> bool:
+        """Policy steps 1-3 for one match; counts the stop."""
+        rule = self.ruleset.rules[r]
+        if r in self.paused:
+            self.stop(r, "paused")
+            return False
+        if profile.get("opt_out") or msisdn in self.opted_out:
+            self.stop(r, "opt_out")
+            return False
+        until = self.blocked.get((r, msisdn))
+        if until is not None and ts < until:
+            self.stop(r, "suppressed" if until == FOREVER else "decline_cooldown")
+            return False
+        last = self.last_instruction.get((r, msisdn))
+        if rule.cooldown > 0 and last is not None and last > ts - rule.cooldown:
+            self.stop(r, "cooldown")
+            return False
+        return True
+
+    def deliver(self, r: int, msisdn: int, ts: int, profile: dict) -> tuple[int, str, int, bool] | None:
+        """Policy steps 5-8 for an arbitration winner; a shadow rule takes no cap slot and opens no goal."""
+        rule = self.ruleset.rules[r]
         refused = set(profile.get("opt_out_channels", ()))
         accepted = profile.get("channels")
         choice = [c for c in rule.channels if c not in refused and (accepted is None or c in accepted)]
         if not choice:
-            self.stop(winner, "no_channel")
+            self.stop(r, "no_channel")
             return None
         channel = choice[0]
         not_before = ts
@@ -303,28 +350,66 @@ class ReferenceEngine:
             if (self.policy.daily_cap and self.per_day[day_key] >= self.policy.daily_cap) or (
                 self.policy.monthly_cap and self.per_month[month_key] >= self.policy.monthly_cap
             ):
-                self.stop(winner, "capped")
+                self.stop(r, "capped")
                 return None
         if rule.max_per_hour:
-            recent = [t for t in self.rule_instructions[winner] if t > ts - HOUR_MS]
+            recent = [t for t in self.rule_instructions[r] if t > ts - HOUR_MS]
             if len(recent) >= rule.max_per_hour:
-                self.paused.add(winner)
-                self.stop(winner, "paused")
+                self.paused.add(r)
+                self.stop(r, "paused")
                 return None
-            self.rule_instructions[winner].append(ts)
+            self.rule_instructions[r].append(ts)
         holdout = holdout_hash(msisdn, holdout_seed(rule.id)) < holdout_threshold(rule.holdout)
         if active:
-            self.per_day[day_key] += 1
-            self.per_month[month_key] += 1
-        self.counters["emitted"][winner] += 1
+            self.counters["cap_draw"][r] += 1
+            if not rule.shadow:
+                self.per_day[day_key] += 1
+                self.per_month[month_key] += 1
+        self.counters["emitted"][r] += 1
         if holdout:
-            self.counters["holdout"][winner] += 1
+            self.counters["holdout"][r] += 1
         else:
-            self.sent_by_channel[winner][channel] += 1
-        self.last_instruction[(winner, msisdn)] = ts
-        if rule.goal is not None:
-            self.open_goals[(winner, msisdn)].append([ts, int(holdout), 0])
-        return winner, channel, not_before, holdout
+            self.sent_by_channel[r][channel] += 1
+        self.last_instruction[(r, msisdn)] = ts
+        if rule.goal is not None and not rule.shadow:
+            self.open_goals[(r, msisdn)].append([ts, int(holdout), 0])
+        return r, channel, not_before, holdout
+
+    # -- timers -------------------------------------------------------------------------
+
+    def fire_due(self) -> list[tuple[int, dict[str, int], tuple[int, str, int, bool]]]:
+        """Fire every timer due at or before the watermark, by (due, rule, msisdn); returns the instructions."""
+        watermark = self.max_ts - self.lateness
+        fired = []
+        while True:
+            due = [(start + self.ruleset.rules[r].condition.within, r, msisdn)
+                   for (r, msisdn), (start, _) in self.timers.items()
+                   if start + self.ruleset.rules[r].condition.within <= watermark]
+            if not due:
+                return fired
+            t, r, msisdn = min(due)
+            _, start_event = self.timers.pop((r, msisdn))
+            decision = self.fire(r, msisdn, t)
+            if decision is not None:
+                # The instruction's event: ts = due time, msisdn, the start event's params, zeros elsewhere.
+                event = dict.fromkeys(EVENT_COLUMNS, 0)
+                event.update({name: start_event[name] for name in self.ruleset.rules[r].params})
+                event.update(ts=t, msisdn=msisdn)
+                fired.append((r, event, decision))
+
+    def fire(self, r: int, msisdn: int, t: int) -> tuple[int, str, int, bool] | None:
+        """A timer firing is its own trigger at t: a match of its rule alone, its policy evaluated at t."""
+        rule = self.ruleset.rules[r]
+        if rule.active is not None and not self.in_period(rule.active, t):
+            return None
+        self.counters["matched"][r] += 1
+        if r in self.followed:
+            self.matches[(r, msisdn)].append(t)
+        profile = self.profile(msisdn)
+        if not self.admit(r, msisdn, t, profile):
+            return None
+        decision = self.deliver(r, msisdn, t, profile)
+        return None if rule.shadow else decision
 
     def stop(self, r: int, reason: str) -> None:
         self.counters[f"stopped_{reason}"][r] += 1
@@ -335,27 +420,39 @@ class ReferenceEngine:
         rows = []
         for values in zip(*columns, strict=True):
             event = dict(zip(EVENT_COLUMNS, values, strict=True))
+            # Timers the watermark has reached fire before the event that moved it.
+            self.max_ts = max(self.max_ts, event["ts"])
+            rows.extend(self.instruction(r, e, d) for r, e, d in self.fire_due())
             decision = self.decide(event)
             self.events += 1
-            if decision is None:
-                continue
-            r, channel, not_before, holdout = decision
-            rule = self.ruleset.rules[r]
-            row = {
-                "id": instruction_id(self.seeds[r], values),
-                "ts": event["ts"],
-                "msisdn": event["msisdn"],
-                "rule": rule.id,
-                "channel": channel,
-                "template": rule.template,
-                "priority": rule.priority,
-                "holdout": holdout,
-                "not_before": not_before,
-                "params": [(name, str(event[name])) for name in rule.params],
-            }
-            self.issued[row["id"]] = (r, event["msisdn"])
-            rows.append(row)
+            if decision is not None:
+                rows.append(self.instruction(decision[0], event, decision))
+        rows.extend(self.instruction(r, e, d) for r, e, d in self.fire_due())
         return pa.Table.from_pylist(rows, schema=INSTRUCTION_SCHEMA)
+
+    def advance(self, ts: int) -> pa.Table:
+        """Move the watermark as an event with this ts would; the instructions of the timers that fire."""
+        self.max_ts = max(self.max_ts, ts)
+        rows = [self.instruction(r, e, d) for r, e, d in self.fire_due()]
+        return pa.Table.from_pylist(rows, schema=INSTRUCTION_SCHEMA)
+
+    def instruction(self, r: int, event: dict[str, int], decision: tuple[int, str, int, bool]) -> dict:
+        _, channel, not_before, holdout = decision
+        rule = self.ruleset.rules[r]
+        row = {
+            "id": instruction_id(self.seeds[r], tuple(event[name] for name in EVENT_COLUMNS)),
+            "ts": event["ts"],
+            "msisdn": event["msisdn"],
+            "rule": rule.id,
+            "channel": channel,
+            "template": rule.template,
+            "priority": rule.priority,
+            "holdout": holdout,
+            "not_before": not_before,
+            "params": [(name, str(event[name])) for name in rule.params],
+        }
+        self.issued[row["id"]] = (r, event["msisdn"])
+        return row
 
     def feedback(self, ids, outcomes, ts) -> dict[str, int]:
         """One report per (id, outcome, ts); same meaning and result as engine.Engine.feedback."""
@@ -391,6 +488,7 @@ class ReferenceEngine:
                     {name: values[r] for name, values in self.counters.items()},
                     dict(self.sent_by_channel[r]),
                     r in self.paused,
+                    rule.shadow,
                 )
                 for r, rule in enumerate(self.ruleset.rules)
             },

@@ -133,8 +133,34 @@ class Distinct:
     resolution: int  # milliseconds, the bucket width
 
 
-Condition = Count | First | Changed | Sum | Distinct
-CONDITION_KEYS = ("count", "first", "changed", "sum", "distinct")
+@dataclass(frozen=True)
+class After:
+    """Rule `rule` matched for this subscriber on an earlier event with ts in (t - within, t] (a sequence).
+
+    The earlier match is not consumed; what the contact policy did with it does not matter.
+    """
+
+    rule: str  # id of the earlier rule
+    within: int  # milliseconds
+
+
+@dataclass(frozen=True)
+class Absence:
+    """The event starts a timer; unless an event passing `on` + `where` arrives within `within`, fire at t + within.
+
+    At most one timer per rule and subscriber is pending: a start while one is pending is ignored.  An event
+    passing `on` + `where` with t0 <= ts < t0 + within cancels it.  Timers fire as the watermark (the largest
+    ts seen, less the engine's allowed lateness) reaches them (docs/rules.md, "absence").
+    """
+
+    on: tuple[int, ...]  # kind codes of the cancelling events, sorted
+    where: Expr | None
+    within: int  # milliseconds
+    where_text: str = ""
+
+
+Condition = Count | First | Changed | Sum | Distinct | After | Absence
+CONDITION_KEYS = ("count", "first", "changed", "sum", "distinct", "after", "absence")
 MAX_BUCKETS = 1024  # buckets a window may span: within / resolution, rounded up
 
 
@@ -191,6 +217,7 @@ class Rule:
     max_per_hour: int = 0  # guardrail: more instructions than this within an hour pauses the rule; 0 = none
     goal: Goal | None = None
     active: Active | None = None  # None: always active
+    shadow: bool = False  # runs with full state and policy, counts what it would send, sends nothing
 
 
 # Channels that push to the subscriber unless [policy] active_channels says otherwise.
@@ -441,7 +468,7 @@ def parse_where(text: str, sets: dict[str, tuple[int, ...]] | None = None) -> Ex
 
 _RULE_KEYS = {
     "id", "on", "where", "channels", "template", "params", "priority", "cooldown", *CONDITION_KEYS,
-    "holdout", "decline_cooldown", "max_per_hour", "goal", "active",
+    "holdout", "decline_cooldown", "max_per_hour", "goal", "active", "shadow",
 }
 _TOP_KEYS = {"policy", "sets", "rule"}
 _POLICY_KEYS = {
@@ -508,6 +535,7 @@ class _RuleBuilder:
             max_per_hour=self.max_per_hour(),
             goal=self.goal(),
             active=self.active(),
+            shadow=self.boolean("shadow", default=False),
         )
 
     def where(self, key: str, text: object) -> Expr | None:
@@ -593,6 +621,17 @@ class _RuleBuilder:
             raise self.fail(f"'{key}' is a table, e.g. {_CONDITION_EXAMPLES[key]}", spec)
         if key in ("sum", "distinct"):
             return self.bucketed(key, spec)
+        if key == "absence":
+            return self.absence(spec)
+        if key == "after":
+            if set(spec) != {"rule", "within"} or not isinstance(spec["rule"], str):
+                raise self.fail(f"'after' takes exactly rule and within, e.g. {_CONDITION_EXAMPLES[key]}", spec)
+            within = self.duration_value("after.within", spec["within"])
+            if within <= 0:
+                raise self.fail("after: 'within' must be positive", spec["within"])
+            if spec["rule"] == self.rule_id:
+                raise self.fail("after: a rule cannot follow itself", spec["rule"])
+            return After(spec["rule"], within)  # parse_rules checks that the rule exists
         expected = {"count": {"at_least", "within"}, "first": {"within"}, "changed": {"column"}}[key]
         if set(spec) != expected:
             raise self.fail(f"'{key}' takes exactly {sorted(expected)}, e.g. {_CONDITION_EXAMPLES[key]}", spec)
@@ -610,6 +649,17 @@ class _RuleBuilder:
         if isinstance(at_least, bool) or not isinstance(at_least, int) or not 1 <= at_least <= 1024:
             raise self.fail("count: 'at_least' must be an integer from 1 to 1024", at_least)
         return Count(at_least, within)
+
+    def absence(self, spec: dict) -> Absence:
+        if not {"on", "within"} <= set(spec) or set(spec) - {"on", "where", "within"}:
+            raise self.fail(f"'absence' takes on, within and an optional where, e.g. {_CONDITION_EXAMPLES['absence']}",
+                            spec)
+        within = self.duration_value("absence.within", spec["within"])
+        if within <= 0:
+            raise self.fail("absence: 'within' must be positive", spec["within"])
+        where_text = spec.get("where", "")
+        return Absence(self.kinds("absence.on", spec["on"]), self.where("absence.where", where_text), within,
+                       where_text)
 
     def bucketed(self, key: str, spec: dict) -> Sum | Distinct:
         required = {"column", "at_least", "within"}
@@ -659,6 +709,12 @@ class _RuleBuilder:
                 raise self.fail(f"params: unknown column (columns: {', '.join(EVENT_COLUMNS)})", p)
         return tuple(params)
 
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.table.get(key, default)
+        if not isinstance(value, bool):
+            raise self.fail(f"'{key}' must be true or false", value)
+        return value
+
     def string(self, key: str, default: str) -> str:
         value = self.table.get(key, default)
         if not isinstance(value, str) or not value:
@@ -689,6 +745,8 @@ _CONDITION_EXAMPLES = {
     "changed": '{ column = "imei" }',
     "sum": '{ column = "amount", at_least = 10000, within = "7d", resolution = "14h" }',
     "distinct": '{ column = "cell", at_least = 5, within = "1d" }',
+    "after": '{ rule = "roaming_welcome", within = "2h" }',
+    "absence": '{ on = "recharge", where = "amount > 0", within = "2h" }',
 }
 
 
@@ -898,6 +956,9 @@ def parse_rules(
             raise RulesError(source, rule.id, rule.id, "duplicate rule id")
         seen.add(rule.id)
         rules.append(rule)
+    for rule in rules:
+        if isinstance(rule.condition, After) and rule.condition.rule not in seen:
+            raise RulesError(source, rule.id, rule.condition.rule, "after: no rule with this id in the file")
     ruleset = RuleSet(rules=tuple(rules), sets=sets, policy=policy, source=source, text=text, set_files=set_files)
     if len(ruleset.channels) > MAX_CHANNELS:
         raise RulesError(source, None, ", ".join(ruleset.channels[MAX_CHANNELS:]),

@@ -85,6 +85,8 @@ cdef enum CondType:
     COND_CHANGED = 3    # state: the last non-zero value of the column
     COND_SUM = 4        # state: newest bucket index, then a ring of per-bucket sums (docs/kernel.md)
     COND_DISTINCT = 5   # state: at_least (value, last-seen bucket) pairs, value 0 = empty
+    COND_AFTER = 6      # state: the largest ts at which the followed rule matched
+    COND_ABSENCE = 7    # state: the pending timer's start ts (NO_TS: none), then the start event's params
 
 
 # splitmix64's finaliser: a bijection on 64 bits with full avalanche.  The

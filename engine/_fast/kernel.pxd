@@ -23,6 +23,16 @@ cdef class Kernel:
     cdef int32_t* priority        # per rule: higher wins arbitration
     cdef int32_t* width           # per rule: int64 words per state row; 0 = stateless
     cdef int32_t* goal_of         # per rule: -1 for a campaign; for a goal filter, the campaign it serves
+    cdef int32_t* cancel_of       # per rule: -1; for an absence cancel filter, the rule whose timer it cancels
+    cdef int32_t* filter_order    # kernel rules in the order phase 1 lists a row's pairs: cancel filters first
+    cdef uint8_t* shadow          # per rule: 1 for a shadow rule (counts what it would send, sends nothing)
+    cdef int32_t* after_rule      # per rule: the rule an `after` condition follows, -1 none
+    cdef int32_t* dep_begin       # per rule: the rules following it are dep_list[dep_begin:dep_end]
+    cdef int32_t* dep_end
+    cdef int32_t* dep_list
+    cdef int32_t* param_begin     # per absence rule: param_list[param_begin:param_end] are the columns its
+    cdef int32_t* param_end       #   timer keeps from the start event (its params)
+    cdef int32_t* param_list
     cdef Op* ops
     cdef Py_ssize_t n_ops
     cdef int32_t n_regs           # registers one program may use
@@ -108,6 +118,33 @@ cdef class Kernel:
     cdef int64_t rec_free         # first free record, -1 none
     cdef int64_t goal_clock       # largest ts goal bookkeeping has seen
 
+    # -- absence timers (docs/kernel.md, "timers") ---------------------------------
+    # A pending timer is its rule's state row (start ts, kept params); the heap
+    # orders (due, rule, msisdn) and may hold stale entries (a cancelled or
+    # fired timer), recognised when popped because the row no longer matches.
+    cdef bint has_timers          # some rule has an absence condition
+    cdef readonly int64_t lateness    # ms the watermark trails the largest ts seen
+    cdef readonly int64_t max_ts      # largest event ts seen or advanced to; -1 before any
+    cdef int64_t next_due         # due time of the heap's top entry, INT64_MAX when empty
+    cdef int64_t* heap_due
+    cdef int64_t* heap_sub
+    cdef int32_t* heap_rule
+    cdef int64_t heap_size
+    cdef int64_t heap_capacity
+    cdef readonly int64_t timers_pending
+    # Instructions of fired timers since the last take_fired(): the row of the
+    # batch they precede (-1: fired by advance), rule, channel, not_before,
+    # holdout, and the event columns of the instruction (ts = due, msisdn,
+    # the start event's params, zeros elsewhere).
+    cdef int64_t n_fired
+    cdef int64_t fired_capacity
+    cdef int64_t* fired_before
+    cdef int32_t* fired_rule
+    cdef int32_t* fired_channel
+    cdef int64_t* fired_not_before
+    cdef uint8_t* fired_holdout
+    cdef int64_t* fired_cols
+
     # -- counters per rule -------------------------------------------------------
     cdef int64_t* matched
     cdef int64_t* stopped_cooldown
@@ -123,6 +160,7 @@ cdef class Kernel:
     cdef int64_t* sent_channel    # [rule * n_channels + channel]: treated instructions
     cdef int64_t* goal_treated    # conversions of treated instructions
     cdef int64_t* goal_holdout    # conversions of holdout instructions
+    cdef int64_t* cap_draw        # instructions on active channels (each takes a daily and monthly cap slot)
 
     # -- scratch reused by every batch -----------------------------------------
     cdef uint8_t* regs            # n_regs registers of CHUNK bytes
@@ -137,6 +175,8 @@ cdef class Kernel:
     cdef int32_t* pair_next
     cdef int32_t* pair_rule
     cdef int32_t* survivors       # rules that survived policy on one event
+    cdef int32_t* shadow_survivors    # shadow rules that survived policy on one event
+    cdef int32_t* row_followed    # rules with followers that matched on one event (told after the event)
     cdef uint8_t* row_stateful    # per chunk row: some candidate rule keeps state
     cdef int64_t* row_sub         # per chunk row: dense subscriber id, when row_stateful
     cdef int32_t* need_rows       # chunk rows with row_stateful set, ascending
@@ -166,6 +206,16 @@ cdef class Kernel:
     cdef int sweep_goals(self) except -1 nogil
     cdef int goal_issue(self, int64_t sub, Py_ssize_t rule, int64_t ts, bint holdout) except -1 nogil
     cdef void goal_event(self, int64_t sub, Py_ssize_t rule, int64_t ts) noexcept nogil
+    cdef bint admit(self, Py_ssize_t r, int64_t sub, int32_t prow, int64_t ts) noexcept nogil
+    cdef int deliver(self, Py_ssize_t r, int64_t sub, int64_t msisdn, int32_t prow, int64_t ts,
+                     int32_t* channel_out, int64_t* not_before_out, uint8_t* holdout_out) except -1 nogil
+    cdef int tell_followers(self, Py_ssize_t a, int64_t sub, int64_t ts) except -1 nogil
+    cdef bint heap_less(self, int64_t i, int64_t j) noexcept nogil
+    cdef int heap_push(self, int64_t due, Py_ssize_t rule, int64_t sub) except -1 nogil
+    cdef void heap_pop(self) noexcept nogil
+    cdef int rebuild_timers(self) except -1 nogil
+    cdef int fire_due(self, int64_t before) except -1 nogil
+    cdef int fire(self, Py_ssize_t r, int64_t sub, int64_t due, const int64_t* row, int64_t before) except -1 nogil
     cdef Py_ssize_t process_columns(self, const Column* cols, Py_ssize_t n,
                                     int64_t* out_row, int32_t* out_rule, int32_t* out_channel,
                                     int64_t* out_not_before, uint8_t* out_holdout) except -1 nogil

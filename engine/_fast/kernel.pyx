@@ -34,7 +34,7 @@ import numpy as np
 
 from engine._fast._types cimport (
     COL_ABSENT, COL_I32, COL_I64, COL_U16, COL_U8,
-    COND_CHANGED, COND_COUNT, COND_DISTINCT, COND_FIRST, COND_NONE, COND_SUM,
+    COND_ABSENCE, COND_AFTER, COND_CHANGED, COND_COUNT, COND_DISTINCT, COND_FIRST, COND_NONE, COND_SUM,
     OP_AND, OP_EQ, OP_GE, OP_GT, OP_IN, OP_LE, OP_LT, OP_NARROW_FALSE, OP_NARROW_TRUE, OP_NE, OP_NOT,
     OP_OR, OP_PREFIX,
     Bucket, Column, Entry, Map, Op, mix64,
@@ -562,9 +562,14 @@ cdef class Kernel:
     never change; a rule's state row, once allocated, keeps its index.
     """
 
-    def __cinit__(self, dict program, int64_t initial_subscribers=1024):
-        cdef Py_ssize_t r, n = len(program["kinds"])
+    def __cinit__(self, dict program, int64_t initial_subscribers=1024, int64_t lateness=0):
+        cdef Py_ssize_t r, k, n = len(program["kinds"])
+        if lateness < 0:
+            raise ValueError("lateness must be >= 0")
         self.n_rules = n
+        self.lateness = lateness
+        self.max_ts = -1
+        self.next_due = INT64_MAX
         self.kinds = <uint32_t*>checked_alloc(n * sizeof(uint32_t))
         self.op_begin = <int32_t*>checked_alloc(n * sizeof(int32_t))
         self.op_end = <int32_t*>checked_alloc(n * sizeof(int32_t))
@@ -587,6 +592,17 @@ cdef class Kernel:
         self.emitted = <int64_t*>checked_alloc(n * sizeof(int64_t))
         self.survivors = <int32_t*>checked_alloc(n * sizeof(int32_t))
         self.goal_of = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.cancel_of = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.filter_order = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.shadow = <uint8_t*>checked_alloc(n * sizeof(uint8_t))
+        self.after_rule = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.dep_begin = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.dep_end = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.param_begin = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.param_end = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.cap_draw = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.shadow_survivors = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.row_followed = <int32_t*>checked_alloc(n * sizeof(int32_t))
         self.chan_begin = <int32_t*>checked_alloc(n * sizeof(int32_t))
         self.chan_end = <int32_t*>checked_alloc(n * sizeof(int32_t))
         self.holdout_threshold = <int64_t*>checked_alloc(n * sizeof(int64_t))
@@ -628,6 +644,15 @@ cdef class Kernel:
         cdef const int64_t[::1] constants = program["constants"]
         cdef const int32_t[::1] constant_digits = program["constant_digits"]
         cdef const int32_t[::1] goal_of = program["goal_of"]
+        cdef const int32_t[::1] cancel_of = program["cancel_of"]
+        cdef const uint8_t[::1] shadow = program["shadow"]
+        cdef const int32_t[::1] after_rule = program["after_rule"]
+        cdef const int32_t[::1] dep_begin = program["dep_begin"]
+        cdef const int32_t[::1] dep_end = program["dep_end"]
+        cdef const int32_t[::1] dep_list = program["dep_list"]
+        cdef const int32_t[::1] param_begin = program["param_begin"]
+        cdef const int32_t[::1] param_end = program["param_end"]
+        cdef const int32_t[::1] param_list = program["param_list"]
         cdef const int32_t[::1] chan_begin = program["chan_begin"]
         cdef const int32_t[::1] chan_end = program["chan_end"]
         cdef const int32_t[::1] chan_list = program["chan_list"]
@@ -675,6 +700,16 @@ cdef class Kernel:
         self.n_lists = program["n_lists"]
         if self.n_regs < 1 or self.n_lists < 1:
             raise ValueError("malformed program: n_regs and n_lists must be positive")
+        self.dep_list = <int32_t*>checked_alloc(dep_list.shape[0] * sizeof(int32_t))
+        for r in range(dep_list.shape[0]):
+            if not 0 <= dep_list[r] < n:
+                raise ValueError("malformed program: followers")
+            self.dep_list[r] = dep_list[r]
+        self.param_list = <int32_t*>checked_alloc(param_list.shape[0] * sizeof(int32_t))
+        for r in range(param_list.shape[0]):
+            if not 0 <= param_list[r] < N_COLUMNS:
+                raise ValueError("malformed program: params")
+            self.param_list[r] = param_list[r]
         self.n_stateful = 0
         for r in range(n):
             self.kinds[r] = kinds[r]
@@ -689,6 +724,20 @@ cdef class Kernel:
             self.cooldown[r] = cooldown[r]
             self.priority[r] = priority[r]
             self.goal_of[r] = goal_of[r]
+            self.cancel_of[r] = cancel_of[r]
+            self.shadow[r] = shadow[r]
+            self.after_rule[r] = after_rule[r]
+            self.dep_begin[r] = dep_begin[r]
+            self.dep_end[r] = dep_end[r]
+            self.param_begin[r] = param_begin[r]
+            self.param_end[r] = param_end[r]
+            if not (shadow[r] <= 1 and -1 <= cancel_of[r] < n and (cancel_of[r] < 0 or goal_of[r] < 0)
+                    and 0 <= dep_begin[r] <= dep_end[r] <= dep_list.shape[0]
+                    and 0 <= param_begin[r] <= param_end[r] <= param_list.shape[0]
+                    and (cond[r] == COND_AFTER) == (after_rule[r] >= 0) and after_rule[r] < n
+                    and (cond[r] == COND_ABSENCE or param_end[r] == param_begin[r])
+                    and (cond[r] < COND_AFTER or cond_window[r] > 0)):
+                raise ValueError(f"malformed program for rule {r}: sequence")
             self.chan_begin[r] = chan_begin[r]
             self.chan_end[r] = chan_end[r]
             self.holdout_threshold[r] = holdout_threshold[r]
@@ -706,18 +755,18 @@ cdef class Kernel:
                          or (0 <= active_start[r] < DAY_MS and 0 <= active_end[r] < DAY_MS))):
                 raise ValueError(f"malformed program for rule {r}: active period")
             if not (goal_within[r] >= 0 and -1 <= goal_of[r] < n and 0 <= chan_begin[r] <= chan_end[r] <= chan_list.shape[0]
-                    and (goal_of[r] >= 0 or chan_end[r] > chan_begin[r])
+                    and (goal_of[r] >= 0 or cancel_of[r] >= 0 or chan_end[r] > chan_begin[r])
                     and 0 <= max_per_hour[r] <= 1000000 and 0 <= holdout_threshold[r] <= 9007199254740992):
                 raise ValueError(f"malformed program for rule {r}")
             if max_per_hour[r]:
                 self.guard_ts[r] = <int64_t*>checked_alloc(max_per_hour[r] * sizeof(int64_t))
-            if not (COND_NONE <= cond[r] <= COND_DISTINCT
+            if not (COND_NONE <= cond[r] <= COND_ABSENCE
                     and 0 <= op_begin[r] <= op_end[r] <= ops.shape[0]
                     and -1 <= result_reg[r] < self.n_regs
                     and (result_reg[r] >= 0) == (op_end[r] > op_begin[r])
                     and (cond[r] != COND_COUNT or 1 <= cond_n[r] <= 1024)
                     and (cond[r] != COND_CHANGED or 1 < cond_column[r] < N_COLUMNS)
-                    and (cond[r] < COND_SUM or (2 < cond_column[r] < N_COLUMNS and 0 < cond_resolution[r]
+                    and ((cond[r] != COND_SUM and cond[r] != COND_DISTINCT) or (2 < cond_column[r] < N_COLUMNS and 0 < cond_resolution[r]
                                                 <= cond_window[r] <= 1024 * cond_resolution[r]
                                                 and 1 <= cond_n[r] and (cond[r] == COND_SUM or cond_n[r] <= 1024)))):
                 raise ValueError(f"malformed program for rule {r}")
@@ -727,6 +776,9 @@ cdef class Kernel:
                 self.width[r] = <int32_t>(2 + (cond_window[r] + cond_resolution[r] - 1) // cond_resolution[r])
             elif cond[r] == COND_DISTINCT:   # last instruction ts, at_least (value, bucket) pairs
                 self.width[r] = <int32_t>(1 + 2 * cond_n[r])
+            elif cond[r] == COND_ABSENCE:    # last instruction ts, timer start, the start event's params
+                self.width[r] = <int32_t>(2 + param_end[r] - param_begin[r])
+                self.has_timers = 1
             elif cond[r] != COND_NONE:
                 self.width[r] = 2
             elif cooldown[r] > 0:
@@ -737,6 +789,23 @@ cdef class Kernel:
             if self.width[r]:
                 self.stateful_index[r] = <int32_t>self.n_stateful
                 self.n_stateful += 1
+        # Phase 1 lists each row's pairs in this order, so that on one event a
+        # timer is cancelled before the same event may start it again.
+        k = 0
+        for r in range(n):
+            if cancel_of[r] >= 0:
+                if not (0 <= cancel_of[r] < n and cond[cancel_of[r]] == COND_ABSENCE):
+                    raise ValueError(f"malformed program for rule {r}: cancel filter")
+                self.filter_order[k] = <int32_t>r
+                k += 1
+        for r in range(n):
+            if cancel_of[r] < 0:
+                self.filter_order[k] = <int32_t>r
+                k += 1
+        for r in range(n):
+            if after_rule[r] >= 0 and (after_rule[r] == r or goal_of[after_rule[r]] >= 0
+                                       or cancel_of[after_rule[r]] >= 0):
+                raise ValueError(f"malformed program for rule {r}: `after` must follow another campaign")
         self.n_ops = ops.shape[0]
         self.ops = <Op*>checked_alloc(self.n_ops * sizeof(Op))
         for r in range(self.n_ops):
@@ -836,6 +905,13 @@ cdef class Kernel:
         free(self.active); free(self.active_first); free(self.active_last); free(self.active_days)
         free(self.active_start); free(self.active_end)
         big_free(self.caps.entries, self.caps.capacity * sizeof(Entry))
+        free(self.cancel_of); free(self.filter_order); free(self.shadow); free(self.after_rule)
+        free(self.dep_begin); free(self.dep_end); free(self.dep_list)
+        free(self.param_begin); free(self.param_end); free(self.param_list)
+        free(self.cap_draw); free(self.shadow_survivors); free(self.row_followed)
+        free(self.heap_due); free(self.heap_sub); free(self.heap_rule)
+        free(self.fired_before); free(self.fired_rule); free(self.fired_channel); free(self.fired_not_before)
+        free(self.fired_holdout); free(self.fired_cols)
 
     cdef bint _op_is_valid(self, Op op, Py_ssize_t n_constants):
         if not (0 <= op.code <= OP_NARROW_FALSE and op.a >= 0 and 0 <= op.sel < self.n_lists):
@@ -1202,6 +1278,269 @@ cdef class Kernel:
                 prev = j
             j = nxt
 
+    # -- contact policy, one match at a time ------------------------------------------
+
+    cdef bint admit(self, Py_ssize_t r, int64_t sub, int32_t prow, int64_t ts) noexcept nogil:
+        """Policy steps 1-3 for one match (SPEC section 8): 1 if it survives; a stop is counted."""
+        cdef Entry* e
+        cdef int32_t slot
+        if self.paused[r]:
+            self.stopped_paused[r] += 1
+            return 0
+        if (prow >= 0 and self.prof_flags[prow] & 1) or (
+                self.blocks.size and map_find(&self.blocks, (sub + 1) * (self.n_rules + 1) + self.n_rules)):
+            self.stopped_opt_out[r] += 1
+            return 0
+        if self.blocks.size:
+            e = map_find(&self.blocks, (sub + 1) * (self.n_rules + 1) + r)
+            if e != NULL and ts < e.value:
+                if e.value == INT64_MAX:
+                    self.stopped_suppressed[r] += 1
+                else:
+                    self.stopped_decline[r] += 1
+                return 0
+        if self.cooldown[r] > 0:
+            slot = self.slots[sub * self.n_stateful + self.stateful_index[r]]
+            if slot > 0 and self.state[r][<int64_t>(slot - 1) * self.width[r]] > ts - self.cooldown[r]:
+                self.stopped_cooldown[r] += 1
+                return 0
+        return 1
+
+    cdef int deliver(self, Py_ssize_t r, int64_t sub, int64_t msisdn, int32_t prow, int64_t ts,
+                     int32_t* channel_out, int64_t* not_before_out, uint8_t* holdout_out) except -1 nogil:
+        """Policy steps 5-8 for an arbitration winner: 1 when it becomes an instruction, 0 when stopped.
+
+        An instruction moves its rule's cooldown, the subscriber's caps, the
+        guardrail, the goal windows and the counters.  A shadow rule goes the
+        same way and is counted the same, but takes no cap slot and opens no
+        goal window: it sends nothing, so nothing may change for live rules.
+        """
+        cdef uint64_t allowed = self.prof_allowed[prow] if prow >= 0 else <uint64_t>0xFFFFFFFFFFFFFFFFULL
+        cdef int32_t channel = -1
+        cdef Py_ssize_t k
+        cdef int64_t not_before = ts, day = 0, month = 0, ring_at
+        cdef bint active, in_holdout
+        cdef bint capped = self.daily_cap > 0 or self.monthly_cap > 0
+        cdef uint8_t days
+        cdef Entry* day_count = NULL
+        cdef Entry* month_count = NULL
+        for k in range(self.chan_begin[r], self.chan_end[r]):
+            if (allowed >> self.chan_list[k]) & 1:
+                channel = self.chan_list[k]
+                break
+        if channel < 0:
+            self.stopped_no_channel[r] += 1
+            return 0
+        # Steps 7 then 6: caps count by the local day of delivery.
+        active = (self.active_mask >> channel) & 1
+        if active:
+            days = self.contact_days
+            if prow >= 0 and self.prof_days[prow]:
+                days = self.prof_days[prow]
+            not_before = self.next_allowed(ts, days)
+            if capped:
+                if ts > self.policy_clock:
+                    self.policy_clock = ts
+                day = self.local_day(not_before)
+                month = month_of_day(day)
+                day_count = map_find(&self.caps, caps_key(sub, 0, day))
+                month_count = map_find(&self.caps, caps_key(sub, 1, month))
+                if ((self.daily_cap and day_count != NULL and day_count.value >= self.daily_cap)
+                        or (self.monthly_cap and month_count != NULL
+                            and month_count.value >= self.monthly_cap)):
+                    self.stopped_capped[r] += 1
+                    return 0
+        # Guardrail: one more instruction than max_per_hour within an hour pauses the rule.
+        if self.max_per_hour[r]:
+            if (self.guard_count[r] == self.max_per_hour[r]
+                    and self.guard_ts[r][self.guard_head[r]] > ts - HOUR_MS):
+                self.paused[r] = 1
+                self.stopped_paused[r] += 1
+                return 0
+            if self.guard_count[r] < self.max_per_hour[r]:
+                ring_at = (self.guard_head[r] + self.guard_count[r]) % self.max_per_hour[r]
+                self.guard_count[r] += 1
+            else:
+                ring_at = self.guard_head[r]
+                self.guard_head[r] = (self.guard_head[r] + 1) % self.max_per_hour[r]
+            self.guard_ts[r][ring_at] = ts
+        # Step 8: holdout, deterministic in (msisdn, rule).
+        in_holdout = (self.holdout_threshold[r] > 0 and <int64_t>(
+            mix64(<uint64_t>msisdn ^ self.holdout_seed[r] ^ HOLDOUT_SALT) >> 11)
+            < self.holdout_threshold[r])
+        if active:
+            self.cap_draw[r] += 1
+            if capped and not self.shadow[r]:
+                if 2 * (self.caps.size + 2) > self.caps.capacity:
+                    self.prune_caps()
+                map_insert(&self.caps, caps_key(sub, 0, day), 0).value += 1
+                map_insert(&self.caps, caps_key(sub, 1, month), 0).value += 1
+        self.emitted[r] += 1
+        if in_holdout:
+            self.holdout[r] += 1
+        else:
+            self.sent_channel[r * self.n_channels + channel] += 1
+        if self.width[r]:
+            self.state_row(r, sub)[0] = ts
+        if self.goal_within[r] and not self.shadow[r]:
+            self.goal_issue(sub, r, ts, in_holdout)
+        channel_out[0] = channel
+        not_before_out[0] = not_before
+        holdout_out[0] = in_holdout
+        return 1
+
+    # -- sequences and timers ----------------------------------------------------------
+
+    cdef int tell_followers(self, Py_ssize_t a, int64_t sub, int64_t ts) except -1 nogil:
+        """Rule a matched at ts: each rule following it keeps the largest such ts."""
+        cdef Py_ssize_t k
+        cdef int64_t* row
+        for k in range(self.dep_begin[a], self.dep_end[a]):
+            row = self.state_row(self.dep_list[k], sub)
+            if ts > row[1]:
+                row[1] = ts
+        return 0
+
+    cdef bint heap_less(self, int64_t i, int64_t j) noexcept nogil:
+        """Timers fire by due time, then rule, then msisdn (engine.reference fires in the same order)."""
+        if self.heap_due[i] != self.heap_due[j]:
+            return self.heap_due[i] < self.heap_due[j]
+        if self.heap_rule[i] != self.heap_rule[j]:
+            return self.heap_rule[i] < self.heap_rule[j]
+        return self.sub_msisdn[self.heap_sub[i]] < self.sub_msisdn[self.heap_sub[j]]
+
+    cdef int heap_push(self, int64_t due, Py_ssize_t rule, int64_t sub) except -1 nogil:
+        cdef int64_t i, parent, capacity, t64
+        cdef int32_t t32
+        if self.heap_size == self.heap_capacity:
+            capacity = max(2 * self.heap_capacity, 1024)
+            self.heap_due = <int64_t*>checked_realloc(self.heap_due, capacity * sizeof(int64_t))
+            self.heap_sub = <int64_t*>checked_realloc(self.heap_sub, capacity * sizeof(int64_t))
+            self.heap_rule = <int32_t*>checked_realloc(self.heap_rule, capacity * sizeof(int32_t))
+            self.heap_capacity = capacity
+        i = self.heap_size
+        self.heap_size += 1
+        self.heap_due[i] = due
+        self.heap_sub[i] = sub
+        self.heap_rule[i] = <int32_t>rule
+        while i > 0:
+            parent = (i - 1) // 2
+            if not self.heap_less(i, parent):
+                break
+            t64 = self.heap_due[i]; self.heap_due[i] = self.heap_due[parent]; self.heap_due[parent] = t64
+            t64 = self.heap_sub[i]; self.heap_sub[i] = self.heap_sub[parent]; self.heap_sub[parent] = t64
+            t32 = self.heap_rule[i]; self.heap_rule[i] = self.heap_rule[parent]; self.heap_rule[parent] = t32
+            i = parent
+        self.next_due = self.heap_due[0]
+        return 0
+
+    cdef void heap_pop(self) noexcept nogil:
+        """Remove the top entry."""
+        cdef int64_t i = 0, child, t64
+        cdef int32_t t32
+        self.heap_size -= 1
+        self.heap_due[0] = self.heap_due[self.heap_size]
+        self.heap_sub[0] = self.heap_sub[self.heap_size]
+        self.heap_rule[0] = self.heap_rule[self.heap_size]
+        while True:
+            child = 2 * i + 1
+            if child >= self.heap_size:
+                break
+            if child + 1 < self.heap_size and self.heap_less(child + 1, child):
+                child += 1
+            if not self.heap_less(child, i):
+                break
+            t64 = self.heap_due[i]; self.heap_due[i] = self.heap_due[child]; self.heap_due[child] = t64
+            t64 = self.heap_sub[i]; self.heap_sub[i] = self.heap_sub[child]; self.heap_sub[child] = t64
+            t32 = self.heap_rule[i]; self.heap_rule[i] = self.heap_rule[child]; self.heap_rule[child] = t32
+            i = child
+        self.next_due = self.heap_due[0] if self.heap_size else INT64_MAX
+
+    cdef int rebuild_timers(self) except -1 nogil:
+        """The heap from the pending timers in the state rows (after import_state, or to drop stale entries)."""
+        cdef Py_ssize_t r
+        cdef int64_t sub
+        cdef int32_t slot
+        cdef int64_t* row
+        self.heap_size = 0
+        self.timers_pending = 0
+        self.next_due = INT64_MAX
+        for r in range(self.n_rules):
+            if self.cond[r] != COND_ABSENCE:
+                continue
+            for sub in range(self.n_subs):
+                slot = self.slots[sub * self.n_stateful + self.stateful_index[r]]
+                if slot > 0:
+                    row = self.state[r] + <int64_t>(slot - 1) * self.width[r]
+                    if row[1] != NO_TS:
+                        self.heap_push(row[1] + self.cond_window[r], r, sub)
+                        self.timers_pending += 1
+        return 0
+
+    cdef int fire_due(self, int64_t before) except -1 nogil:
+        """Fire every timer due at or before the watermark, in order; `before` is the batch row they precede."""
+        cdef int64_t watermark = self.max_ts - self.lateness, due, sub
+        cdef Py_ssize_t r
+        cdef int32_t slot
+        cdef int64_t* row
+        while self.heap_size and self.heap_due[0] <= watermark:
+            due = self.heap_due[0]
+            sub = self.heap_sub[0]
+            r = self.heap_rule[0]
+            self.heap_pop()
+            slot = self.slots[sub * self.n_stateful + self.stateful_index[r]]
+            row = self.state[r] + <int64_t>(slot - 1) * self.width[r]
+            if row[1] == NO_TS or row[1] + self.cond_window[r] != due:
+                continue    # cancelled, or already fired: a stale entry
+            row[1] = NO_TS
+            self.timers_pending -= 1
+            self.fire(r, sub, due, row, before)
+        # Cancelled timers leave stale entries behind; drop them once they outnumber the live ones.
+        if self.heap_size > 4096 and self.heap_size > 4 * self.timers_pending:
+            self.rebuild_timers()
+        return 0
+
+    cdef int fire(self, Py_ssize_t r, int64_t sub, int64_t due, const int64_t* row, int64_t before) except -1 nogil:
+        """A timer firing is its own trigger at ts = due: a match of its rule alone, policy at due."""
+        cdef int64_t msisdn = self.sub_msisdn[sub], not_before, capacity
+        cdef int32_t prow = -1, channel
+        cdef uint8_t in_holdout
+        cdef int64_t* cols
+        cdef Py_ssize_t k
+        if self.active[r] and not self.in_period(r, due):
+            return 0
+        if self.n_prof:
+            prow = self.profile_row(sub, msisdn)
+        self.matched[r] += 1
+        if self.dep_end[r] > self.dep_begin[r]:
+            self.tell_followers(r, sub, due)
+        if not self.admit(r, sub, prow, due):
+            return 0
+        if not self.deliver(r, sub, msisdn, prow, due, &channel, &not_before, &in_holdout) or self.shadow[r]:
+            return 0
+        if self.n_fired == self.fired_capacity:
+            capacity = max(2 * self.fired_capacity, 256)
+            self.fired_before = <int64_t*>checked_realloc(self.fired_before, capacity * sizeof(int64_t))
+            self.fired_rule = <int32_t*>checked_realloc(self.fired_rule, capacity * sizeof(int32_t))
+            self.fired_channel = <int32_t*>checked_realloc(self.fired_channel, capacity * sizeof(int32_t))
+            self.fired_not_before = <int64_t*>checked_realloc(self.fired_not_before, capacity * sizeof(int64_t))
+            self.fired_holdout = <uint8_t*>checked_realloc(self.fired_holdout, capacity * sizeof(uint8_t))
+            self.fired_cols = <int64_t*>checked_realloc(self.fired_cols, capacity * N_COLUMNS * sizeof(int64_t))
+            self.fired_capacity = capacity
+        self.fired_before[self.n_fired] = before
+        self.fired_rule[self.n_fired] = <int32_t>r
+        self.fired_channel[self.n_fired] = channel
+        self.fired_not_before[self.n_fired] = not_before
+        self.fired_holdout[self.n_fired] = in_holdout
+        cols = self.fired_cols + self.n_fired * N_COLUMNS
+        memset(cols, 0, N_COLUMNS * sizeof(int64_t))
+        cols[TS_COLUMN] = due
+        cols[MSISDN_COLUMN] = msisdn
+        for k in range(self.param_begin[r], self.param_end[r]):
+            cols[self.param_list[k]] = row[2 + k - self.param_begin[r]]
+        self.n_fired += 1
+        return 0
+
     # -- the two phases ----------------------------------------------------------
 
     cdef void run_where(self, Py_ssize_t rule, const Column* cols, Py_ssize_t base,
@@ -1304,16 +1643,10 @@ cdef class Kernel:
     cdef Py_ssize_t process_columns(self, const Column* cols, Py_ssize_t n,
                                     int64_t* out_row, int32_t* out_rule, int32_t* out_channel,
                                     int64_t* out_not_before, uint8_t* out_holdout) except -1 nogil:
-        cdef Py_ssize_t base, m, i, j, k, r, g, cnt, n_out = 0, n_pairs, n_surv
+        cdef Py_ssize_t base, m, i, j, k, q, r, g, cnt, n_out = 0, n_pairs, n_surv, n_shadow, n_followed, owner
         cdef int32_t p, best, prow, channel
-        cdef int64_t msisdn, until, not_before, day, month, ring_at
-        cdef uint64_t allowed
-        cdef uint8_t days
-        cdef bint active, in_holdout
-        cdef Entry* e
-        cdef Entry* day_count
-        cdef Entry* month_count
-        cdef bint capped = self.daily_cap > 0 or self.monthly_cap > 0
+        cdef int64_t msisdn, not_before
+        cdef uint8_t in_holdout
         cdef int32_t bucket_start[257]
         cdef int32_t bucket_fill[256]
         cdef const uint8_t* kind = <const uint8_t*>cols[KIND_COLUMN].data
@@ -1343,7 +1676,8 @@ cdef class Kernel:
                 self.row_head[i] = -1
                 self.row_stateful[i] = 0
             n_pairs = 0
-            for r in range(self.n_rules):
+            for q in range(self.n_rules):
+                r = self.filter_order[q]
                 for k in range(32):
                     if not (self.kinds[r] >> k) & 1:
                         continue
@@ -1380,17 +1714,25 @@ cdef class Kernel:
             for i in range(m):
                 if i + PREFETCH_DISTANCE < m:
                     self.prefetch_state(i + PREFETCH_DISTANCE)
+                g = base + i
+                ts = ts_col[g]
+                if self.has_timers:
+                    # Timers the watermark has reached fire before the event that moved it.
+                    if ts > self.max_ts:
+                        self.max_ts = ts
+                    if self.next_due <= self.max_ts - self.lateness:
+                        self.fire_due(g)
                 p = self.row_head[i]
                 if p < 0:
                     continue
-                g = base + i
-                ts = ts_col[g]
                 sub = self.row_sub[i]
                 msisdn = msisdn_col[g]
                 prow = -1
                 if self.n_prof and self.row_stateful[i]:
                     prow = self.profile_row(sub, msisdn)
                 n_surv = 0
+                n_shadow = 0
+                n_followed = 0
                 best = -1
                 while p >= 0:
                     r = self.pair_rule[p]
@@ -1398,6 +1740,16 @@ cdef class Kernel:
                     if self.goal_of[r] >= 0:
                         self.goal_event(sub if self.row_stateful[i] else self.find_subscriber(msisdn),
                                         self.goal_of[r], ts)
+                        continue
+                    if self.cancel_of[r] >= 0:
+                        # A second-on/where event with t0 <= ts < t0 + W cancels the pending timer.
+                        owner = self.cancel_of[r]
+                        slot = self.slots[sub * self.n_stateful + self.stateful_index[owner]]
+                        if slot > 0:
+                            row = self.state[owner] + <int64_t>(slot - 1) * self.width[owner]
+                            if row[1] != NO_TS and row[1] <= ts < row[1] + self.cond_window[owner]:
+                                row[1] = NO_TS
+                                self.timers_pending -= 1
                         continue
                     match = 1
                     if self.cond[r] == COND_COUNT:
@@ -1440,108 +1792,64 @@ cdef class Kernel:
                         row = self.state_row(r, sub)
                         match = distinct_holds(row, self.cond_n[r], ts, read(&cols[self.cond_column[r]], g),
                                                self.cond_window[r], self.cond_resolution[r])
+                    elif self.cond[r] == COND_AFTER:
+                        # The followed rule matched on an earlier event with ts in (ts - W, ts]; its
+                        # matches reach this row only after their event (tell_followers).
+                        slot = self.slots[sub * self.n_stateful + self.stateful_index[r]]
+                        match = 0
+                        if slot > 0:
+                            last = self.state[r][<int64_t>(slot - 1) * self.width[r] + 1]
+                            match = ts - self.cond_window[r] < last <= ts
+                    elif self.cond[r] == COND_ABSENCE:
+                        # Start a timer unless one is pending; the rule matches when it fires.
+                        row = self.state_row(r, sub)
+                        if row[1] == NO_TS:
+                            row[1] = ts
+                            for k in range(self.param_begin[r], self.param_end[r]):
+                                row[2 + k - self.param_begin[r]] = read(&cols[self.param_list[k]], g)
+                            self.heap_push(ts + self.cond_window[r], r, sub)
+                            self.timers_pending += 1
+                        continue
                     if not match:
                         continue
                     # The active period is part of the match, tested only for rules that have one.
                     if self.active[r] and not self.in_period(r, ts):
                         continue
                     self.matched[r] += 1
+                    if self.dep_end[r] > self.dep_begin[r]:
+                        self.row_followed[n_followed] = <int32_t>r
+                        n_followed += 1
                     # Policy steps 1-3, each match on its own (SPEC section 8).
-                    if self.paused[r]:
-                        self.stopped_paused[r] += 1
+                    if not self.admit(r, sub, prow, ts):
                         continue
-                    if (prow >= 0 and self.prof_flags[prow] & 1) or (
-                            self.blocks.size and map_find(&self.blocks, (sub + 1) * (self.n_rules + 1) + self.n_rules)):
-                        self.stopped_opt_out[r] += 1
+                    if self.shadow[r]:
+                        self.shadow_survivors[n_shadow] = <int32_t>r
+                        n_shadow += 1
                         continue
-                    if self.blocks.size:
-                        e = map_find(&self.blocks, (sub + 1) * (self.n_rules + 1) + r)
-                        if e != NULL and ts < e.value:
-                            if e.value == INT64_MAX:
-                                self.stopped_suppressed[r] += 1
-                            else:
-                                self.stopped_decline[r] += 1
-                            continue
-                    if self.cooldown[r] > 0:
-                        slot = self.slots[sub * self.n_stateful + self.stateful_index[r]]
-                        if slot > 0 and self.state[r][<int64_t>(slot - 1) * self.width[r]] > ts - self.cooldown[r]:
-                            self.stopped_cooldown[r] += 1
-                            continue
                     self.survivors[n_surv] = <int32_t>r
                     n_surv += 1
                     if best < 0 or self.priority[r] > self.priority[best]:
                         best = <int32_t>r
+                for k in range(n_followed):
+                    self.tell_followers(self.row_followed[k], sub, ts)
+                # A shadow rule is what this rule would have done had it alone been live: it loses to a
+                # live survivor that would beat it, and otherwise goes on with the caps as they stand.
+                for k in range(n_shadow):
+                    r = self.shadow_survivors[k]
+                    if best >= 0 and (self.priority[best] > self.priority[r]
+                                      or (self.priority[best] == self.priority[r] and best < r)):
+                        self.stopped_arbitrated[r] += 1
+                    else:
+                        self.deliver(r, sub, msisdn, prow, ts, &channel, &not_before, &in_holdout)
                 if best < 0:
                     continue
                 # Step 4: arbitration.
                 for k in range(n_surv):
                     if self.survivors[k] != best:
                         self.stopped_arbitrated[self.survivors[k]] += 1
-                # Step 5: channel choice; the winner is not replaced if it stops from here on.
-                allowed = self.prof_allowed[prow] if prow >= 0 else <uint64_t>0xFFFFFFFFFFFFFFFFULL
-                channel = -1
-                for k in range(self.chan_begin[best], self.chan_end[best]):
-                    if (allowed >> self.chan_list[k]) & 1:
-                        channel = self.chan_list[k]
-                        break
-                if channel < 0:
-                    self.stopped_no_channel[best] += 1
+                # Steps 5-8; the winner is not replaced if it stops from here on.
+                if not self.deliver(best, sub, msisdn, prow, ts, &channel, &not_before, &in_holdout):
                     continue
-                # Steps 7 then 6: caps count by the local day of delivery.
-                not_before = ts
-                active = (self.active_mask >> channel) & 1
-                day_count = NULL
-                month_count = NULL
-                day = month = 0
-                if active:
-                    days = self.contact_days
-                    if prow >= 0 and self.prof_days[prow]:
-                        days = self.prof_days[prow]
-                    not_before = self.next_allowed(ts, days)
-                    if capped:
-                        if ts > self.policy_clock:
-                            self.policy_clock = ts
-                        day = self.local_day(not_before)
-                        month = month_of_day(day)
-                        day_count = map_find(&self.caps, caps_key(sub, 0, day))
-                        month_count = map_find(&self.caps, caps_key(sub, 1, month))
-                        if ((self.daily_cap and day_count != NULL and day_count.value >= self.daily_cap)
-                                or (self.monthly_cap and month_count != NULL
-                                    and month_count.value >= self.monthly_cap)):
-                            self.stopped_capped[best] += 1
-                            continue
-                # Guardrail: one more instruction than max_per_hour within an hour pauses the rule.
-                if self.max_per_hour[best]:
-                    if (self.guard_count[best] == self.max_per_hour[best]
-                            and self.guard_ts[best][self.guard_head[best]] > ts - HOUR_MS):
-                        self.paused[best] = 1
-                        self.stopped_paused[best] += 1
-                        continue
-                    if self.guard_count[best] < self.max_per_hour[best]:
-                        ring_at = (self.guard_head[best] + self.guard_count[best]) % self.max_per_hour[best]
-                        self.guard_count[best] += 1
-                    else:
-                        ring_at = self.guard_head[best]
-                        self.guard_head[best] = (self.guard_head[best] + 1) % self.max_per_hour[best]
-                    self.guard_ts[best][ring_at] = ts
-                # Step 8: holdout, deterministic in (msisdn, rule).
-                in_holdout = (self.holdout_threshold[best] > 0 and <int64_t>(
-                    mix64(<uint64_t>msisdn ^ self.holdout_seed[best] ^ HOLDOUT_SALT) >> 11)
-                    < self.holdout_threshold[best])
-                if active and capped:
-                    if 2 * (self.caps.size + 2) > self.caps.capacity:
-                        self.prune_caps()
-                    map_insert(&self.caps, caps_key(sub, 0, day), 0).value += 1
-                    map_insert(&self.caps, caps_key(sub, 1, month), 0).value += 1
-                self.emitted[best] += 1
-                if in_holdout:
-                    self.holdout[best] += 1
-                else:
-                    self.sent_channel[best * self.n_channels + channel] += 1
-                if self.width[best]:
-                    self.state_row(best, sub)[0] = ts
-                if self.goal_within[best]:
-                    self.goal_issue(sub, best, ts, in_holdout)
                 out_row[n_out] = g
                 out_rule[n_out] = best
                 out_channel[n_out] = channel
@@ -1549,6 +1857,8 @@ cdef class Kernel:
                 out_holdout[n_out] = in_holdout
                 n_out += 1
             base += m
+        if self.next_due <= self.max_ts - self.lateness:
+            self.fire_due(n)
         return n_out
 
     # -- Python interface ----------------------------------------------------------
@@ -1596,6 +1906,44 @@ cdef class Kernel:
             n_out = self.process_columns(cols, n, &out_row[0], &out_rule[0], &out_channel[0],
                                          &out_not_before[0], &out_holdout[0])
         return rows[:n_out], rules[:n_out], channels[:n_out], not_before[:n_out], holdout[:n_out].view(np.bool_)
+
+    def advance(self, int64_t ts):
+        """Move event time to ts as an event with that ts would (never back), firing due timers.
+
+        Their instructions join those of take_fired(), with row -1.
+        """
+        if ts > self.max_ts:
+            self.max_ts = ts
+        with nogil:
+            if self.next_due <= self.max_ts - self.lateness:
+                self.fire_due(-1)
+
+    def set_clock(self, int64_t ts):
+        """Start event time at ts (a restored or reloaded engine's watermark) without firing anything now."""
+        if ts > self.max_ts:
+            self.max_ts = ts
+
+    def take_fired(self):
+        """The instructions of timers fired since the last call, and forget them.
+
+        Returns (before, rules, channels, not_before, holdout, columns): per
+        instruction, the batch row it precedes (-1: fired by advance(); the
+        batch length: after the last row), rule, channel code, not_before,
+        holdout flag, and its event columns as an n x 12 int64 matrix
+        (EVENT_COLUMNS order: ts = due time, msisdn, the start event's params).
+        """
+        cdef Py_ssize_t n = self.n_fired
+        before = self._copy_i64(self.fired_before, n)
+        rules = self._copy_i32(self.fired_rule, n)
+        channels = self._copy_i32(self.fired_channel, n)
+        not_before = self._copy_i64(self.fired_not_before, n)
+        holdout = np.zeros(n, dtype=np.bool_)
+        columns = self._copy_i64(self.fired_cols, n * N_COLUMNS).reshape(n, N_COLUMNS)
+        cdef Py_ssize_t i
+        for i in range(n):
+            holdout[i] = self.fired_holdout[i]
+        self.n_fired = 0
+        return before, rules, channels, not_before, holdout, columns
 
     def set_profiles(self, const int64_t[::1] msisdn, const uint64_t[::1] allowed, const uint8_t[::1] flags,
                      const uint8_t[::1] days):
@@ -1676,6 +2024,7 @@ cdef class Kernel:
             "holdout": self._copy_i64(self.holdout, self.n_rules),
             "goal_treated": self._copy_i64(self.goal_treated, self.n_rules),
             "goal_holdout": self._copy_i64(self.goal_holdout, self.n_rules),
+            "cap_draw": self._copy_i64(self.cap_draw, self.n_rules),
             "sent_channel": self._copy_i64(self.sent_channel, self.n_rules * self.n_channels).reshape(
                 self.n_rules, self.n_channels),
         }
@@ -1840,6 +2189,10 @@ cdef class Kernel:
         self.goal_clock = int(np.asarray(state["goal_clock"], dtype=np.int64)[0])
         self._load_counter(state, "goal_treated", self.goal_treated)
         self._load_counter(state, "goal_holdout", self.goal_holdout)
+        if "cap_draw" in state:  # checkpoints before cap_draw existed start it at 0
+            self._load_counter(state, "cap_draw", self.cap_draw)
+        with nogil:
+            self.rebuild_timers()
 
     cdef _load_map(self, Map* m, object keys, object values, int64_t n_subs, int64_t per_sub):
         """Fill an empty map from export_state's arrays; every key must name a known subscriber."""
