@@ -1534,10 +1534,11 @@ cdef class Kernel:
         self.fired_holdout[self.n_fired] = in_holdout
         cols = self.fired_cols + self.n_fired * N_COLUMNS
         memset(cols, 0, N_COLUMNS * sizeof(int64_t))
-        cols[TS_COLUMN] = due
-        cols[MSISDN_COLUMN] = msisdn
         for k in range(self.param_begin[r], self.param_end[r]):
             cols[self.param_list[k]] = row[2 + k - self.param_begin[r]]
+        # The instruction's own time is the due time, a `ts` param included.
+        cols[TS_COLUMN] = due
+        cols[MSISDN_COLUMN] = msisdn
         self.n_fired += 1
         return 0
 
