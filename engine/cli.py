@@ -232,7 +232,9 @@ def run_check(args: argparse.Namespace) -> int:
             goal_where = f" where {rule.goal.where_text.strip()}" if rule.goal.where_text.strip() else ""
             fields.append(("goal", f"{', '.join(KINDS[k] for k in rule.goal.on)}{goal_where} "
                                    f"within {format_duration(rule.goal.within)} of the instruction"))
-        fields.extend(("warning", warning) for warning in rule_warnings(rule))
+        if rule.shadow:
+            fields.append(("shadow", "runs on live traffic and counts what it would send; sends nothing"))
+        fields.extend(("warning", warning) for warning in rule_warnings(rule, ruleset))
         n_warnings += sum(key == "warning" for key, _ in fields)
         print(f"\n{rule.id}", file=out)
         for key, value in fields:

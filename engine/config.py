@@ -67,6 +67,7 @@ class DaemonConfig:
     state_dir: Path | None = None  # checkpoint written on shutdown and restored at start
     timezone: str | None = None  # overrides the rules file's [policy] timezone when set
     initial_subscribers: int = 1 << 20
+    lateness_ms: int = 0  # how far the absence-timer watermark trails the largest event ts seen
     max_batch_events: int = 65_536  # coalesce messages up to this many events ...
     linger_ms: int = 5  # ... or until the oldest waiting event has waited this long
     idle_advance_ms: int = 1_000  # after this long with no events, event time follows the wall clock
@@ -217,6 +218,7 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
     state_dir = path(eng, "state_dir", None)
     timezone = eng.get("timezone", str, None)
     initial_subscribers = eng.positive("initial_subscribers", 1 << 20)
+    lateness_ms = eng.duration_ms("lateness", 0)
     eng.done()
 
     batching = _Table(source, "batching", top.get("batching", dict, {}))
@@ -272,6 +274,7 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
         state_dir=state_dir,
         timezone=timezone,
         initial_subscribers=initial_subscribers,
+        lateness_ms=lateness_ms,
         max_batch_events=max_batch_events,
         linger_ms=linger_ms,
         idle_advance_ms=idle_advance_ms,

@@ -220,14 +220,16 @@ class Daemon:
         ruleset = self._rules()
         state = self.config.state_dir
         if state is not None and any(p.exists() for p in (state, _sibling(state, ".partial"), _sibling(state, ".old"))):
-            engine = Engine.restore(state, initial_subscribers=self.config.initial_subscribers)
+            engine = Engine.restore(state, initial_subscribers=self.config.initial_subscribers,
+                                    lateness=self.config.lateness_ms)
             fate = engine.reload_rules(ruleset)
             if self.config.profiles is not None:
                 engine.load_profiles(self.config.profiles)  # the file may be newer than the checkpoint's copy
             log.info("state restored", extra={"fields": {"state_dir": str(state), "subscribers": engine.stats()[
                 "subscribers"], **fate}})
             return engine
-        return Engine(ruleset, profiles=self.config.profiles, initial_subscribers=self.config.initial_subscribers)
+        return Engine(ruleset, profiles=self.config.profiles, initial_subscribers=self.config.initial_subscribers,
+                      lateness=self.config.lateness_ms)
 
     # -- control from other threads -----------------------------------------
 
@@ -493,11 +495,15 @@ class Daemon:
             counter("kairos_policy_stops", "Matches stopped by contact policy, per rule and reason.",
                     [({"rule": r, "reason": reason}, n) for r, s in rules.items()
                      for reason, n in s["stopped"].items()]),
-            counter("kairos_rule_sent", "Instructions to be delivered (treated), per rule and channel.",
-                    [({"rule": r, "channel": c}, n) for r, s in rules.items()
+            counter("kairos_rule_sent", "Instructions to be delivered (treated), per rule and channel; "
+                    "mode=\"shadow\": what a shadow rule would have sent.",
+                    [({"rule": r, "channel": c, "mode": _mode(s)}, n) for r, s in rules.items()
                      for c, n in s["sent_by_channel"].items()]),
             counter("kairos_rule_holdout", "Instructions held out as the control group, per rule.",
-                    [({"rule": r}, s["holdout"]) for r, s in rules.items()]),
+                    [({"rule": r, "mode": _mode(s)}, s["holdout"]) for r, s in rules.items()]),
+            counter("kairos_rule_cap_draw", "Instructions on active channels, each taking a daily and monthly "
+                    "cap slot, per rule; a shadow rule's would have.",
+                    [({"rule": r, "mode": _mode(s)}, s["cap_draw"]) for r, s in rules.items()]),
             counter("kairos_rule_feedback", "Channel outcomes per rule.",
                     [({"rule": r, "outcome": outcome}, n) for r, s in rules.items()
                      for outcome, n in s["feedback"].items()]),
@@ -534,6 +540,10 @@ class Daemon:
         if getattr(self, "deadletter", None) is not None:
             self.deadletter.close()
         self.context.term()
+
+
+def _mode(rule_stats: dict) -> str:
+    return "shadow" if rule_stats["shadow"] else "live"
 
 
 def _sibling(path: Path, suffix: str) -> Path:

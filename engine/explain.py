@@ -20,7 +20,9 @@ from datetime import timedelta
 
 from engine.compiler import evaluation_order
 from engine.rules import (
+    Absence,
     Active,
+    After,
     And,
     Changed,
     Compare,
@@ -33,6 +35,7 @@ from engine.rules import (
     Or,
     Prefix,
     Rule,
+    RuleSet,
     Sum,
     format_duration,
 )
@@ -61,6 +64,14 @@ def describe_condition(rule: Rule) -> str:
     if isinstance(cond, Distinct):
         return (f"distinct: at least {cond.at_least} different non-zero {cond.column} values within "
                 f"{format_duration(cond.within)} (in buckets of {format_duration(cond.resolution)})")
+    if isinstance(cond, After):
+        return f"after: rule {cond.rule} matched on an earlier event within {format_duration(cond.within)}"
+    if isinstance(cond, Absence):
+        cancel = ", ".join(KINDS[k] for k in cond.on)
+        if cond.where is not None:
+            cancel += f" where {describe_filter(cond.where)}"
+        return (f"absence: starts a timer; fires {format_duration(cond.within)} later unless {cancel} "
+                f"comes first (the instruction's time is the timer's)")
     return repr(cond)  # pragma: no cover - the parser builds nothing else
 
 
@@ -123,9 +134,16 @@ def _render(expr: Expr, top: bool = False) -> str:
 # Warnings.
 
 
-def rule_warnings(rule: Rule) -> list[str]:
-    """Why `rule` can never fire, and filters on fields its kinds never carry."""
+def rule_warnings(rule: Rule, ruleset: RuleSet | None = None) -> list[str]:
+    """Why `rule` can never fire, and filters on fields its kinds never carry.
+
+    With the `ruleset` it belongs to, also `after` chains that lead back to the rule.
+    """
     warnings = []
+    if ruleset is not None and isinstance(rule.condition, After):
+        cycle = _after_cycle(rule, ruleset)
+        if cycle is not None:
+            warnings.append(f"never fires: each rule of {' -> '.join(cycle)} needs the next to have matched first")
     if rule.where is not None:
         reason = _never(rule.where)
         if reason is not None:
@@ -144,6 +162,22 @@ def rule_warnings(rule: Rule) -> list[str]:
         if column not in _ALWAYS_CARRIED and not any(column in KIND_FIELDS[kind] for kind in kinds):
             warnings.append(f"field {column} is never carried by {', '.join(kinds)} events (it reads 0 there)")
     return warnings
+
+
+def _after_cycle(rule: Rule, ruleset: RuleSet) -> list[str] | None:
+    """The chain of `after` conditions from `rule` back to itself, if it has one."""
+    by_id = {r.id: r for r in ruleset.rules}
+    chain = [rule.id]
+    current = rule
+    while isinstance(current.condition, After):
+        followed = current.condition.rule
+        if followed == rule.id:
+            return [*chain, rule.id]
+        if followed in chain or followed not in by_id:
+            return None  # a cycle that does not pass through `rule`: reported on its own rules
+        chain.append(followed)
+        current = by_id[followed]
+    return None
 
 
 def _columns(expr: Expr) -> list[str]:

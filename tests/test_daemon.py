@@ -414,6 +414,42 @@ def test_idle_feed_lets_event_time_follow_the_wall_clock(tmp_path, daemons, sock
     assert daemon.stop() == 0
 
 
+def test_absence_timers_fire_on_the_idle_clock_after_the_lateness(tmp_path, daemons, sockets, batch):
+    rules = """
+[[rule]]
+id = "recharge_bonus"
+on = "balance"
+where = "balance < 500"
+absence = { on = "recharge", within = "1s" }
+channels = ["sms"]
+params = ["balance"]
+
+[[rule]]
+id = "bonus_forecast"
+on = "balance"
+absence = { on = "recharge", within = "1s" }
+channels = ["sms"]
+shadow = true
+"""
+    endpoint = f"ipc://{tmp_path}/switch"
+    config = config_text(tmp_path, f'[inputs.switch]\nendpoint = "{endpoint}"\n', extra='lateness = "500ms"').replace(
+        'linger = "2ms"', 'linger = "2ms"\nidle_advance = "100ms"')
+    daemon = daemons(tmp_path, config, rules)
+    feeder = sockets.push(endpoint)
+    feeder.send(arrow_message(pa.RecordBatch.from_pydict(batch([
+        {"ts": 10_000, "msisdn": 5, "kind": 7, "balance": 300},  # balance: starts both timers
+        {"ts": 10_000, "msisdn": 6, "kind": 7, "balance": 300},
+        {"ts": 10_400, "msisdn": 6, "kind": 6, "amount": 100},  # recharge: cancels subscriber 6's
+    ]))))
+    # Due at 11,000; with 500 ms of lateness it fires once the idle clock passes 11,500.
+    daemon.wait_for_metric("kairos_rule_sent_total", 1, rule="recharge_bonus", channel="sms", mode="live")
+    assert daemon.metric("kairos_event_time_watermark_ms") >= 11_500
+    assert daemon.metric("kairos_rule_sent_total", rule="bonus_forecast", channel="sms", mode="shadow") == 1
+    assert daemon.stop() == 0
+    (row,) = file_instructions(tmp_path / "out")
+    assert (row["ts"], row["msisdn"], row["rule"], row["params"]) == (11_000, 5, "recharge_bonus", {"balance": "300"})
+
+
 def test_bad_config_is_refused_at_start_with_the_key(tmp_path):
     (tmp_path / "rules.toml").write_text(RULES, encoding="utf-8")
     config = tmp_path / "kairos.toml"

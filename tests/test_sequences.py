@@ -398,3 +398,36 @@ def test_bad_sequences_are_refused_with_rule_and_text(body, message, text):
     assert message in str(info.value)
     if text is not None:
         assert text in str(info.value)
+
+
+# ---------------------------------------------------------------------------
+# kairos check
+
+
+def test_check_explains_after_absence_and_shadow_and_warns_of_after_cycles(tmp_path, capsys):
+    from engine.cli import main
+
+    text = LOW_BALANCE + ROAMING + """
+[[rule]]
+id = "ping"
+on = "sms_out"
+after = { rule = "pong", within = "1h" }
+channels = ["sms"]
+shadow = true
+
+[[rule]]
+id = "pong"
+on = "sms_in"
+after = { rule = "ping", within = "1h" }
+channels = ["sms"]
+"""
+    path = tmp_path / "rules.toml"
+    path.write_text(text)
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert ("absence: starts a timer; fires 2h later unless recharge where amount > 0 comes first" in out)
+    assert "after: rule welcome matched on an earlier event within 2h" in out
+    assert "shadow     runs on live traffic and counts what it would send; sends nothing" in out
+    assert "never fires: each rule of ping -> pong -> ping needs the next to have matched first" in out
+    assert "never fires: each rule of pong -> ping -> pong needs the next to have matched first" in out
+    assert "first_call_abroad" in out and out.count("never fires") == 2
