@@ -28,6 +28,7 @@ from engine.schema import KINDS
 from engine.synth import TrafficGenerator
 
 DEMO_RULES = "demo_rules.toml"
+IDLE_TAIL_MS = 3 * 3_600_000  # event time the demo lets pass after its last event
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -128,6 +129,10 @@ def run_demo(args: argparse.Namespace) -> int:
     for batch in batches:
         outputs.append(engine.process(batch))
     elapsed = time.perf_counter() - started
+    # As the daemon's idle clock would: event time moves on after the last event, so that timers
+    # (absence rules) still pending then fire.
+    pending_timers_fire_by = engine.watermark + IDLE_TAIL_MS
+    outputs.append(engine.advance(pending_timers_fire_by))
     stats = engine.stats()
     instructions = pa.concat_tables(outputs) if outputs else None
 
@@ -154,14 +159,21 @@ def run_demo(args: argparse.Namespace) -> int:
     totals = [0] * (3 + len(reasons))
     for rule, c in zip(ruleset.rules, per_rule, strict=True):
         values = [c["matched"], c["sent"], c["holdout"], *(c["stopped"][reason] for reason in reasons)]
-        totals = [a + b for a, b in zip(totals, values, strict=True)]
-        rows.append([rule.id, str(rule.priority), *(f"{v:,}" for v in values)])
-    rows.append(["total", "", *(f"{v:,}" for v in totals)])
+        if not rule.shadow:
+            totals = [a + b for a, b in zip(totals, values, strict=True)]
+        rows.append([f"{rule.id} (shadow)" if rule.shadow else rule.id, str(rule.priority),
+                     *(f"{v:,}" for v in values)])
+    rows.append(["total (live rules)", "", *(f"{v:,}" for v in totals)])
     headers = ["rule", "priority", "matched", "sent", "holdout", *reasons]
     for line in _table(headers, rows, right=frozenset(range(1, len(headers)))):
         print(f"  {line}", file=out)
     print("  (sent: instructions to deliver; holdout: the control group; the other columns are matches that the "
           "contact policy stopped, by reason: docs/policy.md)", file=out)
+    if any(rule.shadow for rule in ruleset.rules):
+        print("  (shadow: what the rule would have sent and how the policy would have stopped it; it sends "
+              "nothing)", file=out)
+    print(f"  (after the last event, event time moved on {IDLE_TAIL_MS // 3_600_000} h, as the daemon's idle clock "
+          "would, so that pending timers fired)", file=out)
     silent = [rule.id for rule in ruleset.rules if stats["rules"][rule.id]["sent"] == 0]
     if silent:
         print(f"  (no instruction from: {', '.join(silent)})", file=out)

@@ -13,8 +13,10 @@ produces a match the reference does not.  `sum` and `distinct` keep buckets:
 the kernel drops a late event whose bucket has left its ring (sum) or whose
 value it no longer tracks (distinct), so late events may lower a sum or a
 distinct count, never raise one (a sum over negative values can then rise).
-For streams in event-time order per subscriber and rule the two are
-identical.  docs/kernel.md explains why.
+`after` keeps only the followed rule's latest match, so a late event may
+miss an earlier match that full history finds.  For streams in event-time
+order per subscriber and rule the two are identical.  docs/kernel.md
+explains why.  `absence` timers are exact in any order in both.
 
 The contact policy (SPEC sections 4 and 8) is here too, as plainly: full
 history of cap counts, instructions and feedback; local time from zoneinfo
@@ -137,6 +139,7 @@ class ReferenceEngine:
         self.sent_by_channel = [dict.fromkeys(rule.channels, 0) for rule in ruleset.rules]
         self.events = 0
         self.profiles = ProfileStore.empty()
+        self.profile_cache = {}
         if profiles is not None:
             self.load_profiles(profiles)
 
@@ -145,6 +148,7 @@ class ReferenceEngine:
 
     def load_profiles(self, source) -> None:
         self.profiles = ProfileStore.load(source)
+        self.profile_cache: dict[int, dict] = {}
 
     def resume(self, rule_id: str) -> None:
         r = [rule.id for rule in self.ruleset.rules].index(rule_id)
@@ -253,7 +257,10 @@ class ReferenceEngine:
     # -- one event --------------------------------------------------------------------
 
     def profile(self, msisdn: int) -> dict:
-        return self.profiles.get(msisdn)
+        # Cached per load: looking a profile up in the Arrow table costs more than the rest of an event.
+        if msisdn not in self.profile_cache:
+            self.profile_cache[msisdn] = self.profiles.get(msisdn)
+        return self.profile_cache[msisdn]
 
     def decide(self, event: dict[str, int]) -> tuple[int, str, int, bool] | None:
         """(rule index, channel, not_before, holdout) of the instruction this event makes, if any."""

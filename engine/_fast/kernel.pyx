@@ -249,25 +249,37 @@ cdef inline bint sum_holds(int64_t* row, int64_t k, int64_t ts, int64_t v, int64
     The window is the buckets from floor((ts - window) / resolution) + 1 to
     ts's own; a bucket k or more behind the newest has left the ring.
     """
-    cdef int64_t b = ts // resolution, newest = row[1], q, lo, total = 0
+    # Ring positions advance by one with wrap-around instead of a division per bucket: this loop runs
+    # on every qualifying event, and a 64-bit division costs more than the rest of its body.
+    cdef int64_t b = ts // resolution, newest = row[1], q, lo, pos, total = 0
+    cdef int64_t* ring = row + 2
     if newest == NO_TS or b - newest >= k:
         for q in range(k):
-            row[2 + q] = 0
+            ring[q] = 0
         newest = b
     elif b > newest:
-        for q in range(newest + 1, b + 1):
-            row[2 + q % k] = 0
+        pos = (newest + 1) % k
+        for q in range(b - newest):
+            ring[pos] = 0
+            pos += 1
+            if pos == k:
+                pos = 0
         newest = b
     row[1] = newest
     if b > newest - k:
-        row[2 + b % k] += v
+        ring[b % k] += v
     lo = floor_div(ts - window, resolution) + 1
     if lo < newest - k + 1:
         lo = newest - k + 1
     if lo < 0:    # ts >= 0: no bucket before 0 holds anything, and ring positions stay non-negative
         lo = 0
-    for q in range(lo, b + 1):
-        total += row[2 + q % k]
+    if lo <= b:
+        pos = lo % k
+        for q in range(b - lo + 1):
+            total += ring[pos]
+            pos += 1
+            if pos == k:
+                pos = 0
     return total >= at_least
 
 
@@ -1007,6 +1019,8 @@ cdef class Kernel:
     cdef void prefetch_state(self, Py_ssize_t i) noexcept nogil:
         """Start loading the state rows chunk row i's candidate rules will touch."""
         cdef int32_t p = self.row_head[i], r, slot
+        cdef const char* row
+        cdef const char* end
         if not self.row_stateful[i]:
             return
         while p >= 0:
@@ -1015,7 +1029,14 @@ cdef class Kernel:
             if self.width[r]:
                 slot = self.slots[self.row_sub[i] * self.n_stateful + self.stateful_index[r]]
                 if slot > 0:
-                    prefetch(self.state[r] + <int64_t>(slot - 1) * self.width[r])
+                    # Every cache line of the row: a sum or distinct row spans two or three, and the
+                    # condition reads all of them.
+                    row = <const char*>(self.state[r] + <int64_t>(slot - 1) * self.width[r])
+                    end = row + self.width[r] * sizeof(int64_t)
+                    while row < end:
+                        prefetch(row)
+                        row += 64
+                    prefetch(end - 1)
 
     cdef int64_t* state_row(self, Py_ssize_t rule, int64_t sub) except NULL nogil:
         """The rule's state row for a subscriber, allocated on first use."""
