@@ -382,14 +382,15 @@ class OfferStore:
         """The response's outcome has been handed to feedback."""
         self._transaction(lambda execute: execute("UPDATE responses SET reported = 1 WHERE id = ?", response_id))
 
-    def unreported(self, channel: str) -> list[tuple[str, str, int, str]]:
-        """(offer id, outcome, ts, response id) of recorded responses to `channel`'s offers not yet reported."""
+    def unreported(self, channel: str, *, before: int | None = None) -> list[tuple[str, str, int, str]]:
+        """(offer id, outcome, ts, response id) of responses to `channel`'s offers recorded (before `before`)
+        and not yet marked reported, oldest first."""
 
         def work(execute):
             return [tuple(row) for row in execute(
                 "SELECT r.offer_id, r.outcome, r.ts, r.id FROM responses r JOIN offers o ON o.id = r.offer_id "
-                "WHERE r.reported = 0 AND o.channel = ? ORDER BY r.ts, r.id",
-                channel,
+                "WHERE r.reported = 0 AND o.channel = ? AND r.ts < ? ORDER BY r.ts, r.id",
+                channel, (1 << 62) if before is None else before,
             ).fetchall()]
 
         return self._transaction(work)
