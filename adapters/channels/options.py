@@ -36,6 +36,13 @@ class ChannelOptions(OutputOptions):
             raise self.error(key, f"must be HOST:PORT, not {value!r}")
         return host.strip("[]"), int(port)
 
+    def strings(self, key: str, default: Any = OutputOptions._REQUIRED) -> dict[str, str]:
+        """A table of strings (`templates = { welcome = "..." }`)."""
+        value = self._take(key, default)
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise self.error(key, f"must be a table of strings, not {value!r}")
+        return dict(value)
+
     def finish(self) -> None:
         if self._left:
             keys = ", ".join(map(repr, sorted(self._left)))
