@@ -1,4 +1,8 @@
-"""Shared test set-up: Hypothesis profiles and small event-batch helpers.
+"""Shared test set-up: Hypothesis profiles, small event-batch helpers, and a real PostgreSQL.
+
+The `postgresql` fixture runs a throwaway PostgreSQL cluster (Debian's `postgresql`
+package, installed with apt-get when missing) on a free loopback port for the session;
+`store_target` runs a test against a SQLite file and against a fresh database in it.
 
 Hypothesis profiles (choose with HYPOTHESIS_PROFILE, default "ci"):
 

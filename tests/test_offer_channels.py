@@ -372,3 +372,14 @@ def test_postgresql_restart_loses_and_duplicates_nothing(postgresql):
         assert {o.id for o in crm.store.pending(MSISDN, "crm", NOW, limit=1000)} == {i.id for i in instructions}
     finally:
         crm.close()
+
+
+def test_channels_are_found_by_entry_point():
+    from importlib.metadata import entry_points
+
+    from adapters.channels.base import Channel
+
+    found = {e.name: e.load() for e in entry_points(group="kairos.channels") if e.name in ("mms", "portal", "crm")}
+    assert set(found) == {"mms", "portal", "crm"}
+    for name, cls in found.items():
+        assert issubclass(cls, Channel) and cls.kind == name
