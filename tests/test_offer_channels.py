@@ -7,6 +7,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from http.client import HTTPConnection
 
 import pytest
 
@@ -383,3 +384,52 @@ def test_channels_are_found_by_entry_point():
     assert set(found) == {"mms", "portal", "crm"}
     for name, cls in found.items():
         assert issubclass(cls, Channel) and cls.kind == name
+
+
+def test_portal_keeps_connections_alive(portal):
+    """A portal's connection pool reuses one connection; a refused oversized body closes it."""
+    portal.deliver(instruction("a"))
+    host, port = portal.address
+    connection = HTTPConnection(host, port, timeout=10)
+    try:
+        for _ in range(3):
+            connection.request("GET", f"/subscribers/{MSISDN}/offers")
+            response = connection.getresponse()
+            assert response.status == 200 and [o["id"] for o in json.loads(response.read())] == ["a"]
+        connection.request("POST", f"/subscribers/{MSISDN}/offers/a/response", body=b"{}" + b" " * 70_000)
+        response = connection.getresponse()
+        assert response.status == 413 and response.getheader("Connection") == "close"
+        response.read()
+    finally:
+        connection.close()
+    assert http("GET", f"{base_url(portal)}/99999999999999999999/offers")[0] == 404
+    assert http("GET", f"{base_url(portal)}/9223372036854775808/offers")[0] == 404
+
+
+def test_failing_feedback_is_reported_at_the_next_start(store_target):
+    """A feedback sink that fails leaves the response recorded and unreported; the next start reports it."""
+
+    def broken(offer_id: str, outcome: str, ts: int) -> None:
+        raise RuntimeError("feedback queue gone")
+
+    portal = started(PortalChannel, store_target, broken)
+    try:
+        portal.deliver(instruction("a"))
+        answer = http("POST", f"{base_url(portal)}/{MSISDN}/offers/a/response",
+                      {"response_id": "web-1", "outcome": "declined"})
+        assert answer[0] == 200 and answer[1]["recorded"] is True
+        assert portal.stats()["feedback_errors"] == 1
+    finally:
+        portal.close()
+    feedback = Feedback()
+    again = PortalChannel.from_config("portal", {**store_key(store_target), "listen": "127.0.0.1:0"})
+    again.clock = Clock(NOW + 1)
+    again.start(feedback)
+    try:
+        deadline = time.monotonic() + 5
+        while not feedback.calls:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert feedback.calls == [("a", "declined", NOW)]
+    finally:
+        again.close()

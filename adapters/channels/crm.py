@@ -31,7 +31,7 @@ def _agent(query: dict) -> str | None:
 def _next_best_action(channel: CrmChannel, msisdn: int, groups: tuple[str, ...], query: dict,
                       body: Any) -> tuple[int, Any]:
     offers = channel.ask(channel.store.pending, msisdn, channel.name, channel.clock(), agent=_agent(query), limit=1)
-    channel.counts["lookups"] += 1
+    channel.counts.add("lookups")
     return (200, offers[0].to_json()) if offers else (204, None)
 
 
@@ -40,9 +40,9 @@ def _claim(channel: CrmChannel, msisdn: int, groups: tuple[str, ...], query: dic
     answer = channel.ask(channel.store.claim, groups[0], msisdn, channel.name, agent, channel.clock(),
                          channel.claim_lease_ms)
     if answer.result != "ok":
-        channel.counts["claims_refused"] += 1
+        channel.counts.add("claims_refused")
         raise refusal(answer)
-    channel.counts["claims"] += 1
+    channel.counts.add("claims")
     return 200, answer.offer.to_json()
 
 

@@ -28,7 +28,6 @@ import string
 import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
-from collections import Counter
 from email import policy
 from email.message import EmailMessage
 from email.mime.multipart import MIMEMultipart
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.channels.base import Channel, Instruction, Rejected, Retry
+from adapters.channels.counters import Counters
 from adapters.channels.options import ChannelOptions
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class MmsChannel(Channel):
         if username is not None:
             token = base64.b64encode(f"{username}:{password or ''}".encode()).decode()
             self._authorization = f"Basic {token}"
-        self.counts: Counter[str] = Counter()
+        self.counts = Counters()
 
     @classmethod
     def from_config(cls, name: str, options: dict[str, Any]) -> MmsChannel:
@@ -174,12 +174,12 @@ class MmsChannel(Channel):
 
     def deliver(self, instruction: Instruction) -> None:
         if instruction.holdout:
-            self.counts["holdout"] += 1
+            self.counts.add("holdout")
             return
         try:
             content_type, body = self.request(instruction)
         except Rejected:
-            self.counts["rejected"] += 1
+            self.counts.add("rejected")
             raise
         headers = {"Content-Type": content_type, "SOAPAction": '""'}
         if self._authorization is not None:
@@ -193,17 +193,17 @@ class MmsChannel(Channel):
                 status, answer = error.code, error.read(MAX_ANSWER)
                 retry_after = _seconds(error.headers.get("Retry-After"))
         except OSError as exc:  # URLError, timeouts, refused and reset connections
-            self.counts["retries"] += 1
+            self.counts.add("retries")
             raise Retry(f"MMS centre unreachable: {getattr(exc, 'reason', exc)}") from exc
         try:
             self._judge(status, answer, retry_after)
         except Retry:
-            self.counts["retries"] += 1
+            self.counts.add("retries")
             raise
         except Rejected:
-            self.counts["rejected"] += 1
+            self.counts.add("rejected")
             raise
-        self.counts["submitted"] += 1
+        self.counts.add("submitted")
 
     def _judge(self, status: int, answer: bytes, retry_after: float | None) -> None:
         """Return when the MMS centre took the message; else raise `Retry` or `Rejected`."""
@@ -224,7 +224,7 @@ class MmsChannel(Channel):
         raise Rejected(f"MMS centre answered HTTP {status} without an MM7 status")
 
     def stats(self) -> dict[str, int]:
-        return dict(self.counts)
+        return self.counts.snapshot()
 
 
 def _fill(instruction: Instruction, text: str) -> str:

@@ -20,7 +20,6 @@ import logging
 import re
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -29,6 +28,7 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from adapters.channels.base import Channel, FeedbackSink, Instruction, Retry
+from adapters.channels.counters import Counters
 from adapters.channels.options import ChannelOptions
 from adapters.channels.store import RESPONSE_OUTCOMES, Answer, Offer, OfferStore, StoreUnavailable
 from engine.exposure import is_loopback_host
@@ -36,6 +36,7 @@ from engine.exposure import is_loopback_host
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024  # bytes; a response post is a few dozen
+MAX_MSISDN = (1 << 63) - 1  # msisdn is int64 (SPEC section 5)
 # HTTP status for each store answer that changed nothing.
 _REFUSALS = {"unknown": 404, "expired": 410, "closed": 409, "held": 409, "conflict": 409}
 
@@ -82,7 +83,7 @@ class OfferChannel(Channel):
         self.timeout = timeout
         self.expire_every_ms = expire_every_ms
         self.clock = clock
-        self.counts: Counter[str] = Counter()
+        self.counts = Counters()
         self._feedback: FeedbackSink | None = None
         self._server: ThreadingHTTPServer | None = None
         self._threads: list[threading.Thread] = []
@@ -116,7 +117,7 @@ class OfferChannel(Channel):
 
     def deliver(self, instruction: Instruction) -> None:
         if instruction.holdout:
-            self.counts["holdout"] += 1
+            self.counts.add("holdout")
             return
         offer = Offer(
             id=instruction.id, msisdn=instruction.msisdn, rule=instruction.rule, channel=self.name,
@@ -127,9 +128,9 @@ class OfferChannel(Channel):
         try:
             new = self.store.put(offer)
         except StoreUnavailable as exc:
-            self.counts["store_errors"] += 1
+            self.counts.add("store_errors")
             raise Retry(str(exc)) from exc
-        self.counts["offers" if new else "offer_repeats"] += 1
+        self.counts.add("offers" if new else "offer_repeats")
 
     # -- receiving ---------------------------------------------------------------------------------------------
 
@@ -137,7 +138,11 @@ class OfferChannel(Channel):
         if self._server is not None:
             raise RuntimeError(f"channel {self.name!r} is already started")
         self._feedback = feedback
-        server = ThreadingHTTPServer(self.listen, _Handler)
+        try:
+            server = ThreadingHTTPServer(self.listen, _Handler)
+        except OSError as exc:
+            raise OSError(exc.errno, f"channel {self.name!r}: cannot listen on {self.listen[0]}:{self.listen[1]}: "
+                                     f"{exc.strerror}") from exc
         server.daemon_threads = True
         server.channel = self  # type: ignore[attr-defined]
         self._server = server
@@ -169,7 +174,7 @@ class OfferChannel(Channel):
                         self._report(offer_id, outcome, ts, response_id)
                     replayed = True
                 expired = self.store.expire(self.clock())
-                self.counts["expired"] += expired
+                self.counts.add("expired", expired)
             except StoreUnavailable as exc:
                 log.warning("channel %s: %s", self.name, exc)
             if self._stopping.wait(self.expire_every_ms / 1000):
@@ -177,8 +182,14 @@ class OfferChannel(Channel):
 
     def _report(self, offer_id: str, outcome: str, ts: int, response_id: str) -> None:
         assert self._feedback is not None
-        self._feedback(offer_id, outcome, ts)
-        self.counts["feedback"] += 1
+        try:
+            self._feedback(offer_id, outcome, ts)
+        except Exception:
+            # left unreported: the next start reports it again; the poster's answer is recorded either way
+            log.exception("channel %s: feedback for response %s failed", self.name, response_id)
+            self.counts.add("feedback_errors")
+            return
+        self.counts.add("feedback")
         try:
             self.store.mark_reported(response_id)
         except StoreUnavailable as exc:
@@ -192,10 +203,10 @@ class OfferChannel(Channel):
             return future.result(timeout=self.timeout)
         except FutureTimeout:
             future.cancel()
-            self.counts["store_timeouts"] += 1
+            self.counts.add("store_timeouts")
             raise StoreUnavailable(f"the offer store did not answer within {self.timeout} s") from None
         except StoreUnavailable:
-            self.counts["store_errors"] += 1
+            self.counts.add("store_errors")
             raise
 
     def answer_outcome(self, offer_id: str, msisdn: int, body: Any, outcomes: tuple[str, ...],
@@ -212,11 +223,11 @@ class OfferChannel(Channel):
         answer = self.ask(self.store.record_outcome, offer_id, msisdn, self.name, response_id, outcome, now,
                           agent=agent)
         if answer.result == "ok":
-            self.counts["outcomes"] += 1
+            self.counts.add("outcomes")
             self._report(offer_id, outcome, now, response_id)
             return 200, {"recorded": True, "offer": answer.offer.to_json()}
         if answer.result == "repeat":
-            self.counts["outcome_repeats"] += 1
+            self.counts.add("outcome_repeats")
             return 200, {"recorded": False, "repeat": True, "offer": answer.offer.to_json()}
         raise refusal(answer)
 
@@ -236,7 +247,7 @@ class OfferChannel(Channel):
         self.store.close()
 
     def stats(self) -> dict[str, int]:
-        return dict(self.counts)
+        return self.counts.snapshot()
 
 
 def refusal(answer: Answer) -> HttpError:
@@ -266,8 +277,11 @@ _SUBSCRIBER = re.compile(r"/subscribers/(\d{1,19})(/.*)")
 
 
 class _Handler(BaseHTTPRequestHandler):
+    # HTTP/1.1: a portal's connection pool reuses connections; every answer states its length
+    protocol_version = "HTTP/1.1"
     server_version = "kairos"
-    timeout = 10  # seconds a client may take to send its request
+    sys_version = ""
+    timeout = 10  # seconds a client may take to send a request, or keep an idle connection open
 
     def do_GET(self) -> None:  # noqa: N802 -- http.server's naming
         self._dispatch("GET")
@@ -277,6 +291,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         channel: OfferChannel = self.server.channel  # type: ignore[attr-defined]
+        self._body_read = method != "POST" and not self.headers.get("Content-Length", "0").strip("0 ")
         try:
             status, body = self._route(channel, method)
         except HttpError as exc:
@@ -286,6 +301,9 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:
             log.exception("channel %s: %s %s failed", channel.name, method, self.path)
             status, body = 500, {"error": "internal"}
+        if not self._body_read:
+            # an unread body would be taken for the next request on this connection
+            self.close_connection = True
         self._send(status, body)
 
     def _route(self, channel: OfferChannel, method: str) -> tuple[int, Any]:
@@ -294,6 +312,8 @@ class _Handler(BaseHTTPRequestHandler):
         if match is None:
             raise HttpError(404, "not_found")
         msisdn, rest = int(match.group(1)), match.group(2)
+        if msisdn > MAX_MSISDN:
+            raise HttpError(404, "not_found")
         allowed = []
         for route_method, pattern, handler in channel.routes:
             m = pattern.fullmatch(rest)
@@ -328,7 +348,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise HttpError(411, "length_required") from None
         if not 0 <= length <= MAX_BODY:
             raise HttpError(413, "body_too_large", limit=MAX_BODY)
-        return self.rfile.read(length)
+        raw = self.rfile.read(length)
+        self._body_read = True
+        return raw
 
     def _send(self, status: int, body: Any) -> None:
         data = b"" if body is None else json.dumps(body, ensure_ascii=False).encode()
@@ -337,6 +359,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("WWW-Authenticate", "Bearer")
         if status == 503:
             self.send_header("Retry-After", "1")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         if body is not None:
             self.send_header("Content-Type", "application/json; charset=utf-8")
         if status != 204:

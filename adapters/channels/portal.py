@@ -23,9 +23,9 @@ def _offers(channel: OfferChannel, msisdn: int, groups: tuple[str, ...], query: 
     try:
         offers = channel.ask(channel.store.pending, msisdn, channel.name, channel.clock())
     except StoreUnavailable:
-        channel.counts["empty_answers"] += 1
+        channel.counts.add("empty_answers")
         return 200, []
-    channel.counts["lookups"] += 1
+    channel.counts.add("lookups")
     return 200, [offer.to_json() for offer in offers]
 
 
