@@ -433,3 +433,28 @@ def test_failing_feedback_is_reported_at_the_next_start(store_target):
         assert feedback.calls == [("a", "declined", NOW)]
     finally:
         again.close()
+
+
+def test_an_answer_that_times_out_is_still_recorded_and_reported_once(store_target):
+    """The store is busy past the API's timeout: the poster gets 503, the response is recorded and reported
+    when the store frees up, and the poster's retry is a repeat, not a second outcome."""
+    feedback = Feedback()
+    portal = started(PortalChannel, store_target, feedback, timeout=0.2)
+    try:
+        portal.deliver(instruction("a"))
+        url = f"{base_url(portal)}/{MSISDN}/offers/a/response"
+        answer = {"response_id": "web-1", "outcome": "accepted"}
+        portal.store._lock.acquire()
+        try:
+            assert http("POST", url, answer)[0] == 503
+        finally:
+            portal.store._lock.release()
+        deadline = time.monotonic() + 5
+        while not feedback.calls:
+            assert time.monotonic() < deadline, "the recorded response was not reported"
+            time.sleep(0.02)
+        status, body = http("POST", url, answer)
+        assert status == 200 and body["repeat"] is True
+        assert feedback.calls == [("a", "accepted", NOW)]
+    finally:
+        portal.close()

@@ -219,17 +219,23 @@ class OfferChannel(Channel):
             raise HttpError(400, "response_id must be a non-empty string of at most 200 characters")
         if outcome not in outcomes:
             raise HttpError(400, f"outcome must be one of {', '.join(outcomes)}", outcome=outcome)
-        now = self.clock()
-        answer = self.ask(self.store.record_outcome, offer_id, msisdn, self.name, response_id, outcome, now,
-                          agent=agent)
+        answer = self.ask(self._record, offer_id, msisdn, response_id, outcome, agent)
         if answer.result == "ok":
-            self.counts.add("outcomes")
-            self._report(offer_id, outcome, now, response_id)
             return 200, {"recorded": True, "offer": answer.offer.to_json()}
         if answer.result == "repeat":
             self.counts.add("outcome_repeats")
             return 200, {"recorded": False, "repeat": True, "offer": answer.offer.to_json()}
         raise refusal(answer)
+
+    def _record(self, offer_id: str, msisdn: int, response_id: str, outcome: str, agent: str | None) -> Answer:
+        """Record a response and report it when it is new, as one piece of work: should the HTTP answer time
+        out, the work still finishes, so a recorded response is never left unreported."""
+        now = self.clock()
+        answer = self.store.record_outcome(offer_id, msisdn, self.name, response_id, outcome, now, agent=agent)
+        if answer.result == "ok":
+            self.counts.add("outcomes")
+            self._report(offer_id, outcome, now, response_id)
+        return answer
 
     # -- the end -----------------------------------------------------------------------------------------------
 
