@@ -359,3 +359,129 @@ def test_config_errors(tmp_path):
         channel("http://127.0.0.1:1/mm7", colour="red")
     with pytest.raises(ValueError, match="key 'templates'"):
         channel("http://127.0.0.1:1/mm7", templates={"a": "{unclosed"})
+
+
+# -- delivery reports: the stand-in MMS centre's DeliveryReportReq back to Kairos ------------------------------
+
+
+def delivery_report(message_id: str, status: str, *, transaction_id: str = "mmsc-1",
+                    date: str = "2026-11-22T10:00:00Z") -> bytes:
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?><env:Envelope xmlns:env="{SOAP_ENV}">'
+        f'<env:Header><TransactionID xmlns="{MM7_REL6}" env:mustUnderstand="1">{transaction_id}</TransactionID>'
+        f'</env:Header><env:Body><DeliveryReportReq xmlns="{MM7_REL6}"><MM7Version>6.8.0</MM7Version>'
+        f"<MessageID>{message_id}</MessageID><Recipient><Number>+{MSISDN}</Number></Recipient>"
+        f"<Sender><ShortCode>10658000</ShortCode></Sender><Date>{date}</Date><MMStatus>{status}</MMStatus>"
+        "</DeliveryReportReq></env:Body></env:Envelope>"
+    ).encode()
+
+
+def post_report(mms: MmsChannel, body: bytes, *, token: str | None = None,
+                content_type: str = "text/xml; charset=utf-8") -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    host, port = mms.address
+    request = urllib.request.Request(f"http://{host}:{port}/mm7", data=body, method="POST",
+                                     headers={"Content-Type": content_type, "SOAPAction": '""'})
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.read()
+
+
+class Feedback(list):
+    def __call__(self, instruction_id: str, outcome: str, ts: int) -> None:
+        self.append((instruction_id, outcome, ts))
+
+
+REPORT_TS = 1_795_341_600_000  # 2026-11-22T10:00:00Z
+
+
+@pytest.fixture
+def reporting(mmsc, tmp_path):
+    feedback = Feedback()
+    mms = channel(mmsc.url, listen="127.0.0.1:0", messages_path=str(tmp_path / "messages.sqlite"))
+    mms.start(feedback)
+    yield mms, feedback
+    mms.close()
+
+
+def test_delivery_reports_become_feedback_once(reporting):
+    mms, feedback = reporting
+    mms.deliver(instruction("i-1"))
+    mms.deliver(instruction("i-2"))
+    status, answer = post_report(mms, delivery_report("msg-i-1", "Retrieved", transaction_id="t-77"))
+    assert status == 200
+    rsp = ET.fromstring(answer)
+    assert rsp.find(f".//{{{MM7_REL6}}}DeliveryReportRsp/{{{MM7_REL6}}}Status/{{{MM7_REL6}}}StatusCode").text == "1000"
+    assert rsp.find(f"{{{SOAP_ENV}}}Header/{{{MM7_REL6}}}TransactionID").text == "t-77"
+    assert post_report(mms, delivery_report("msg-i-1", "Retrieved"))[0] == 200  # the MMSC repeats itself
+    assert post_report(mms, delivery_report("msg-i-2", "Deferred"))[0] == 200  # not final
+    assert post_report(mms, delivery_report("msg-i-2", "Expired"))[0] == 200
+    assert feedback == [("i-1", "delivered", REPORT_TS), ("i-2", "failed", REPORT_TS)]
+    stats = mms.stats()
+    assert stats["reports_delivered"] == 1 and stats["reports_failed"] == 1
+    assert stats["reports_repeated"] == 1 and stats["reports_interim"] == 1
+
+
+def test_a_report_before_its_submit_response_is_held_not_dropped(reporting):
+    mms, feedback = reporting
+    assert post_report(mms, delivery_report("msg-early", "Retrieved"))[0] == 200
+    assert feedback == [] and mms.stats()["reports_held"] == 1
+    mms.deliver(instruction("early"))
+    assert feedback == [("early", "delivered", REPORT_TS)]
+
+
+def test_reports_find_messages_submitted_before_a_restart(mmsc, tmp_path):
+    path = str(tmp_path / "messages.sqlite")
+    first = channel(mmsc.url, listen="127.0.0.1:0", messages_path=path)
+    first.start(Feedback())
+    first.deliver(instruction("before-restart"))
+    first.close()
+    feedback = Feedback()
+    second = channel(mmsc.url, listen="127.0.0.1:0", messages_path=path)
+    second.start(feedback)
+    try:
+        assert post_report(second, delivery_report("msg-before-restart", "Rejected"))[0] == 200
+        assert feedback == [("before-restart", "failed", REPORT_TS)]
+    finally:
+        second.close()
+
+
+def test_bad_reports_get_a_soap_fault(reporting):
+    mms, feedback = reporting
+    status, answer = post_report(mms, b"<not-xml")
+    assert status == 500 and b"4004" in answer and b"Fault" in answer
+    deliver_req = delivery_report("m", "Retrieved").replace(b"DeliveryReportReq", b"DeliverReq")
+    status, answer = post_report(mms, deliver_req)
+    assert status == 500 and b"4003" in answer
+    # a multipart/related report (SOAP part as start) is read like a plain one
+    mms.deliver(instruction("multi"))
+    body = (b"--b\r\nContent-Type: text/xml\r\nContent-ID: <soap>\r\n\r\n"
+            + delivery_report("msg-multi", "Retrieved") + b"\r\n--b--\r\n")
+    content_type = 'multipart/related; boundary="b"; type="text/xml"; start="<soap>"'
+    assert post_report(mms, body, content_type=content_type)[0] == 200
+    assert feedback == [("multi", "delivered", REPORT_TS)]
+
+
+def test_report_endpoint_beyond_loopback_needs_a_token(mmsc, tmp_path):
+    path = str(tmp_path / "messages.sqlite")
+    with pytest.raises(ValueError, match="beyond loopback; set a token"):
+        channel(mmsc.url, listen="0.0.0.0:0", messages_path=path)
+    feedback = Feedback()
+    mms = channel(mmsc.url, listen="0.0.0.0:0", token="s3cret", messages_path=path)
+    mms.start(feedback)
+    try:
+        mms.deliver(instruction("t"))
+        report = delivery_report("msg-t", "Retrieved")
+        assert post_report(mms, report)[0] == 401
+        assert post_report(mms, report, token="wrong")[0] == 401
+        assert post_report(mms, report, token="s3cret")[0] == 200
+        assert feedback == [("t", "delivered", REPORT_TS)]
+    finally:
+        mms.close()

@@ -15,8 +15,9 @@ The answer decides what `deliver` does (MM7 status codes, TS 23.140 annex):
 - 3xxx (server errors), a SOAP fault whose faultcode is Server and carries no status code, HTTP 5xx
   without a SOAP answer, HTTP 429, timeouts and connection errors: `Retry` (after Retry-After if given).
 
-Delivery reports (DeliveryReportReq) are not received: a SubmitRsp means the MMS centre took the message,
-not that it reached the handset.  Config keys: docs/channels-offers.md.
+A SubmitRsp means the MMS centre took the message, not that it reached the handset.  With `listen` set,
+`start` opens an endpoint for the MMS centre's delivery reports (DeliveryReportReq), which come back as
+delivered/failed feedback (adapters/channels/mm7_reports.py).  Config keys: docs/channels-offers.md.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ from email.mime.multipart import MIMEMultipart
 from pathlib import Path
 from typing import Any
 
-from adapters.channels.base import Channel, Instruction, Rejected, Retry
+from adapters.channels.base import Channel, FeedbackSink, Instruction, Rejected, Retry
 from adapters.channels.counters import Counters
+from adapters.channels.mm7_reports import DeliveryReportServer, MessageLog, now_ms
 from adapters.channels.options import ChannelOptions
+from engine.exposure import is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,12 @@ class MmsChannel(Channel):
     def __init__(self, name: str, *, url: str, vaspid: str, vasid: str, sender: str, templates: dict[str, str],
                  service_code: str | None = None, subject: str | None = None,
                  images: dict[str, Path] | None = None, username: str | None = None, password: str | None = None,
-                 namespace: str = MM7_REL6, mm7_version: str = "6.8.0", timeout: float = 10.0):
+                 namespace: str = MM7_REL6, mm7_version: str = "6.8.0", timeout: float = 10.0,
+                 listen: tuple[str, int] | None = None, token: str | None = None, messages_path: str | None = None,
+                 report_hold_ms: int = 60_000):
+        if listen is not None and not is_loopback_host(listen[0]) and not token:
+            raise ValueError(f"channel {name!r}: listen {listen[0]!r} is beyond loopback; set a token "
+                             "(SPEC section 9)")
         self.name = name
         self.url = url
         self.vaspid = vaspid
@@ -73,6 +81,12 @@ class MmsChannel(Channel):
             token = base64.b64encode(f"{username}:{password or ''}".encode()).decode()
             self._authorization = f"Basic {token}"
         self.counts = Counters()
+        self.listen = listen
+        self.token = token
+        self.report_hold_ms = report_hold_ms
+        # MessageID -> instruction id, kept only when delivery reports are received
+        self._messages = None if listen is None else MessageLog(messages_path or f"var/{name}-messages.sqlite")
+        self._reports: DeliveryReportServer | None = None
 
     @classmethod
     def from_config(cls, name: str, options: dict[str, Any]) -> MmsChannel:
@@ -104,9 +118,49 @@ class MmsChannel(Channel):
             images=images, username=username, password=password,
             namespace=o.string("namespace", MM7_REL6), mm7_version=o.string("mm7_version", "6.8.0"),
             timeout=o.seconds("timeout", 10.0),
+            listen=o.listen("listen", "") if "listen" in options else None,
+            token=o.string("token", None) if "token" in options else None,
+            messages_path=o.string("messages_path", None) if "messages_path" in options else None,
+            report_hold_ms=o.duration_ms("report_hold", "1m"),
         )
-        o.finish()
+        try:
+            o.finish()
+        except ValueError:
+            channel.close()
+            raise
         return channel
+
+    # -- delivery reports --------------------------------------------------------------------------------------
+
+    def start(self, feedback: FeedbackSink) -> None:
+        if self.listen is None:
+            return
+        if self._reports is not None:
+            raise RuntimeError(f"channel {self.name!r} is already started")
+        assert self._messages is not None
+        try:
+            self._reports = DeliveryReportServer(
+                self.name, self.listen, self._messages, feedback, self.counts, token=self.token,
+                hold_ms=self.report_hold_ms, mm7_namespace=self.namespace, mm7_version=self.mm7_version)
+        except OSError as exc:
+            raise OSError(exc.errno, f"channel {self.name!r}: cannot listen on {self.listen[0]}:{self.listen[1]}: "
+                                     f"{exc.strerror}") from exc
+        log.info("channel %s: delivery reports on http://%s:%d", self.name, *self._reports.address)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) the delivery-report endpoint listens on, once started."""
+        if self._reports is None:
+            raise RuntimeError(f"channel {self.name!r} receives no delivery reports (not started or no listen)")
+        return self._reports.address
+
+    def close(self) -> None:
+        reports, self._reports = self._reports, None
+        if reports is not None:
+            reports.close()
+        messages, self._messages = self._messages, None
+        if messages is not None:
+            messages.close()
 
     # -- building the request ----------------------------------------------------------------------------------
 
@@ -204,6 +258,17 @@ class MmsChannel(Channel):
             self.counts.add("rejected")
             raise
         self.counts.add("submitted")
+        message_id = _mm7_field(answer, "MessageID")
+        if self._messages is not None and message_id:
+            try:
+                self._messages.remember(message_id, instruction.id, now_ms())
+            except Exception:  # noqa: BLE001 -- the MMS centre has the message: retrying would send it twice
+                log.exception("channel %s: MessageID %s of %s not recorded; its delivery report will not match",
+                              self.name, message_id, instruction.id)
+                self.counts.add("message_ids_lost")
+                return
+            if self._reports is not None:
+                self._reports.submitted(message_id)
 
     def _judge(self, status: int, answer: bytes, retry_after: float | None) -> None:
         """Return when the MMS centre took the message; else raise `Retry` or `Rejected`."""
@@ -265,6 +330,18 @@ def _mm7_status(answer: bytes) -> tuple[int | None, str | None, str | None]:
         elif tag == "faultstring" and text is None:
             text = (element.text or "").strip()
     return code, text, fault
+
+
+def _mm7_field(answer: bytes, name: str) -> str | None:
+    """The text of the first element called `name` (any namespace) in an MM7 answer."""
+    try:
+        root = ET.fromstring(answer)
+    except ET.ParseError:
+        return None
+    for element in root.iter():
+        if element.tag.rpartition("}")[2] == name:
+            return (element.text or "").strip() or None
+    return None
 
 
 def _seconds(value: str | None) -> float | None:
