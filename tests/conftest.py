@@ -1,4 +1,8 @@
-"""Shared test set-up: Hypothesis profiles and small event-batch helpers.
+"""Shared test set-up: Hypothesis profiles, small event-batch helpers, and a real PostgreSQL.
+
+The `postgresql` fixture runs a throwaway PostgreSQL cluster (Debian's `postgresql`
+package, installed with apt-get when missing) on a free loopback port for the session;
+`store_target` runs a test against a SQLite file and against a fresh database in it.
 
 Hypothesis profiles (choose with HYPOTHESIS_PROFILE, default "ci"):
 
@@ -15,7 +19,13 @@ seed; `pytest --hypothesis-seed=N` replays a run.
 
 from __future__ import annotations
 
+import itertools
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,3 +90,98 @@ def implementation(request):
     if request.param == "kernel":
         return lambda text: Engine.from_text(text)
     return lambda text: ReferenceEngine(parse_rules(text))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real PostgreSQL (Debian's `postgresql` package) for the offer store's tests.
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster in a temporary directory, on a free loopback port.
+
+    initdb refuses to run as root, so as root the server runs as the `postgres` user the package creates.
+    """
+
+    def __init__(self, root: Path):
+        self.bin = _postgresql_bin()
+        self.root = root
+        self.data = root / "data"
+        self.port = _free_port()
+        self.user = "kairos"
+        as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if as_user:
+            shutil.chown(root, "postgres", "postgres")
+        self._as_user = as_user
+        self._run("initdb", "-D", str(self.data), "-U", self.user, "--auth=trust", "-E", "UTF8", "--locale=C",
+                  "--no-sync")
+
+    def _run(self, tool: str, *args: str) -> None:
+        result = subprocess.run([*self._as_user, str(self.bin / tool), *args], capture_output=True, text=True,
+                                timeout=120)
+        if result.returncode:
+            raise RuntimeError(f"{tool} {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+
+    def start(self) -> None:
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off"
+        self._run("pg_ctl", "-D", str(self.data), "-w", "-l", str(self.root / "server.log"), "-o", options, "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-w", "-m", "fast", "stop")
+
+    def dsn(self, database: str = "postgres") -> str:
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        """A new empty database; its DSN."""
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, name)
+        return self.dsn(name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _postgresql_bin() -> Path:
+    """The newest installed PostgreSQL's bin directory, installing Debian's package first if needed."""
+
+    def installed() -> list[Path]:
+        return sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+
+    if not installed():
+        install = ["apt-get", "install", "-y", "-q", "postgresql"]
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        if subprocess.run(install, capture_output=True, env=env).returncode:
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
+            result = subprocess.run(install, capture_output=True, text=True, env=env)
+            if result.returncode:
+                pytest.fail(f"PostgreSQL is needed and `apt-get install postgresql` failed:\n{result.stderr}")
+    return installed()[-1].parent
+
+
+@pytest.fixture(scope="session")
+def postgresql():
+    """A running PostgreSQL cluster for the whole session, stopped and removed at the end."""
+    root = Path(tempfile.mkdtemp(prefix="kairos-pg-"))
+    try:
+        cluster = PostgresCluster(root)
+        cluster.start()
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+_databases = itertools.count()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_target(request, tmp_path):
+    """Where an offer store lives: a SQLite file, or a fresh database in the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "offers.sqlite")
+    cluster = request.getfixturevalue("postgresql")
+    return cluster.create_database(f"offers_{os.getpid()}_{next(_databases)}")

@@ -1,0 +1,1 @@
+"""Channel adapters (SPEC section 7); see base.py for the interface."""
