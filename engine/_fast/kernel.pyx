@@ -778,9 +778,10 @@ cdef class Kernel:
                     and (result_reg[r] >= 0) == (op_end[r] > op_begin[r])
                     and (cond[r] != COND_COUNT or 1 <= cond_n[r] <= 1024)
                     and (cond[r] != COND_CHANGED or 1 < cond_column[r] < N_COLUMNS)
-                    and ((cond[r] != COND_SUM and cond[r] != COND_DISTINCT) or (2 < cond_column[r] < N_COLUMNS and 0 < cond_resolution[r]
-                                                <= cond_window[r] <= 1024 * cond_resolution[r]
-                                                and 1 <= cond_n[r] and (cond[r] == COND_SUM or cond_n[r] <= 1024)))):
+                    and ((cond[r] != COND_SUM and cond[r] != COND_DISTINCT)
+                         or (2 < cond_column[r] < N_COLUMNS
+                             and 0 < cond_resolution[r] <= cond_window[r] <= 1024 * cond_resolution[r]
+                             and 1 <= cond_n[r] and (cond[r] == COND_SUM or cond_n[r] <= 1024)))):
                 raise ValueError(f"malformed program for rule {r}")
             if cond[r] == COND_COUNT:
                 self.width[r] = <int32_t>cond_n[r]       # last instruction ts + (at_least - 1) ts
