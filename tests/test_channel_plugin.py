@@ -119,4 +119,5 @@ def test_an_installed_plugin_channel_receives_instructions_from_the_daemon(tmp_p
         daemon.stop()
         sockets.close()
     lines = [orjson.loads(line) for line in loft.read_bytes().splitlines()]
-    assert sorted((line["msisdn"], line["by"]) for line in lines) == [(8613800000001, "pigeon"), (8613800000002, "pigeon")]
+    assert sorted((line["msisdn"], line["by"]) for line in lines) == [
+        (8613800000001, "pigeon"), (8613800000002, "pigeon")]
