@@ -35,7 +35,10 @@ def test_enqueue_is_idempotent_by_id_and_records_holdouts(tmp_path):
         out.send(instruction_table([hex_id(1), hex_id(2), hex_id(3)], holdout=[False, True, False],
                                    params={"name": "李", "amount": "10"}))
         out.send(instruction_table([hex_id(2), hex_id(3), hex_id(4)]))  # a replay, and one new
-        assert out.stats() == {"instructions": 4, "duplicates": 2, "batches": 2}
+        out.flush()
+        stats = out.stats()
+        assert (stats["instructions"], stats["duplicates"], stats["batches"]) == (4, 2, 2)
+        assert 1 <= stats["transactions"] <= 2 and stats["write_errors"] == 0
         box = out.outbox
         assert statuses(box) == {hex_id(1): "pending", hex_id(2): "holdout", hex_id(3): "pending",
                                  hex_id(4): "pending"}
@@ -252,17 +255,24 @@ def test_registry_knows_the_builtins_and_refuses_unknown_types():
         make_channel("x", {"type": "stdout", "report": "read"})
 
 
-def test_outbox_busy_is_backpressure(tmp_path):
-    out = OutboxOutput("box", tmp_path / "o.db")
+def test_a_locked_outbox_is_retried_then_pushes_back_and_loses_nothing(tmp_path):
+    out = OutboxOutput("box", tmp_path / "o.db", max_waiting=3)
+    out.outbox._db.execute("PRAGMA busy_timeout = 20")
     blocker = sqlite3.connect(tmp_path / "o.db", isolation_level=None, timeout=0)
-    out.outbox._db.execute("PRAGMA busy_timeout = 50")
     try:
-        blocker.execute("BEGIN IMMEDIATE")
-        with pytest.raises(Backpressure, match="busy"):
-            out.send(instruction_table([hex_id(1)]))
+        blocker.execute("BEGIN IMMEDIATE")  # another writer holds the database
+        for k in range(3):
+            out.send(instruction_table([hex_id(k)]))  # queued: the loop does not wait for SQLite
+        with pytest.raises(Backpressure, match="3 tables wait"):
+            out.send(instruction_table([hex_id(9)]))
+        wait_until(lambda: out.stats()["write_errors"] >= 1)
+        assert out.stats()["instructions"] == 0
         blocker.execute("ROLLBACK")
-        out.send(instruction_table([hex_id(1)]))
-        assert out.stats()["instructions"] == 1
+        out.flush()
+        out.send(instruction_table([hex_id(9)]))
+        out.flush()
+        assert out.stats()["instructions"] == 4
+        assert set(_ids(out.outbox)) == {hex_id(0), hex_id(1), hex_id(2), hex_id(9)}
     finally:
         blocker.close()
         out.close()

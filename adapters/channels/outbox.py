@@ -1,8 +1,9 @@
 """The durable outbox between the engine and the channels, and the worker that delivers from it.
 
-The daemon's `outbox` output (`OutboxOutput`) writes each table of instructions into a SQLite
-database in one transaction and returns; it never waits for a channel.  A `DeliveryWorker`, on
-threads of its own, takes due rows per channel and hands them to `Channel.deliver`.
+The daemon's `outbox` output (`OutboxOutput`) queues each table of instructions for a writer
+thread that commits it into a SQLite database (tables that wait together in one transaction); the
+daemon's loop waits neither for SQLite nor for a channel.  A `DeliveryWorker`, on threads of its
+own, takes due rows per channel and hands them to `Channel.deliver`.
 
 One row per instruction, keyed by the instruction id (SPEC section 5: deterministic, so a replay or a
 recovery produces the same ids).  Writing is INSERT OR IGNORE: an id already in the outbox, whatever
@@ -44,10 +45,9 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from adapters.channels.base import Channel, FeedbackSink, Instruction, Rejected, Retry
-from adapters.outputs import Backpressure, Output, OutputOptions, _check_instructions, _json_params
+from adapters.outputs import Backpressure, Output, OutputOptions, _check_instructions
 from engine.rules import parse_duration
 
 log = logging.getLogger("kairos.outbox")
@@ -65,7 +65,7 @@ CREATE TABLE IF NOT EXISTS instructions (
     priority INTEGER NOT NULL,
     holdout INTEGER NOT NULL,
     not_before INTEGER NOT NULL,
-    params TEXT NOT NULL,            -- JSON object of strings
+    params BLOB NOT NULL,            -- JSON object of strings, UTF-8
     status TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     due_at INTEGER NOT NULL,         -- ms since the epoch; a pending row waits until then
@@ -99,7 +99,7 @@ class Outbox:
     worker read while the output writes, and `busy_timeout` makes one writer wait for the other.
     """
 
-    def __init__(self, path: str | Path, *, fsync: bool = True, clock: Callable[[], int] = _now_ms):
+    def __init__(self, path: str | Path, *, fsync: bool = False, clock: Callable[[], int] = _now_ms):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._clock = clock
@@ -107,7 +107,8 @@ class Outbox:
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
         try:
             self._db.execute("PRAGMA journal_mode = WAL")
-            # FULL syncs the WAL at every commit, so an enqueued batch survives a power cut as well as a crash.
+            # NORMAL: a commit survives a crash of the process (WAL); FULL syncs the WAL at every commit, so it
+            # survives a power cut too, at the cost of an fsync per batch on the daemon's loop (bench/README.md).
             self._db.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'NORMAL'}")
             self._db.executescript(_SCHEMA)
         except BaseException:
@@ -124,8 +125,9 @@ class Outbox:
         """All rows of an instruction table in one transaction; returns how many ids were new."""
         if not table.num_rows:
             return 0
-        table = table.combine_chunks()
-        params = pc.binary_join_element_wise("{", _json_params(table.column("params").chunk(0)), "}", "")
+        # orjson per row beats Arrow compute here: tables are a few hundred rows, and each compute call has a
+        # fixed cost larger than that.
+        params = [orjson.dumps(dict(p)) for p in table.column("params").to_pylist()]
         holdout = table.column("holdout").to_pylist()
         status = ["holdout" if h else "pending" for h in holdout]
         now = self._clock()
@@ -133,7 +135,7 @@ class Outbox:
             table.column("id").to_pylist(), table.column("channel").to_pylist(), table.column("ts").to_pylist(),
             table.column("msisdn").to_pylist(), table.column("rule").to_pylist(),
             table.column("template").to_pylist(), table.column("priority").to_pylist(), holdout,
-            table.column("not_before").to_pylist(), params.to_pylist(), status,
+            table.column("not_before").to_pylist(), params, status,
             table.column("not_before").to_pylist(), [now] * table.num_rows, [now] * table.num_rows,
             strict=True,
         )  # fmt: skip
@@ -231,42 +233,62 @@ class Outbox:
 
 
 class OutboxOutput(Output):
-    """Instructions into the outbox (``type = "outbox"``), one transaction per table.
+    """Instructions into the outbox (``type = "outbox"``), written by a thread of the output's own.
+
+    `send` checks the table and queues it: the daemon's loop never waits for SQLite.  The writer
+    thread takes every table waiting and writes them in one transaction (one per table when the loop
+    is not faster than the disk), so the daemon's cost per batch is a few microseconds, and SQLite's
+    work (which releases the GIL) overlaps the kernel's.  `flush` returns once everything sent is
+    committed; `close` flushes.  While `max_waiting` tables wait (the disk is slow, or the database is
+    locked by something else), `send` raises `Backpressure` and the daemon stops reading the feeds.
+    A write that fails (a locked database, a full disk) is retried, never dropped.
 
     The daemon starts a `DeliveryWorker` on this output's outbox for the `[channels.NAME]` tables of
-    kairos.toml.  A table is taken whole or not at all: when the database stays locked for longer than
-    SQLite's busy timeout, `send` raises `Backpressure`.
+    kairos.toml.
     """
 
     kind = "outbox"
+    RETRY_SECONDS = 0.05  # first wait after a failed write; doubles up to a second
+    FLUSH_SECONDS = 30.0  # longest flush() waits for a failing writer before it gives up and logs
 
-    def __init__(self, name: str, path: str | Path, *, fsync: bool = True, keep_ms: int = 7 * 86_400_000):
+    def __init__(self, name: str, path: str | Path, *, fsync: bool = False, keep_ms: int = 7 * 86_400_000,
+                 max_waiting: int = 64):
         self.name = name
         self.path = Path(path)
         self.fsync = fsync
         self.keep_ms = keep_ms
+        self.max_waiting = max_waiting
         self.outbox = Outbox(path, fsync=fsync)
-        # Called after each table is written; the daemon points it at the worker's wake().
+        # Called after each write; the daemon points it at the worker's wake().
         self.on_enqueue: Callable[[], None] = lambda: None
+        self._waiting: list[pa.Table] = []
+        self._writing = False
+        self._changed = threading.Condition()
         self._closed = False
         self._instructions = 0
         self._duplicates = 0
         self._batches = 0
+        self._transactions = 0
+        self._write_errors = 0
+        self._writer = threading.Thread(target=self._write_forever, name=f"outbox-{name}", daemon=True)
+        self._writer.start()
 
     @classmethod
     def from_config(cls, name: str, options: dict[str, Any]) -> OutboxOutput:
-        """Keys: `path` (the SQLite file, required), `fsync` (sync every commit, default true), `keep`
-        (how long delivered and holdout rows, and so replay protection, are kept; default "7d")."""
+        """Keys: `path` (the SQLite file, required), `fsync` (sync every commit, default false), `keep`
+        (how long delivered and holdout rows, and so replay protection, are kept; default "7d"),
+        `max_waiting` (tables queued for the writer before `send` pushes back, default 64)."""
         read = OutputOptions(name, options)
         path = read.string("path")
-        fsync = read.boolean("fsync", True)
+        fsync = read.boolean("fsync", False)
         keep = read.string("keep", "7d")
+        max_waiting = read.integer("max_waiting", 64)
         read.finish()
         try:
             keep_ms = parse_duration(keep)
         except ValueError as exc:
             raise read.error("keep", str(exc)) from None
-        return cls(name, path, fsync=fsync, keep_ms=keep_ms)
+        return cls(name, path, fsync=fsync, keep_ms=keep_ms, max_waiting=max_waiting)
 
     def send(self, instructions: pa.Table) -> None:
         if self._closed:
@@ -274,25 +296,75 @@ class OutboxOutput(Output):
         _check_instructions(instructions)
         if not instructions.num_rows:
             return
-        try:
-            new = self.outbox.enqueue(instructions)
-        except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
-                raise Backpressure(f"output {self.name!r}: outbox {self.path} is busy: {exc}", 0.05) from None
-            raise
-        self._instructions += new
-        self._duplicates += instructions.num_rows - new
-        self._batches += 1
-        self.on_enqueue()
+        with self._changed:
+            if len(self._waiting) >= self.max_waiting:
+                raise Backpressure(f"output {self.name!r}: {len(self._waiting)} tables wait to be written to "
+                                   f"{self.path}", self.RETRY_SECONDS)
+            self._waiting.append(instructions)
+            self._batches += 1
+            self._changed.notify_all()
+
+    def flush(self) -> None:
+        """Wait until every table sent so far is committed (up to FLUSH_SECONDS while writes fail)."""
+        deadline = time.monotonic() + self.FLUSH_SECONDS
+        with self._changed:
+            while self._waiting or self._writing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.error("outbox writes keep failing; instructions not yet written", extra={"fields": {
+                        "output": self.name, "tables": len(self._waiting)}})
+                    return
+                self._changed.wait(left)
 
     def close(self) -> None:
-        if not self._closed:
+        if self._closed:
+            return
+        self.flush()
+        with self._changed:
             self._closed = True
-            self.outbox.close()
+            self._changed.notify_all()
+        self._writer.join()
+        self.outbox.close()
 
     def stats(self) -> dict[str, int]:
-        """`instructions` newly enqueued, `duplicates` (ids already in the outbox, not enqueued again), `batches`."""
-        return {"instructions": self._instructions, "duplicates": self._duplicates, "batches": self._batches}
+        """`instructions` newly enqueued, `duplicates` (ids already in the outbox, not enqueued again),
+        `batches` (tables sent), `transactions` (writes), `write_errors` (writes retried)."""
+        with self._changed:
+            return {"instructions": self._instructions, "duplicates": self._duplicates, "batches": self._batches,
+                    "transactions": self._transactions, "write_errors": self._write_errors}
+
+    def _write_forever(self) -> None:
+        wait = self.RETRY_SECONDS
+        while True:
+            with self._changed:
+                while not self._waiting and not self._closed:
+                    self._changed.wait()
+                if not self._waiting:
+                    return  # closed, and everything written
+                tables = list(self._waiting)
+                self._writing = True
+            table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+            try:
+                new = self.outbox.enqueue(table)
+            except Exception:
+                with self._changed:
+                    self._write_errors += 1
+                    self._writing = False
+                    self._changed.notify_all()
+                log.exception("outbox write failed; retrying", extra={"fields": {"output": self.name,
+                                                                                  "instructions": table.num_rows}})
+                time.sleep(wait)
+                wait = min(wait * 2, 1.0)
+                continue
+            wait = self.RETRY_SECONDS
+            with self._changed:
+                del self._waiting[: len(tables)]
+                self._instructions += new
+                self._duplicates += table.num_rows - new
+                self._transactions += 1
+                self._writing = False
+                self._changed.notify_all()
+            self.on_enqueue()
 
 
 # ---------------------------------------------------------------------------
