@@ -73,8 +73,10 @@ CREATE TABLE IF NOT EXISTS instructions (
     created_at INTEGER NOT NULL,     -- ms since the epoch
     updated_at INTEGER NOT NULL
 ) WITHOUT ROWID;
--- Partial indexes: the worker looks only at pending rows, the purge only at finished ones.
+-- Partial indexes: the worker looks only at pending rows, metrics at unfinished ones, the purge at finished ones.
 CREATE INDEX IF NOT EXISTS instructions_due ON instructions (channel, due_at) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS instructions_open ON instructions (status, channel)
+    WHERE status IN ('pending', 'in-flight', 'parked');
 CREATE INDEX IF NOT EXISTS instructions_finished ON instructions (updated_at) WHERE status IN ('delivered', 'holdout');
 """
 
@@ -218,10 +220,14 @@ class Outbox:
 
     # -- looking -------------------------------------------------------------------
 
-    def counts(self) -> dict[tuple[str, str], int]:
-        """(channel, status) -> rows."""
+    def counts(self, *, open_only: bool = False) -> dict[tuple[str, str], int]:
+        """(channel, status) -> rows; with `open_only`, pending, in-flight and parked rows only, from
+        their index (cheap however many delivered rows the outbox keeps)."""
+        where = "WHERE status IN ('pending', 'in-flight', 'parked') " if open_only else ""
         with self._lock:
-            rows = self._db.execute("SELECT channel, status, COUNT(*) FROM instructions GROUP BY channel, status")
+            rows = self._db.execute(
+                f"SELECT channel, status, COUNT(*) FROM instructions {where}GROUP BY channel, status"
+            )
             return {(channel, status): n for channel, status, n in rows}
 
     def row(self, id: str) -> dict[str, Any] | None:
@@ -453,6 +459,8 @@ class DeliveryWorker:
         self.channels = channels
         self.keep_ms = keep_ms
         self.outbox = Outbox(path, fsync=False)
+        # Metrics read on a connection of their own, so a scrape never waits for, or holds up, a delivery.
+        self.metrics_outbox = Outbox(path, fsync=False)
         self.counters = {name: ChannelCounters() for name in channels}
         self.buckets = {
             name: TokenBucket(policy.rate, policy.burst) for name, (_, policy) in channels.items() if policy.rate
@@ -472,14 +480,14 @@ class DeliveryWorker:
         if self.requeued:
             log.warning("instructions in flight at the last stop are delivered again",
                         extra={"fields": {"instructions": self.requeued}})
-        started = []
         try:
             for name, (channel, _) in self.channels.items():
                 channel.start(feedback_for(name))
-                started.append(channel)
         except BaseException:
-            for channel in started:
+            for channel, _ in self.channels.values():
                 channel.close()
+            self.outbox.close()
+            self.metrics_outbox.close()
             raise
         for name, (_, policy) in self.channels.items():
             for k in range(policy.concurrency):
@@ -506,6 +514,7 @@ class DeliveryWorker:
             except Exception:
                 log.exception("channel close failed", extra={"fields": {"channel": channel.name}})
         self.outbox.close()
+        self.metrics_outbox.close()
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Per channel: the worker's counters and the channel's own."""
