@@ -596,11 +596,11 @@ class Daemon:
         if self.delivery is None:
             return []
         stats = self.delivery.stats()
-        rows = self.delivery.metrics_outbox.counts(open_only=True)
+        rows = self.delivery.metrics_outbox.waiting()
         return [
-            gauge("kairos_outbox_instructions", "Instructions waiting, in flight or parked in the outbox, per channel.",
+            gauge("kairos_outbox_instructions", "Instructions pending or parked in the outbox, per channel.",
                   [({"channel": c, "status": s}, rows.get((c, s), 0))
-                   for c in sorted({*stats, *(c for c, _ in rows)}) for s in ("pending", "in-flight", "parked")]),
+                   for c in sorted({*stats, *(c for c, _ in rows)}) for s in ("pending", "parked")]),
             counter("kairos_channel_delivered", "Instructions each channel's peer accepted.",
                     [({"channel": c}, s["delivered"]) for c, s in stats.items()]),
             counter("kairos_channel_retries", "Delivery attempts that failed and were rescheduled, per channel.",

@@ -193,6 +193,7 @@ def test_unconfigured_channels_wait(tmp_path):
     finally:
         worker.stop()
     assert box.counts() == {("mms", "pending"): 1, ("sms", "delivered"): 1}
+    assert box.waiting() == {("mms", "pending"): 1}
 
 
 def test_purge_keeps_pending_and_parked(tmp_path):
@@ -202,6 +203,7 @@ def test_purge_keeps_pending_and_parked(tmp_path):
     box.mark_parked(hex_id(2), "rejected: x")
     assert box.purge(int(time.time() * 1000) + 1) == 2
     assert set(_ids(box)) == {hex_id(2), hex_id(3)}
+    assert box.waiting() == {("sms", "parked"): 1, ("sms", "pending"): 1}
 
 
 def test_file_channel_writes_json_lines_once_and_reports(tmp_path):
