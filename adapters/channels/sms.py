@@ -28,8 +28,8 @@ report comes first).  A receipt for an id this channel has not finished sending 
 all the same (the id may have been sent before a restart; the engine judges ids it does not know).
 Each (id, outcome) is reported once.
 
-Idempotency: Kannel has no idempotency key, so the channel remembers the ids it has handed over
-(as many as `recent_subscribers`) and does not send one twice.  Across a crash, the one message whose
+Idempotency: Kannel has no idempotency key, so the channel remembers the last `RECENT_IDS` ids it
+has handed over and does not send one twice.  Across a crash, the one message whose
 `sendsms` answer came back but was not yet recorded in the outbox is sent again; nothing else is.
 """
 
@@ -63,6 +63,9 @@ DEFAULT_REPLIES = {
     "STOP": "opt_out", "TD": "opt_out", "T": "opt_out", "退订": "opt_out",
 }  # fmt: skip
 SWEEP_SECONDS = 0.2  # how often held receipts are looked at
+# Ids remembered against sending twice and reporting twice: a few minutes of a gateway's contracted
+# throughput, which covers a redelivery after a timeout or a restart of the worker; about 20 MB.
+RECENT_IDS = 100_000
 
 
 class TemplateError(ValueError):
@@ -135,7 +138,7 @@ class SmsChannel(Channel):
         dlr_mask: int = 31,
         timeout: float = 10.0,
         reply_window_ms: int = 86_400_000,
-        recent_subscribers: int = 1_000_000,
+        recent_subscribers: int = 200_000,
         replies: dict[str, str] | None = None,
         receipt_hold: float = 10.0,
     ):
@@ -186,7 +189,7 @@ class SmsChannel(Channel):
         `templates` (table: name -> text, required), `listen` (receiver HOST:PORT, default
         "127.0.0.1:0"), `token`, `public_url` (how Kannel reaches the receiver, default from `listen`),
         `dlr_mask` (default 31), `timeout` (seconds, default 10), `reply_window` (default "24h"),
-        `recent_subscribers` (default 1000000), `replies` (table: word -> outcome), `receipt_hold`
+        `recent_subscribers` (default 200000), `replies` (table: word -> outcome), `receipt_hold`
         (seconds, default 10)."""
         read = OutputOptions(name, options, noun="channel")
         made: dict[str, Any] = dict(
@@ -200,7 +203,7 @@ class SmsChannel(Channel):
             public_url=read.string("public_url") if "public_url" in options else None,
             dlr_mask=read.integer("dlr_mask", 31),
             timeout=read.seconds("timeout", 10.0),
-            recent_subscribers=read.integer("recent_subscribers", 1_000_000),
+            recent_subscribers=read.integer("recent_subscribers", 200_000),
             replies=read.table("replies") if "replies" in options else None,
             receipt_hold=read.seconds("receipt_hold", 10.0),
         )
@@ -308,7 +311,7 @@ class SmsChannel(Channel):
             if key in self._reported:
                 return
             self._reported[key] = None
-            _bound(self._reported, self.recent_subscribers)
+            _bound(self._reported, RECENT_IDS)
         if self._feedback is not None:
             self._feedback(instruction_id, outcome, ts)
 
@@ -358,7 +361,7 @@ class SmsChannel(Channel):
         with self._lock:
             self._counts["queued" if answer.startswith("3:") else "sent"] += 1
             self._sent[instruction.id] = None
-            _bound(self._sent, self.recent_subscribers)
+            _bound(self._sent, RECENT_IDS)
             self._latest.pop(instruction.msisdn, None)
             self._latest[instruction.msisdn] = (instruction.id, _now_ms())
             _bound(self._latest, self.recent_subscribers)
