@@ -216,6 +216,23 @@ get-url = "{get_url}"
             log.close()
         self._logs.clear()
 
+    def stop_smsc(self) -> None:
+        """Only the fake SMSC goes away: bearerbox and smsbox stay up and queue what they are given."""
+        self.fakesmsc.terminate()
+        self.fakesmsc.wait(15)
+        self.fakesmsc = None
+        os.close(self._fifo_writer)
+        self._fifo_writer = None
+        deadline = time.monotonic() + START_SECONDS
+        while re.search(r"^\s+fake\[fake\].*\(online", self.status(), re.M):
+            if time.monotonic() > deadline:
+                raise RuntimeError("bearerbox still shows the fake SMSC online")
+            time.sleep(0.1)
+
+    def start_smsc(self) -> None:
+        self._start_fakesmsc()
+        self._wait_for_status()
+
     # -- traffic ------------------------------------------------------------------
 
     def inject(self, sender: str, receiver: str, text: str) -> None:

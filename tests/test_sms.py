@@ -198,6 +198,21 @@ def test_kannel_down_then_back_delivers_every_queued_instruction_exactly_once(ka
     assert [counts[str(n)] for n in numbers] == [1] * 8
 
 
+def test_queued_by_kannel_while_the_smsc_is_away_counts_as_handed_over(kannel_gateway, delivery):  # noqa: F811
+    d = delivery()
+    msisdn = 8613900000008
+    kannel_gateway.stop_smsc()
+    try:
+        d.send(instruction_table([hex_id(108)], msisdn=msisdn, params={"name": "G", "price": "5"}))
+        wait_until(lambda: d.outbox.row(hex_id(108))["status"] == "delivered")  # "3: Queued for later delivery"
+        assert d.channel.stats()["queued"] == 1 and d.outbox.row(hex_id(108))["attempts"] == 1
+    finally:
+        kannel_gateway.start_smsc()
+    wait_until(lambda: received_by(kannel_gateway, msisdn), timeout=30)
+    wait_until(lambda: d.feedback.outcomes(hex_id(108)) == ["delivered"], timeout=30)
+    assert len(received_by(kannel_gateway, msisdn)) == 1
+
+
 # -- without Kannel --------------------------------------------------------------------
 
 
