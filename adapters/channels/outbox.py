@@ -397,8 +397,6 @@ class DeliveryPolicy:
     backoff_initial: float = 1.0  # seconds: the cap of the first retry's random wait
     backoff_max: float = 300.0  # seconds: the cap of any retry's random wait
 
-    DELIVERY_KEYS = ("concurrency", "rate", "burst", "max_attempts", "backoff_initial", "backoff_max")
-
     def backoff(self, attempt: int, after: float | None, rng: random.Random) -> float:
         """Seconds to wait before attempt `attempt + 1` (full jitter), at least `after` when the peer said so."""
         wait = rng.uniform(0.0, min(self.backoff_max, self.backoff_initial * 2.0 ** min(attempt - 1, 60)))
@@ -537,10 +535,13 @@ class DeliveryWorker:
     def _serve(self, name: str) -> None:
         channel, policy = self.channels[name]
         bucket = self.buckets.get(name)
+        # A rate-limited thread claims no more than it may send at once, so rows do not sit in flight
+        # waiting for tokens.
+        claim = self.CLAIM if bucket is None else max(1, min(self.CLAIM, policy.burst))
         while not self._stopping.is_set():
             with self._lock:
                 woken = self._woken
-            claimed = self.outbox.claim(name, self.CLAIM)
+            claimed = self.outbox.claim(name, claim)
             if not claimed:
                 self._maybe_purge()
                 self._idle(name, woken)
