@@ -92,7 +92,7 @@ def test_worker_delivers_retries_with_backoff_and_parks(tmp_path):
     times = [t for i, t in channel.attempts if i == hex_id(3)]
     assert len(times) == 4
     # Waits are random but capped: never more than the cap (plus scheduling slack) between attempts.
-    assert all(b - a < 0.2 + 0.5 for a, b in zip(times, times[1:], strict=False))
+    assert all(b - a < 0.2 + 1.0 for a, b in zip(times, times[1:], strict=False))
     stats = worker.stats()["sms"]
     assert stats["delivered"] == 2 and stats["parked"] == 2 and stats["rejected"] == 1 and stats["retries"] == 5
 
@@ -154,7 +154,7 @@ def test_concurrency_and_rate_limits(tmp_path):
     assert channel.most_concurrent == 3
     # 5 at once from the full bucket, then 50 per second: 35 more take at least 0.7 s.
     assert elapsed >= 0.65
-    assert elapsed < 3.0
+    assert elapsed < 6.0
 
 
 def test_token_bucket_rate():
@@ -163,7 +163,7 @@ def test_token_bucket_rate():
     started = time.monotonic()
     for _ in range(101):
         assert bucket.take(stopping)
-    assert 0.45 < time.monotonic() - started < 1.0
+    assert 0.45 < time.monotonic() - started < 2.0  # the upper bound only catches a bucket that ignores its rate
     stopping.set()
     slow = TokenBucket(rate=0.001, burst=1)
     assert slow.take(stopping) and not slow.take(stopping)  # stopping ends the wait
