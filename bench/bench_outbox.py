@@ -16,6 +16,10 @@ synthetic traffic, batches of `--batch-size` events, and every batch's instructi
 - delivery: `--deliveries` instructions enqueued, then a `DeliveryWorker` delivers them to the
   `file` channel (JSON lines); instructions/s from the worker's start until the outbox holds no
   pending row, median of `--repeat` runs, for each `--concurrency`.
+- with `--sms N`: N instructions delivered to the `sms` channel through a real Kannel (bearerbox,
+  smsbox and the fake SMSC, started as the tests start them: tests/kannel.py, which installs
+  Debian's kannel when it is missing); instructions/s until Kannel has accepted them all, and
+  until the fake SMSC has printed them all.
 """
 
 from __future__ import annotations
@@ -131,6 +135,41 @@ def time_delivery(table: pa.Table, concurrency: int) -> float:
     return table.num_rows / elapsed
 
 
+def time_sms(table: pa.Table, concurrency: int) -> tuple[float, float]:
+    """Instructions/s accepted by Kannel's sendsms, and received by the fake SMSC."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from kannel import PASSWORD, USERNAME, Kannel
+
+    from adapters.channels.sms import SmsChannel
+
+    with tempfile.TemporaryDirectory() as directory:
+        gateway = Kannel(Path(directory))
+        gateway.start()
+        try:
+            path = Path(directory) / "outbox.db"
+            outbox = Outbox(path)
+            outbox.enqueue(table)
+            templates = {t: "Kairos bench {id}" for t in set(table.column("template").to_pylist())}
+            channel = SmsChannel("bench", url=gateway.sendsms_url, username=USERNAME, password=PASSWORD,
+                                 sender="10086", templates=templates, listen=f"127.0.0.1:{gateway.ports.mo}")
+            worker = DeliveryWorker(path, {"bench": (channel, DeliveryPolicy(concurrency=concurrency))})
+            started = time.perf_counter()
+            worker.start(lambda name: lambda *report: None)
+            try:
+                while outbox.counts().get(("bench", "delivered"), 0) < table.num_rows:
+                    time.sleep(0.01)
+                accepted = time.perf_counter() - started
+                while len(gateway.received()) < table.num_rows:
+                    time.sleep(0.05)
+                received = time.perf_counter() - started
+            finally:
+                worker.stop()
+                outbox.close()
+        finally:
+            gateway.stop()
+    return table.num_rows / accepted, table.num_rows / received
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
@@ -144,6 +183,7 @@ def main() -> None:
     parser.add_argument("--deliveries", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--sms", type=int, default=0, help="instructions to deliver through a real Kannel")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -180,6 +220,18 @@ def main() -> None:
         print(f"delivery to the file channel, concurrency {concurrency}: {rate:10,.0f} instructions/s "
               f"(median of {args.repeat}; min {min(rates):,.0f}, max {max(rates):,.0f})")
         results[f"delivery_file_concurrency_{concurrency}"] = {"median": rate, "min": min(rates), "max": max(rates)}
+    if args.sms:
+        # Each text carries its id, as a param, so that every message differs.
+        sms_table = relabelled(tables, args.sms)
+        ids = sms_table.column("id").to_pylist()
+        index = sms_table.schema.get_field_index("params")
+        sms_table = sms_table.set_column(index, sms_table.schema.field(index),
+                                         pa.array([[("id", i)] for i in ids], sms_table.schema.field(index).type))
+        for concurrency in args.concurrency:
+            accepted, received = time_sms(sms_table, concurrency)
+            print(f"delivery to the sms channel (Kannel, fake SMSC), concurrency {concurrency}: "
+                  f"{accepted:8,.0f} instructions/s accepted by sendsms, {received:8,.0f}/s received by the SMSC")
+            results[f"delivery_sms_concurrency_{concurrency}"] = {"accepted": accepted, "received": received}
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
 
