@@ -32,6 +32,7 @@ import dataclasses
 import gc
 import logging
 import signal
+import sqlite3
 import threading
 import time
 from collections import Counter, deque
@@ -593,10 +594,14 @@ class Daemon:
         ]
 
     def _channel_metric_families(self) -> list[MetricFamily]:
-        if self.delivery is None:
+        delivery = self.delivery  # the loop sets it to None when it stops the worker at shutdown
+        if delivery is None:
             return []
-        stats = self.delivery.stats()
-        rows = self.delivery.metrics_outbox.waiting()
+        stats = delivery.stats()
+        try:
+            rows = delivery.metrics_outbox.waiting()
+        except sqlite3.Error:  # the worker stopped, and closed its connections, while this scrape ran
+            rows = {}
         return [
             gauge("kairos_outbox_instructions", "Instructions pending or parked in the outbox, per channel.",
                   [({"channel": c, "status": s}, rows.get((c, s), 0))
