@@ -109,12 +109,13 @@ class OutputOptions:
 
     _REQUIRED: ClassVar[object] = object()
 
-    def __init__(self, output: str, options: dict[str, Any]):
+    def __init__(self, output: str, options: dict[str, Any], *, noun: str = "output"):
         self.output = output
+        self.noun = noun  # what is being configured: "output", or "channel" for adapters.channels
         self._left = dict(options)
 
     def error(self, key: str, message: str) -> ValueError:
-        return ValueError(f"output {self.output!r}: key {key!r} {message}")
+        return ValueError(f"{self.noun} {self.output!r}: key {key!r} {message}")
 
     def _take(self, key: str, default: Any) -> Any:
         if key in self._left:
@@ -153,10 +154,22 @@ class OutputOptions:
             raise self.error(key, f"must be a positive number of seconds, not {value!r}")
         return float(value)
 
+    def number(self, key: str, default: Any = _REQUIRED) -> float:
+        value = self._take(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+            raise self.error(key, f"must be a positive number, not {value!r}")
+        return float(value)
+
+    def table(self, key: str, default: Any = _REQUIRED) -> dict[str, Any]:
+        value = self._take(key, default)
+        if not isinstance(value, dict):
+            raise self.error(key, f"must be a table, not {value!r}")
+        return value
+
     def finish(self) -> None:
         if self._left:
             keys = ", ".join(map(repr, sorted(self._left)))
-            raise ValueError(f"output {self.output!r}: unknown key(s) {keys}")
+            raise ValueError(f"{self.noun} {self.output!r}: unknown key(s) {keys}")
 
 
 def _check_instructions(table: pa.Table) -> None:
@@ -661,11 +674,20 @@ class ZmqOutput(Output):
 OUTPUT_TYPES: dict[str, type[Output]] = {cls.kind: cls for cls in (FileOutput, ZmqOutput)}
 
 
+def output_types() -> dict[str, type[Output]]:
+    """Every output type by name: the two above and the channels' outbox (adapters.channels.outbox)."""
+    # Imported here: the outbox module builds on this one.
+    from adapters.channels.outbox import OutboxOutput
+
+    return {**OUTPUT_TYPES, OutboxOutput.kind: OutboxOutput}
+
+
 def make_output(name: str, table: dict[str, Any]) -> Output:
     """The output configured by `table` (an `[outputs.NAME]` table, with its `type`)."""
     options = dict(table)
     kind = options.pop("type", None)
-    if kind not in OUTPUT_TYPES:
-        known = ", ".join(map(repr, sorted(OUTPUT_TYPES)))
+    types = output_types()
+    if kind not in types:
+        known = ", ".join(map(repr, sorted(types)))
         raise ValueError(f"output {name!r}: key 'type' must be one of {known}, not {kind!r}")
-    return OUTPUT_TYPES[kind].from_config(name, options)
+    return types[kind].from_config(name, options)

@@ -14,6 +14,7 @@ are errors (a misspelt key must not silently fall back to a default).
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,25 @@ class InputConfig:
 
 
 @dataclass(frozen=True)
+class ChannelConfig:
+    """One `[channels.NAME]` table: the channel type, how the outbox delivers to it, its own options.
+
+    The channel's own options are checked by the channel class when the daemon makes it
+    (`adapters.channels.make_channel`); here only the keys every channel shares.
+    """
+
+    name: str
+    type: str  # an entry point name in the `kairos.channels` group (docs/channels.md)
+    options: dict = field(default_factory=dict)  # the rest of the table, for the channel's from_config
+    concurrency: int = 4  # deliveries in progress at once
+    rate: float | None = None  # messages per second (a token bucket); None: unlimited
+    burst: int = 1  # messages that may go at once after a quiet spell
+    max_attempts: int = 10  # attempts before an instruction is parked
+    backoff_initial_ms: int = 1_000  # cap of the first retry's random wait (full jitter)
+    backoff_max_ms: int = 300_000  # cap of every retry's random wait
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     """Everything `kairos run` needs, with defaults filled in and paths made absolute."""
 
@@ -78,6 +98,7 @@ class DaemonConfig:
     deadletter_dir: Path = Path("deadletter")
     deadletter_rotate_bytes: int = 64 << 20
     log_level: str = "info"
+    channels: dict[str, ChannelConfig] = field(default_factory=dict)  # delivered from the outbox output
 
 
 class _Table:
@@ -183,6 +204,32 @@ def _input(source: str, name: str, table: object) -> InputConfig:
     return config
 
 
+def _channel(source: str, name: str, table: object, base: Path) -> ChannelConfig:
+    t = _Table(source, f"channels.{name}", table)
+    kind = t.get("type", str)
+    if not kind:
+        raise t.error("type", "required: the channel type (sms, file, stdout, or a plug-in's name; docs/channels.md)")
+    rate = t.get("rate", (int, float), None)
+    if rate is not None and not 0 < rate < float("inf"):
+        raise t.error("rate", f"must be a positive number of messages per second, got {rate}")
+    config = ChannelConfig(
+        name=name,
+        type=kind,
+        concurrency=t.positive("concurrency", 4),
+        rate=None if rate is None else float(rate),
+        burst=t.positive("burst", 1),
+        max_attempts=t.positive("max_attempts", 10),
+        backoff_initial_ms=t.duration_ms("backoff_initial", 1_000),
+        backoff_max_ms=t.duration_ms("backoff_max", 300_000),
+    )
+    if config.backoff_initial_ms < 1 or config.backoff_max_ms < config.backoff_initial_ms:
+        raise t.error("backoff_max", "must be at least backoff_initial, and both longer than 0ms")
+    options = {key: value for key, value in t.table.items() if key not in t.used}
+    if isinstance(options.get("path"), str) and options["path"]:
+        options["path"] = str((base / options["path"]).resolve())  # relative to the config file
+    return dataclasses.replace(config, options=options)
+
+
 def _listen(t: _Table, default: str) -> tuple[str | None, int]:
     listen = t.get("listen", str, default)
     if listen == "":
@@ -257,12 +304,23 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
     for name in outputs_table.table:
         table = outputs_table.get(name, dict)
         if not isinstance(table.get("type"), str):
-            raise ConfigError(source, f"outputs.{name}.type", "required: the output type (file, zmq)")
+            raise ConfigError(source, f"outputs.{name}.type", "required: the output type (file, zmq, outbox)")
         if isinstance(table.get("path"), str) and table["path"]:
             table = {**table, "path": str((base / table["path"]).resolve())}  # relative to the config file
         outputs[name] = table
     if not outputs:
         raise ConfigError(source, "outputs", "at least one output is required, or instructions go nowhere")
+
+    channels_table = _Table(source, "channels", top.get("channels", dict, {}))
+    channels = {name: _channel(source, name, channels_table.get(name, dict), base) for name in channels_table.table}
+    outboxes = [name for name, table in outputs.items() if table["type"] == "outbox"]
+    if len(outboxes) > 1:
+        raise ConfigError(source, f"outputs.{outboxes[1]}", "only one output may be an outbox")
+    if channels and not outboxes:
+        raise ConfigError(source, "channels", "channels deliver from an outbox: add an output with type = \"outbox\"")
+    if outboxes and not channels:
+        raise ConfigError(source, f"outputs.{outboxes[0]}",
+                          "an outbox with no [channels.NAME] delivers nothing; configure a channel")
     top.done()
 
     return DaemonConfig(
@@ -285,6 +343,7 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
         deadletter_dir=deadletter_dir,
         deadletter_rotate_bytes=deadletter_rotate,
         log_level=log_level,
+        channels=channels,
     )
 
 

@@ -32,6 +32,7 @@ import dataclasses
 import gc
 import logging
 import signal
+import sqlite3
 import threading
 import time
 from collections import Counter, deque
@@ -42,12 +43,15 @@ import numpy as np
 import pyarrow as pa
 import zmq
 
+from adapters.channels import make_channel
+from adapters.channels.base import FeedbackSink
+from adapters.channels.outbox import DeliveryPolicy, DeliveryWorker, OutboxOutput
 from adapters.deadletter import DeadLetterFile
 from adapters.feedback import DecodedFeedback, FeedbackDecoder
 from adapters.outputs import Backpressure, Output, make_output
 from adapters.wire import REJECT_REASONS, FieldMap, Reject, make_decoder
 from adapters.zmq_input import ZmqInput
-from engine.config import DaemonConfig
+from engine.config import ConfigError, DaemonConfig
 from engine.engine import Engine
 from engine.metrics import Histogram, MetricFamily, MetricsServer, Registry, counter, gauge, histogram
 from engine.profiles import ProfileError, ProfileStore
@@ -153,6 +157,11 @@ class Daemon:
         self.context = zmq.Context()
         self.inputs: list[ZmqInput] = []
         self.outputs: list[OutputQueue] = []
+        self.delivery: DeliveryWorker | None = None
+        # (channel, id, outcome, ts) reported by channels on their own threads; the loop applies them.
+        self.channel_feedback: deque[tuple[str, str, str, int]] = deque()
+        self.channel_feedback_results = {(name, result): 0 for name in config.channels
+                                         for result in ("applied", "unknown", "invalid")}
         self.metrics_server = None
         self.poller = zmq.Poller()
         self.deadletter = DeadLetterFile(config.deadletter_dir, config.deadletter_rotate_bytes, clock=wall)
@@ -191,6 +200,8 @@ class Daemon:
             }
             for name, table in config.outputs.items():
                 self.outputs.append(OutputQueue(make_output(name, table)))
+            if config.channels:
+                self.delivery = self._start_delivery()
             if config.metrics_host is not None:
                 # Started here, not in run(): a port in use is a refusal to start, like a bad config.
                 registry = Registry()
@@ -231,6 +242,36 @@ class Daemon:
         return Engine(ruleset, profiles=self.config.profiles, initial_subscribers=self.config.initial_subscribers,
                       lateness=self.config.lateness_ms)
 
+    def _start_delivery(self) -> DeliveryWorker:
+        """The configured channels, and the worker that delivers to them from the outbox output."""
+        (outbox,) = [q.output for q in self.outputs if isinstance(q.output, OutboxOutput)]
+        channels = {}
+        try:
+            for name, channel_config in self.config.channels.items():
+                try:
+                    channel = make_channel(name, {"type": channel_config.type, **channel_config.options})
+                except ValueError as exc:
+                    raise ConfigError(self.config.source, f"channels.{name}", str(exc)) from None
+                channels[name] = (channel, DeliveryPolicy(
+                    concurrency=channel_config.concurrency, rate=channel_config.rate, burst=channel_config.burst,
+                    max_attempts=channel_config.max_attempts,
+                    backoff_initial=channel_config.backoff_initial_ms / 1000,
+                    backoff_max=channel_config.backoff_max_ms / 1000,
+                ))
+            worker = DeliveryWorker(outbox.path, channels, keep_ms=outbox.keep_ms)
+        except BaseException:
+            for channel, _ in channels.values():
+                channel.close()
+            raise
+        worker.start(self._feedback_sink)
+        outbox.on_enqueue = worker.wake
+        return worker
+
+    def _feedback_sink(self, channel: str) -> FeedbackSink:
+        def report(id: str, outcome: str, ts: int) -> None:
+            self.channel_feedback.append((channel, id, outcome, ts))  # deque.append is atomic: any thread may call
+        return report
+
     # -- control from other threads -----------------------------------------
 
     def request_stop(self) -> None:
@@ -264,6 +305,7 @@ class Daemon:
             "inputs": {feed.name: feed.endpoint for feed in self.inputs},
             "metrics": f"{self.metrics_server.host}:{self.metrics_server.port}" if self.metrics_server else None,
             "outputs": [q.output.name for q in self.outputs],
+            "channels": {name: c.type for name, c in self.config.channels.items()},
             "rules": str(self.config.rules), "rule_count": len(self.engine.ruleset.rules),
         }})
         try:
@@ -295,6 +337,7 @@ class Daemon:
             if self.batcher.n and (self.batcher.n >= self.batcher.max_events
                                    or now - self.batcher.oldest >= self.config.linger_ms / 1000):
                 self._process_batch()
+        self._apply_channel_feedback()
         now = self.clock()
         self._advance_if_idle(now)
         for queue in self.outputs:
@@ -355,6 +398,26 @@ class Daemon:
         for outcome, n in result.items():
             key = (input_name, outcome)
             self.feedback_results[key] = self.feedback_results.get(key, 0) + n
+
+    def _apply_channel_feedback(self) -> None:
+        """Outcomes the channels reported since the last turn, in the order they came, after the waiting batch."""
+        if not self.channel_feedback:
+            return
+        reports = []
+        while self.channel_feedback:
+            reports.append(self.channel_feedback.popleft())
+        if self.batcher.n:
+            self._process_batch()
+        # One call per channel and run of its reports keeps the results per channel, and the order.
+        start = 0
+        for k in range(1, len(reports) + 1):
+            if k == len(reports) or reports[k][0] != reports[start][0]:
+                run = reports[start:k]
+                result = self.engine.feedback([r[1] for r in run], [r[2] for r in run], [r[3] for r in run])
+                for outcome, n in result.items():
+                    key = (run[0][0], outcome)
+                    self.channel_feedback_results[key] = self.channel_feedback_results.get(key, 0) + n
+                start = k
 
     def _dead_letter(self, input_name: str, rejects: list[Reject]) -> None:
         for reject in rejects:
@@ -446,6 +509,11 @@ class Daemon:
             queue.output.flush()
         while self._reloads:
             self._reloads.popleft().set_result((False, "shutting down"))
+        if self.delivery is not None:
+            # Deliveries in progress finish; what is still pending stays in the outbox for the next start.
+            self.delivery.stop()
+            self.delivery = None
+            self._apply_channel_feedback()
         if self.config.state_dir is not None:
             self.engine.checkpoint(self.config.state_dir)
             log.info("checkpoint written", extra={"fields": {"state_dir": str(self.config.state_dir)}})
@@ -517,6 +585,7 @@ class Daemon:
                   [({"output": q.output.name}, q.waiting_instructions) for q in self.outputs]),
             counter("kairos_output_backpressure", "Times an output refused a table for now.",
                     [({"output": q.output.name}, q.backpressured) for q in self.outputs]),
+            *self._channel_metric_families(),
             histogram("kairos_batch_latency_seconds",
                       "From the arrival of a batch's first message to its instructions' hand-off.",
                       self.batch_latency),
@@ -530,9 +599,36 @@ class Daemon:
                     [({"result": result}, n) for result, n in self.reloads.items()]),
         ]
 
+    def _channel_metric_families(self) -> list[MetricFamily]:
+        delivery = self.delivery  # the loop sets it to None when it stops the worker at shutdown
+        if delivery is None:
+            return []
+        stats = delivery.stats()
+        try:
+            rows = delivery.metrics_outbox.waiting()
+        except sqlite3.Error:  # the worker stopped, and closed its connections, while this scrape ran
+            rows = {}
+        return [
+            gauge("kairos_outbox_instructions", "Instructions pending or parked in the outbox, per channel.",
+                  [({"channel": c, "status": s}, rows.get((c, s), 0))
+                   for c in sorted({*stats, *(c for c, _ in rows)}) for s in ("pending", "parked")]),
+            counter("kairos_channel_delivered", "Instructions each channel's peer accepted.",
+                    [({"channel": c}, s["delivered"]) for c, s in stats.items()]),
+            counter("kairos_channel_retries", "Delivery attempts that failed and were rescheduled, per channel.",
+                    [({"channel": c}, s["retries"]) for c, s in stats.items()]),
+            counter("kairos_channel_parked", "Instructions given up (rejected, or out of attempts), per channel.",
+                    [({"channel": c}, s["parked"]) for c, s in stats.items()]),
+            gauge("kairos_channel_in_flight", "Deliveries in progress, per channel.",
+                  [({"channel": c}, s["in_flight"]) for c, s in stats.items()]),
+            counter("kairos_channel_feedback_reports", "Outcomes reported by channels: applied, unknown id, invalid.",
+                    [({"channel": c, "result": r}, n) for (c, r), n in dict(self.channel_feedback_results).items()]),
+        ]
+
     def _close(self) -> None:
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        if getattr(self, "delivery", None) is not None:
+            self.delivery.stop()
         for queue in self.outputs:
             queue.output.close()
         for feed in self.inputs:

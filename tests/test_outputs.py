@@ -22,6 +22,7 @@ from adapters.outputs import (
     ZmqOutput,
     jsonl_chunks,
     make_output,
+    output_types,
 )
 from engine.schema import INSTRUCTION_SCHEMA
 
@@ -307,11 +308,12 @@ def test_make_output(tmp_path):
     with make_output("f", {"type": "file", "path": str(tmp_path / "new"), "format": "jsonl"}) as out:
         assert isinstance(out, FileOutput) and out.format == "jsonl" and out.name == "f"
     assert (tmp_path / "new").is_dir()
-    with pytest.raises(ValueError, match="output 'k': key 'type' must be one of 'file', 'zmq', not 'kafka'"):
+    with pytest.raises(ValueError, match="output 'k': key 'type' must be one of 'file', 'outbox', 'zmq', not 'kafka'"):
         make_output("k", {"type": "kafka"})
     with pytest.raises(ValueError, match="key 'type' must be one of"):
         make_output("k", {"path": "x"})
     assert set(OUTPUT_TYPES) == {"file", "zmq"}
+    assert set(output_types()) == {"file", "outbox", "zmq"}  # the channels' outbox joins from adapters.channels
     with pytest.raises(ValueError, match="name may hold only"):
         FileOutput("../escape", tmp_path)
 

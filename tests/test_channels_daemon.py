@@ -1,0 +1,162 @@
+"""Channels in the daemon: `[channels.NAME]` in kairos.toml, the outbox output, feedback from channels."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import orjson
+import pyarrow as pa
+import pytest
+from channel_testing import wait_until
+from test_daemon import DaemonProcess, Sockets, arrow_message, config_text
+
+from adapters.channels.outbox import Outbox
+from engine.config import ConfigError, parse_config
+
+HOTLINE = """
+[[rule]]
+id = "hotline"
+on = "call_out"
+where = "peer == 12122"
+channels = ["sms"]
+template = "t"
+cooldown = "0s"
+"""
+
+MINIMAL = """
+[engine]
+rules = "rules.toml"
+
+[inputs.switch]
+endpoint = "tcp://127.0.0.1:5555"
+
+[outputs.box]
+type = "outbox"
+path = "outbox.db"
+"""
+
+
+def test_channel_tables_parse_with_delivery_keys_and_channel_options(tmp_path):
+    config = parse_config(MINIMAL + """
+[channels.sms]
+type = "file"
+path = "sent.jsonl"
+concurrency = 2
+rate = 12.5
+burst = 5
+max_attempts = 3
+backoff_initial = "200ms"
+backoff_max = "1m"
+report = "delivered"
+
+[channels.note]
+type = "stdout"
+""", "k.toml", tmp_path)
+    sms, note = config.channels["sms"], config.channels["note"]
+    assert (sms.type, sms.concurrency, sms.rate, sms.burst, sms.max_attempts) == ("file", 2, 12.5, 5, 3)
+    assert (sms.backoff_initial_ms, sms.backoff_max_ms) == (200, 60_000)
+    assert sms.options == {"path": str(tmp_path / "sent.jsonl"), "report": "delivered"}
+    assert (note.concurrency, note.rate, note.max_attempts, note.options) == (4, None, 10, {})
+
+
+@pytest.mark.parametrize(("extra", "key", "reason"), [
+    ('[channels.sms]\npath = "x"\n', "channels.sms.type", "required"),
+    ('[channels.sms]\ntype = "file"\nrate = 0\n', "channels.sms.rate", "positive"),
+    ('[channels.sms]\ntype = "file"\nconcurrency = 0\n', "channels.sms.concurrency", "at least 1"),
+    ('[channels.sms]\ntype = "file"\nbackoff_initial = "5s"\nbackoff_max = "1s"\n', "channels.sms.backoff_max",
+     "at least backoff_initial"),
+    ('[channels.sms]\ntype = "file"\nmax_attempts = true\n', "channels.sms.max_attempts", "integer"),
+    ('[channels]\nsms = 3\n', "channels.sms", "expected a table"),
+])  # fmt: skip
+def test_channel_tables_refused_with_file_and_key(tmp_path, extra, key, reason):
+    with pytest.raises(ConfigError, match=reason) as caught:
+        parse_config(MINIMAL + extra, "k.toml", tmp_path)
+    assert caught.value.source == "k.toml" and caught.value.key == key
+
+
+def test_channels_and_the_outbox_come_together(tmp_path):
+    with pytest.raises(ConfigError, match="delivers nothing") as caught:
+        parse_config(MINIMAL, "k.toml", tmp_path)
+    assert caught.value.key == "outputs.box"
+    no_outbox = MINIMAL.replace('type = "outbox"', 'type = "file"') + '[channels.sms]\ntype = "file"\n'
+    with pytest.raises(ConfigError, match="add an output with type") as caught:
+        parse_config(no_outbox, "k.toml", tmp_path)
+    assert caught.value.key == "channels"
+
+
+def test_unknown_channel_type_and_unknown_channel_key_refuse_to_start(tmp_path):
+    (tmp_path / "rules.toml").write_text(HOTLINE, encoding="utf-8")
+    for channel, expected in (('type = "pigeon"', "unknown channel type 'pigeon'; known types:"),
+                              ('type = "file"\npath = "x"\ncolour = "red"', "unknown key(s) 'colour'")):
+        config = tmp_path / "kairos.toml"
+        config.write_text(config_text(tmp_path, f'[inputs.switch]\nendpoint = "ipc://{tmp_path}/switch"\n',
+                                      '[outputs.box]\ntype = "outbox"\npath = "outbox.db"\n')
+                          + f"[channels.sms]\n{channel}\n", encoding="utf-8")
+        result = subprocess.run([sys.executable, "-m", "engine.cli", "run", "-c", str(config)],
+                                capture_output=True, text=True, timeout=60, env={**os.environ})
+        assert result.returncode == 2, result.stderr
+        assert "kairos.toml: channels.sms:" in result.stderr and expected in result.stderr
+
+
+def daemon_with_file_channel(tmp_path, report: str = "accepted") -> DaemonProcess:
+    inputs = f'[inputs.switch]\nendpoint = "ipc://{tmp_path}/switch"\n'
+    outputs = '[outputs.box]\ntype = "outbox"\npath = "outbox.db"\n'
+    channels = f'[channels.sms]\ntype = "file"\npath = "sent.jsonl"\nreport = "{report}"\nrate = 100\n'
+    return DaemonProcess(tmp_path, config_text(tmp_path, inputs, outputs) + channels, HOTLINE)
+
+
+def sent(tmp_path) -> list[dict]:
+    path = tmp_path / "sent.jsonl"
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+
+
+def test_instructions_reach_the_channel_and_its_feedback_reaches_the_engine(tmp_path, batch):
+    sockets = Sockets()
+    daemon = daemon_with_file_channel(tmp_path)
+    try:
+        feeder = sockets.push(f"ipc://{tmp_path}/switch")
+
+        def call(ts: int, msisdn: int = 8613800000001) -> None:
+            feeder.send(arrow_message(pa.RecordBatch.from_pydict(
+                batch([{"ts": ts, "msisdn": msisdn, "kind": 0, "peer": 12122}]))))
+
+        call(1_000)
+        (first,) = wait_until(lambda: sent(tmp_path))
+        assert first["msisdn"] == 8613800000001 and first["rule"] == "hotline" and first["channel"] == "sms"
+        # The file channel reports "accepted"; on the loop thread it suppresses the rule for the subscriber.
+        daemon.wait_for_metric("kairos_channel_feedback_reports_total", 1, channel="sms", result="applied")
+        daemon.wait_for_metric("kairos_rule_feedback_total", 1, rule="hotline", outcome="accepted")
+        call(2_000)
+        daemon.wait_for_metric("kairos_policy_stops_total", 1, rule="hotline", reason="suppressed")
+        call(3_000, msisdn=8613800000002)
+        wait_until(lambda: len(sent(tmp_path)) == 2)
+        daemon.wait_for_metric("kairos_channel_delivered_total", 2, channel="sms")
+        for status in ("pending", "parked"):
+            assert f'kairos_outbox_instructions{{channel="sms",status="{status}"}} 0' in daemon.get("/metrics")[1]
+        assert daemon.stop() == 0
+    finally:
+        daemon.stop()
+        sockets.close()
+    assert [r["msisdn"] for r in sent(tmp_path)] == [8613800000001, 8613800000002]
+
+    # A replay of the same events after a restart without state: same ids, nothing sent twice.
+    daemon = daemon_with_file_channel(tmp_path)
+    sockets = Sockets()
+    try:
+        feeder = sockets.push(f"ipc://{tmp_path}/switch")
+        for ts, msisdn in ((1_000, 8613800000001), (3_000, 8613800000002)):
+            feeder.send(arrow_message(pa.RecordBatch.from_pydict(
+                batch([{"ts": ts, "msisdn": msisdn, "kind": 0, "peer": 12122}]))))
+        daemon.wait_for_metric("kairos_instructions_total", 2, rule="hotline", channel="sms")
+        time.sleep(0.5)
+        assert daemon.stop() == 0
+    finally:
+        daemon.stop()
+        sockets.close()
+    assert len(sent(tmp_path)) == 2
+    box = Outbox(tmp_path / "outbox.db")
+    assert box.counts() == {("sms", "delivered"): 2}
+    box.close()
