@@ -204,6 +204,10 @@ def _input(source: str, name: str, table: object) -> InputConfig:
     return config
 
 
+# Channel options that name files: relative to the config file, like every path in it.
+_CHANNEL_PATH_KEYS = ("path", "messages_path")
+
+
 def _channel(source: str, name: str, table: object, base: Path) -> ChannelConfig:
     t = _Table(source, f"channels.{name}", table)
     kind = t.get("type", str)
@@ -225,8 +229,9 @@ def _channel(source: str, name: str, table: object, base: Path) -> ChannelConfig
     if config.backoff_initial_ms < 1 or config.backoff_max_ms < config.backoff_initial_ms:
         raise t.error("backoff_max", "must be at least backoff_initial, and both longer than 0ms")
     options = {key: value for key, value in t.table.items() if key not in t.used}
-    if isinstance(options.get("path"), str) and options["path"]:
-        options["path"] = str((base / options["path"]).resolve())  # relative to the config file
+    for key in _CHANNEL_PATH_KEYS:
+        if isinstance(options.get(key), str) and options[key]:
+            options[key] = str((base / options[key]).resolve())  # relative to the config file
     return dataclasses.replace(config, options=options)
 
 
