@@ -57,7 +57,9 @@ class Engine:
     ):
         self.ruleset = ruleset
         self._initial_subscribers = initial_subscribers
-        self._kernel = Kernel(compile_program(ruleset), initial_subscribers)
+        program = compile_program(ruleset)
+        self._attributes = program["attributes"]
+        self._kernel = Kernel(program, initial_subscribers)
         self._builder = InstructionBuilder(ruleset)
         self._channel_codes = {name: code for code, name in enumerate(ruleset.channels)}
         self._events = 0
@@ -85,13 +87,14 @@ class Engine:
     def load_profiles(self, source: str | os.PathLike | pa.Table | ProfileStore) -> None:
         """Replace the subscriber profiles (Parquet, Arrow IPC or CSV file, or an Arrow table).
 
-        Takes effect for every event processed after the call; a table that
-        cannot be used raises engine.ProfileError and leaves the current
+        Takes effect for every event processed after the call (policy columns,
+        `where` and `audience` tests on profile fields); condition state is
+        untouched.  A table that cannot be used (a field the rules test holds
+        floats, say) raises engine.ProfileError and leaves the current
         profiles in place.
         """
         store = ProfileStore.load(source)
-        arrays = store.policy_arrays(self.ruleset.channels)
-        self._kernel.set_profiles(arrays["msisdn"], arrays["allowed"], arrays["flags"], arrays["days"])
+        _set_profiles(self._kernel, store, self.ruleset, store.attribute_matrix(self._attributes))
         self.profiles = store
 
     @classmethod
@@ -204,12 +207,14 @@ class Engine:
 
         `rules` is a path or a parsed RuleSet.  A path is read again with its
         set files.  A file that does not compile
-        raises RulesError before anything changes: the old rules keep running.
+        raises RulesError before anything changes, and rules testing a profile
+        field the loaded profiles hold in a type they cannot test raise
+        ProfileError: either way the old rules keep running.
 
         A rule keeps its condition state (windows, last values) and cooldown
         history when a rule of the same id has the same kinds, filter (set
         contents included) and condition; a rule whose definition changed
-        starts fresh.  Template, channels, priority, params, cooldown length
+        starts fresh (its where and audience included).  Template, channels, priority, params, cooldown length
         and policy keys may change without losing that state.  What a
         subscriber said about a rule stays with its id whatever changed:
         acceptance, decline cooldowns, open goal windows (while the rule has
@@ -221,8 +226,10 @@ class Engine:
         """
         new_set = rules if isinstance(rules, RuleSet) else load_rules(rules)
         old_rules, new_rules = self.ruleset.rules, new_set.rules
+        program = compile_program(new_set)
+        attrs = self.profiles.attribute_matrix(program["attributes"])  # refuses before anything changes
         # Presized as the old one was (or to the subscribers it holds), so a reload adds no growth pauses.
-        new_kernel = Kernel(compile_program(new_set), max(self._kernel.n_subs, self._initial_subscribers))
+        new_kernel = Kernel(program, max(self._kernel.n_subs, self._initial_subscribers))
         # The kernel numbers the file's rules, then one goal filter per rule with a goal (engine.compiler).
         # source[r]: the old kernel index of new kernel rule r (a rule or goal of the same id), -1 for none;
         # target: the reverse, with one more slot for "every rule" (opt-out) in the blocks map.
@@ -295,8 +302,7 @@ class Engine:
         state["guard"] = np.array([(r, t) for r, ts in times.items() for t in ts[-limit[r]:]], np.int64).reshape(-1, 2)
 
         new_kernel.import_state(state)
-        arrays = self.profiles.policy_arrays(new_set.channels)
-        new_kernel.set_profiles(arrays["msisdn"], arrays["allowed"], arrays["flags"], arrays["days"])
+        _set_profiles(new_kernel, self.profiles, new_set, attrs)
         # Feedback counts and issued instructions are numbered by the file's rules only.
         n_rules = len(new_rules)
         outcomes = np.zeros((n_rules, len(OUTCOMES)), np.int64)
@@ -304,6 +310,7 @@ class Engine:
         self._issued.renumber_rules(target[:len(old_rules)])
 
         self.ruleset = new_set
+        self._attributes = program["attributes"]
         self._kernel = new_kernel
         self._builder = InstructionBuilder(new_set)
         self._channel_codes = {name: code for code, name in enumerate(new_set.channels)}
@@ -434,8 +441,14 @@ def _kernel_rule_keys(ruleset: RuleSet) -> list[tuple[str, str]]:
 
 
 def _same_definition(old: Rule, new: Rule) -> bool:
-    """Whether a rule's state means the same under `new` as under `old`."""
-    return (old.on, old.where, old.condition) == (new.on, new.where, new.condition)
+    """Whether a rule's state means the same under `new` as under `old` (a changed audience counts as a change)."""
+    return (old.on, old.where, old.condition, old.audience) == (new.on, new.where, new.condition, new.audience)
+
+
+def _set_profiles(kernel: Kernel, store: ProfileStore, ruleset: RuleSet, attrs: np.ndarray) -> None:
+    """Hand a profile store to a kernel: its policy columns and the attribute matrix of the kernel's rules."""
+    arrays = store.policy_arrays(ruleset.channels)
+    kernel.set_profiles(arrays["msisdn"], arrays["allowed"], arrays["flags"], arrays["days"], attrs)
 
 
 def _pylist(values) -> list:

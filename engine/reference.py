@@ -29,6 +29,7 @@ benchmark ratio, never a fallback.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -36,6 +37,7 @@ from zoneinfo import ZoneInfo
 import pyarrow as pa
 
 from engine.calendar import transitions_between
+from engine.compiler import profile_attributes
 from engine.instructions import instruction_id, rule_seed
 from engine.policy import (
     FOREVER,
@@ -61,6 +63,7 @@ from engine.rules import (
     Not,
     Or,
     Prefix,
+    ProfileTest,
     RuleSet,
     Sum,
 )
@@ -78,8 +81,34 @@ _COMPARE = {
 }
 
 
-def evaluate(expr: Expr, event: dict[str, int]) -> bool:
-    """The truth of a where expression for one event."""
+def profile_holds(test: ProfileTest, profile: dict) -> bool:
+    """A profile test on one subscriber's profile (field -> value, null fields left out): false when it lacks the field.
+
+    Integers compare as integers (booleans as 0/1), strings as strings (an
+    integer field as its decimal text); `has` asks whether the list holds the
+    tag (a text field is split as a CSV list is).
+    """
+    value = profile.get(test.field)
+    if value is None:
+        return False
+    if test.op == "has":
+        if isinstance(value, str):
+            text = value.strip(" ;,|")
+            value = re.split(r"[;,| ]+", text) if text else []
+        return test.value in value
+    if test.encoding == "str":
+        value = str(value) if isinstance(value, int) else value
+    else:
+        value = int(value)
+    if test.op == "in":
+        return value in test.value
+    return _COMPARE[test.op](value, test.value)
+
+
+def evaluate(expr: Expr, event: dict[str, int], profile: dict | None = None) -> bool:
+    """The truth of a where expression for one event of a subscriber with `profile` (None: empty)."""
+    if isinstance(expr, ProfileTest):
+        return profile_holds(expr, profile or {})
     if isinstance(expr, Compare):
         return _COMPARE[expr.op](event[expr.column], expr.value)
     if isinstance(expr, InSet):
@@ -88,11 +117,11 @@ def evaluate(expr: Expr, event: dict[str, int]) -> bool:
         value = event[expr.column]
         return value > 0 and any(str(value).startswith(str(p)) for p in expr.prefixes)
     if isinstance(expr, And):
-        return all(evaluate(item, event) for item in expr.items)
+        return all(evaluate(item, event, profile) for item in expr.items)
     if isinstance(expr, Or):
-        return any(evaluate(item, event) for item in expr.items)
+        return any(evaluate(item, event, profile) for item in expr.items)
     if isinstance(expr, Not):
-        return not evaluate(expr.item, event)
+        return not evaluate(expr.item, event, profile)
     raise TypeError(f"not an expression: {expr!r}")
 
 
@@ -127,6 +156,7 @@ class ReferenceEngine:
         self.counters = {name: [0] * n for name in names}
         self.sent_by_channel = [dict.fromkeys(rule.channels, 0) for rule in ruleset.rules]
         self.events = 0
+        self.reads_profile = bool(profile_attributes(ruleset))
         self.profiles = ProfileStore.empty()
         if profiles is not None:
             self.load_profiles(profiles)
@@ -240,24 +270,29 @@ class ReferenceEngine:
         """(rule index, channel, not_before, holdout) of the instruction this event makes, if any."""
         msisdn, ts = event["msisdn"], event["ts"]
         rules = self.ruleset.rules
+        # Looked up at once when a rule tests profile fields, else on the first match: most events match nothing.
+        profile = self.profile(msisdn) if self.reads_profile else None
         for r, rule in enumerate(rules):
             goal = rule.goal
-            if goal is not None and event["kind"] in goal.on and (goal.where is None or evaluate(goal.where, event)):
+            if goal is not None and event["kind"] in goal.on and (
+                    goal.where is None or evaluate(goal.where, event, profile)):
                 for entry in self.open_goals.get((r, msisdn), ()):
                     if not entry[2] and entry[0] < ts <= entry[0] + goal.within:
                         entry[2] = 1
                         self.counters["goal_holdout" if entry[1] else "goal_treated"][r] += 1
                         break
-        profile = None  # looked up on the first match: most events match nothing
         survivors = []
         for r, rule in enumerate(rules):
             if event["kind"] not in rule.on:
                 continue
-            if rule.where is not None and not evaluate(rule.where, event):
+            if rule.where is not None and not evaluate(rule.where, event, profile):
                 continue
             if not self.condition_holds(r, event):
                 continue
             if rule.active is not None and not self.in_period(rule.active, ts):
+                continue
+            # The audience is part of the match, after the condition (whose state has moved) and the period.
+            if rule.audience is not None and not evaluate(rule.audience, event, profile):
                 continue
             self.counters["matched"][r] += 1
             if r in self.paused:
