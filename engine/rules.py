@@ -110,8 +110,9 @@ class ProfileTest:
         """How the kernel reads the field for this test: "int" (integers, booleans 0/1), "str" (hashes), "has"."""
         if self.op == "has":
             return "has"
-        sample = self.value[0] if isinstance(self.value, tuple) else self.value
-        return "str" if isinstance(sample, str) else "int"
+        if isinstance(self.value, tuple):  # `in`: a list never mixes types; a set (maybe from an empty file) holds ints
+            return "str" if self.value and isinstance(self.value[0], str) else "int"
+        return "str" if isinstance(self.value, str) else "int"
 
 
 Expr = Compare | InSet | Prefix | ProfileTest | And | Or | Not

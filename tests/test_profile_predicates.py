@@ -272,3 +272,12 @@ def test_check_prints_profile_tests_in_words(tmp_path, capsys):
     assert ('  audience   profile field tags holds tag "car_owner" and then profile field value_tier is set and is '
             "not 0 (tested at trigger time, after the condition and active period)") in out
     assert out.rstrip().endswith("OK")
+
+
+def test_a_named_set_of_integers_works_on_a_profile_field(tmp_path):
+    (tmp_path / "none.txt").write_text("# switched off\n")
+    text = ("[sets]\nplans = [388, 1]\noff = { file = \"none.txt\" }\n\n"
+            + rules("where", "profile.plan in plans or profile.value_tier in off"))
+    ruleset = parse_rules(text, base=tmp_path)
+    for engine in (Engine(ruleset, profiles=PROFILES), ReferenceEngine(ruleset, profiles=PROFILES)):
+        assert matched_msisdns(engine) == [1]
