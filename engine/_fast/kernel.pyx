@@ -79,6 +79,8 @@ POW10[:] = [1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000,
 cdef int64_t NO_TS = INT64_MIN
 # A profile attribute the subscriber lacks (engine.profiles.PROFILE_MISSING): every test on it is false.
 cdef int64_t MISSING = INT64_MIN
+# row_prow of a chunk row whose profile row has not been looked up yet (-1: it has none).
+cdef int32_t NOT_FOUND_YET = -2
 
 cdef int64_t DAY_MS = 86400000
 cdef int64_t HOUR_MS = 3600000
@@ -1024,29 +1026,29 @@ cdef class Kernel:
             self.sub_profile[sub] = cached
         return cached - 1 if cached > 0 else -1
 
-    cdef void find_profile_rows(self, const int64_t* msisdn, Py_ssize_t base,
-                                const int32_t* bucket_start) noexcept nogil:
-        """row_prow[i] for every chunk row i of a kind in prof_kinds (bucket_start: the chunk's rows by kind).
+    cdef void find_profile_rows(self, const int64_t* msisdn, Py_ssize_t base, const int32_t* rows,
+                                Py_ssize_t n) noexcept nogil:
+        """row_prow[i] for the chunk rows i of rows[0:n] not looked up yet in this chunk (row_prow[i] == NOT_FOUND_YET).
 
-        One probe of prof_table per row, the bucket of the row PREFETCH_DISTANCE
-        ahead requested while this one is probed, as in find_subscribers.  It
-        neither creates subscribers nor touches their state: a row that fails
-        its filter costs this lookup only.
+        Called by a profile test for the rows it runs on, so a row is looked
+        up at most once per chunk, and only when a test reaches it: behind a
+        selective event test (`duration >= 600 and profile.x == 1`) most rows
+        never are.  One probe of prof_table per row, the bucket of the row
+        PREFETCH_DISTANCE ahead requested while this one is probed, as in
+        find_subscribers.  It neither creates subscribers nor touches their
+        state.
         """
-        cdef Py_ssize_t k, j, q, i, n_need = 0
+        cdef Py_ssize_t j, q, i, n_need = 0
         cdef uint64_t mask = <uint64_t>(self.prof_table_capacity - 1)
         cdef int64_t h, key
-        for k in range(32):
-            if not (self.prof_kinds >> k) & 1:
-                continue
-            for j in range(bucket_start[k], bucket_start[k + 1]):
-                i = self.bucket_rows[j]
+        for j in range(n):
+            i = rows[j]
+            if self.row_prow[i] == NOT_FOUND_YET:
                 self.row_prow[i] = -1
-                self.need_rows[n_need] = <int32_t>i
-                self.need_hash[n_need] = mix64(<uint64_t>msisdn[base + i])
-                n_need += 1
-        if self.n_prof == 0:
-            return
+                if self.n_prof:
+                    self.need_rows[n_need] = <int32_t>i
+                    self.need_hash[n_need] = mix64(<uint64_t>msisdn[base + i])
+                    n_need += 1
         for q in range(min(n_need, <Py_ssize_t>PREFETCH_DISTANCE)):
             prefetch(&self.prof_table[self.need_hash[q] & mask])
         for q in range(n_need):
@@ -1061,10 +1063,12 @@ cdef class Kernel:
                     break
                 h = (h + 1) & <int64_t>mask
 
-    cdef void gather_profile(self, Py_ssize_t attr, const int32_t* rows, Py_ssize_t n, int64_t* out) noexcept nogil:
+    cdef void gather_profile(self, Py_ssize_t attr, const int64_t* msisdn, Py_ssize_t base, const int32_t* rows,
+                             Py_ssize_t n, int64_t* out) noexcept nogil:
         """out[j] = attribute attr of chunk row rows[j]'s profile, MISSING without one."""
         cdef Py_ssize_t j
         cdef int32_t prow
+        self.find_profile_rows(msisdn, base, rows, n)
         for j in range(n):
             prow = self.row_prow[rows[j]]
             out[j] = self.prof_attrs[<int64_t>prow * self.n_attrs + attr] if prow >= 0 else MISSING
@@ -1405,7 +1409,8 @@ cdef class Kernel:
             if op.a < N_COLUMNS:
                 gather(&cols[op.a], base, rows, cnt, vals)
             else:
-                self.gather_profile(op.a - N_COLUMNS, rows, cnt, vals)
+                self.gather_profile(op.a - N_COLUMNS, <const int64_t*>cols[MSISDN_COLUMN].data, base, rows, cnt,
+                                    vals)
             if op.code == OP_EQ:
                 for t in range(cnt):
                     out[t] = vals[t] == imm
@@ -1478,8 +1483,9 @@ cdef class Kernel:
                 bucket_fill[kind[base + i]] += 1
                 self.row_head[i] = -1
                 self.row_stateful[i] = 0
-            if self.prof_kinds:
-                self.find_profile_rows(msisdn_col, base, bucket_start)
+            if self.prof_kinds:   # profile rows are looked up when a profile test first reaches a row
+                for i in range(m):
+                    self.row_prow[i] = NOT_FOUND_YET
             n_pairs = 0
             for r in range(self.n_rules):
                 for k in range(32):
