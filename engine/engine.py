@@ -202,14 +202,17 @@ class Engine:
         self._watermark = max(self._watermark, int(ts))
         return INSTRUCTION_SCHEMA.empty_table()
 
-    def reload_rules(self, rules: str | os.PathLike | RuleSet) -> dict[str, list[str]]:
+    def reload_rules(self, rules: str | os.PathLike | RuleSet,
+                     profiles: str | os.PathLike | pa.Table | ProfileStore | None = None) -> dict[str, list[str]]:
         """Swap in new rules while keeping subscribers and the state of unchanged rules.
 
         `rules` is a path or a parsed RuleSet.  A path is read again with its
-        set files.  A file that does not compile
-        raises RulesError before anything changes, and rules testing a profile
-        field the loaded profiles hold in a type they cannot test raise
-        ProfileError: either way the old rules keep running.
+        set files.  `profiles`, when given, replaces the profiles in the same
+        step (as load_profiles would), checked against the new rules.  A file
+        that does not compile raises RulesError before anything changes, and
+        rules testing a profile field the profiles (the new ones, else those
+        loaded) hold in a type they cannot test raise ProfileError: either way
+        the old rules and profiles keep running.
 
         A rule keeps its condition state (windows, last values) and cooldown
         history when a rule of the same id has the same kinds, filter (set
@@ -227,7 +230,8 @@ class Engine:
         new_set = rules if isinstance(rules, RuleSet) else load_rules(rules)
         old_rules, new_rules = self.ruleset.rules, new_set.rules
         program = compile_program(new_set)
-        attrs = self.profiles.attribute_matrix(program["attributes"])  # refuses before anything changes
+        store = self.profiles if profiles is None else ProfileStore.load(profiles)
+        attrs = store.attribute_matrix(program["attributes"])  # refuses before anything changes
         # Presized as the old one was (or to the subscribers it holds), so a reload adds no growth pauses.
         new_kernel = Kernel(program, max(self._kernel.n_subs, self._initial_subscribers))
         # The kernel numbers the file's rules, then one goal filter per rule with a goal (engine.compiler).
@@ -302,7 +306,7 @@ class Engine:
         state["guard"] = np.array([(r, t) for r, ts in times.items() for t in ts[-limit[r]:]], np.int64).reshape(-1, 2)
 
         new_kernel.import_state(state)
-        _set_profiles(new_kernel, self.profiles, new_set, attrs)
+        _set_profiles(new_kernel, store, new_set, attrs)
         # Feedback counts and issued instructions are numbered by the file's rules only.
         n_rules = len(new_rules)
         outcomes = np.zeros((n_rules, len(OUTCOMES)), np.int64)
@@ -310,6 +314,7 @@ class Engine:
         self._issued.renumber_rules(target[:len(old_rules)])
 
         self.ruleset = new_set
+        self.profiles = store
         self._attributes = program["attributes"]
         self._kernel = new_kernel
         self._builder = InstructionBuilder(new_set)

@@ -281,3 +281,17 @@ def test_a_named_set_of_integers_works_on_a_profile_field(tmp_path):
     ruleset = parse_rules(text, base=tmp_path)
     for engine in (Engine(ruleset, profiles=PROFILES), ReferenceEngine(ruleset, profiles=PROFILES)):
         assert matched_msisdns(engine) == [1]
+
+
+def test_a_reload_with_profiles_checks_the_new_rules_against_the_new_profiles():
+    engine = Engine(parse_rules(COUNTED), profiles=PROFILES)  # score is a float here
+    tested = rules("where", "profile.score >= 2")
+    whole = pa.table({"msisdn": [1, 2], "score": [1, 3]})
+    assert engine.reload_rules(parse_rules(tested), profiles=whole)["fresh"] == ["r"]
+    assert engine.profiles.table.column("score").to_pylist() == [1, 3]
+    assert matched_msisdns(engine, make_batch([{"ts": 9, "msisdn": m, "kind": 0} for m in (1, 2)])) == [2]
+    # New profiles the new rules cannot test: refused, the rules and profiles in use stay.
+    with pytest.raises(ProfileError, match="column 'score' is double"):
+        engine.reload_rules(parse_rules(COUNTED.replace("value_tier", "score")), profiles=PROFILES)
+    assert [rule.id for rule in engine.ruleset.rules] == ["r"]
+    assert engine.profiles.table.column("score").to_pylist() == [1, 3]
