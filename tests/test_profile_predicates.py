@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from engine import Engine, parse_rules
+from engine import KIND_CODES, Engine, parse_rules
 from engine.cli import main
 from engine.compiler import compile_program, profile_attributes
 from engine.profiles import PROFILE_MISSING, ProfileError, ProfileStore, string_hash
@@ -295,3 +295,13 @@ def test_a_reload_with_profiles_checks_the_new_rules_against_the_new_profiles():
         engine.reload_rules(parse_rules(COUNTED.replace("value_tier", "score")), profiles=PROFILES)
     assert [rule.id for rule in engine.ruleset.rules] == ["r"]
     assert engine.profiles.table.column("score").to_pylist() == [1, 3]
+
+
+def test_a_goal_filter_can_test_profiles(build):
+    text = ('[[rule]]\nid = "offer"\non = "call_out"\nchannels = ["portal"]\n'
+            'goal = { on = "recharge", where = "profile.segment == \'prepaid\'", within = "1d" }\n')
+    engine = build(text)
+    offers = make_batch([{"ts": 0, "msisdn": m, "kind": 0} for m in SUBSCRIBERS])
+    assert engine.process(offers).num_rows == 4
+    engine.process(make_batch([{"ts": 10, "msisdn": m, "kind": KIND_CODES["recharge"]} for m in SUBSCRIBERS]))
+    assert engine.stats()["rules"]["offer"]["goal"]["treated"] == 1  # only the prepaid subscriber's recharge
