@@ -245,7 +245,9 @@ def rule_tables(draw, index: int, *, cooldown_zero: bool = False, conditions=CON
             lines.append(f"max_per_hour = {draw(st.integers(1, 3))}")
         if draw(st.booleans()):
             kinds = draw(st.lists(st.sampled_from(KIND_POOL), min_size=1, max_size=2, unique=True))
-            goal_where = f', where = "{draw(where_leaves)}"' if draw(st.booleans()) else ""
+            # With profile tests about (audience given), a goal's filter may test profiles too.
+            leaves = where_leaves if audience is None else st.one_of(where_leaves, profile_leaves())
+            goal_where = f', where = "{draw(leaves)}"' if draw(st.booleans()) else ""
             on = ", ".join(f'"{k}"' for k in kinds)
             lines.append(f'goal = {{ on = [{on}]{goal_where}, within = "{draw(st.sampled_from(POLICY_WINDOWS))}" }}')
         if draw(st.integers(1, active_weight)) == 1:
