@@ -22,7 +22,14 @@ from zoneinfo import ZoneInfo
 import pyarrow as pa
 
 from engine.engine import Engine
-from engine.explain import describe_active, describe_condition, describe_filter, rule_warnings
+from engine.explain import (
+    describe_active,
+    describe_audience,
+    describe_condition,
+    describe_filter,
+    describe_profile_fields,
+    rule_warnings,
+)
 from engine.rules import RulesError, RuleSet, format_duration, load_rules, parse_rules
 from engine.schema import KINDS
 from engine.synth import TrafficGenerator
@@ -234,6 +241,12 @@ def run_check(args: argparse.Namespace) -> int:
             ("template", rule.template),
             ("params", ", ".join(rule.params) or "(none)"),
         ]
+        profile_fields = describe_profile_fields(rule)
+        if profile_fields is not None:
+            fields.insert(3, ("profile", profile_fields))
+        if rule.audience is not None:
+            fields.insert(fields.index(("channels", ", ".join(rule.channels))), ("audience",
+                                                                                describe_audience(rule.audience)))
         if rule.holdout:
             fields.append(("holdout", f"{rule.holdout:.0%} of subscribers, recorded and never delivered"))
         if rule.decline_cooldown != policy.decline_cooldown:

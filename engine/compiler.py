@@ -14,6 +14,7 @@ import numpy as np
 
 from engine.calendar import MINUTE_MS, zone_table
 from engine.policy import holdout_seed, holdout_threshold
+from engine.profiles import Attribute, string_hash
 from engine.rules import (
     Absence,
     After,
@@ -28,10 +29,11 @@ from engine.rules import (
     Not,
     Or,
     Prefix,
+    ProfileTest,
     RuleSet,
     Sum,
 )
-from engine.schema import COLUMN_INDEX
+from engine.schema import COLUMN_INDEX, EVENT_COLUMNS
 
 # Mirrors engine/_fast/_types.pxd; tests/test_kernel_types.py checks the sizes.
 OP_DTYPE = np.dtype(
@@ -60,6 +62,8 @@ def _cost(expr: Expr) -> int:
         return 1
     if isinstance(expr, InSet):
         return 2 + len(expr.values).bit_length()
+    if isinstance(expr, ProfileTest):  # a gather through the row's profile row: a random access
+        return 3 + (len(expr.value).bit_length() if expr.op == "in" else 0)
     if isinstance(expr, Prefix):
         return 8 + len({len(str(p)) for p in expr.prefixes}) * 6
     if isinstance(expr, Not):
@@ -72,6 +76,41 @@ def evaluation_order(items: tuple[Expr, ...]) -> list[Expr]:
     return sorted(items, key=_cost)
 
 
+def attribute_of(test: ProfileTest) -> Attribute:
+    """The kernel attribute column a profile test reads (engine.profiles.ProfileStore.attribute_matrix)."""
+    return (test.encoding, test.field, test.value if test.op == "has" else "")
+
+
+def profile_tests(expr: Expr | None) -> list[ProfileTest]:
+    """The profile tests of an expression, in order of appearance."""
+    if expr is None or isinstance(expr, Compare | InSet | Prefix):
+        return []
+    if isinstance(expr, ProfileTest):
+        return [expr]
+    if isinstance(expr, Not):
+        return profile_tests(expr.item)
+    return [test for item in expr.items for test in profile_tests(item)]
+
+
+def profile_attributes(ruleset: RuleSet) -> tuple[Attribute, ...]:
+    """Every profile attribute the rules read (where, audience, goal and absence where), in order of first appearance.
+
+    Kernel attribute k is column N_COLUMNS + k of its ops; Engine.load_profiles
+    builds the matching matrix.
+    """
+    found: dict[Attribute, None] = {}
+    for rule in ruleset.rules:
+        absence = rule.condition if isinstance(rule.condition, Absence) else None
+        for expr in (rule.where, rule.audience, rule.goal.where if rule.goal is not None else None,
+                     absence.where if absence is not None else None):
+            found.update(dict.fromkeys(attribute_of(test) for test in profile_tests(expr)))
+    return tuple(found)
+
+
+def _profile_literal(value: int | bool | str) -> int:
+    return string_hash(value) if isinstance(value, str) else int(value)
+
+
 class _ProgramBuilder:
     """Lowers expressions to ops; registers and lists are numbered afresh per rule.
 
@@ -81,7 +120,8 @@ class _ProgramBuilder:
     a result.
     """
 
-    def __init__(self):
+    def __init__(self, attributes: tuple[Attribute, ...] = ()):
+        self.attribute_index = {attribute: k for k, attribute in enumerate(attributes)}
         self.ops: list[tuple[int, int, int, int, int, int, int]] = []
         self.constants: list[int] = []
         self.digits: list[int] = []
@@ -128,6 +168,17 @@ class _ProgramBuilder:
             prefixes = tuple(sorted(set(expr.prefixes), key=lambda p: (len(str(p)), p)))
             offset = self.pool(prefixes)
             self.op("prefix", dst, COLUMN_INDEX[expr.column], offset, len(prefixes), sel)
+        elif isinstance(expr, ProfileTest):
+            # The kernel reads PROFILE_MISSING as false whatever the op, so `!=` too is false on a missing field.
+            dst = self.register()
+            column = len(EVENT_COLUMNS) + self.attribute_index[attribute_of(expr)]
+            if expr.op == "has":
+                self.op("==", dst, column, 0, 1, sel)
+            elif expr.op == "in":
+                values = tuple(sorted({_profile_literal(v) for v in expr.value}))
+                self.op("in", dst, column, self.pool(values), len(values), sel)
+            else:
+                self.op(expr.op, dst, column, 0, _profile_literal(expr.value), sel)
         elif isinstance(expr, (And, Or)):
             is_and = isinstance(expr, And)
             items = evaluation_order(expr.items)
@@ -172,7 +223,8 @@ def compile_program(ruleset: RuleSet) -> dict[str, np.ndarray | int]:
     goals = [(r, rule.goal) for r, rule in enumerate(ruleset.rules) if rule.goal is not None]
     cancels = [(r, rule.condition) for r, rule in enumerate(ruleset.rules) if isinstance(rule.condition, Absence)]
     n = len(ruleset.rules) + len(goals) + len(cancels)
-    builder = _ProgramBuilder()
+    attributes = profile_attributes(ruleset)
+    builder = _ProgramBuilder(attributes)
     program: dict[str, np.ndarray | int] = {
         "kinds": np.zeros(n, np.uint32),
         "op_begin": np.zeros(n, np.int32),
@@ -188,6 +240,11 @@ def compile_program(ruleset: RuleSet) -> dict[str, np.ndarray | int]:
         "goal_of": np.full(n, -1, np.int32),
         "cancel_of": np.full(n, -1, np.int32),
         "shadow": np.array([rule.shadow for rule in ruleset.rules] + [False] * (n - len(ruleset.rules)), np.uint8),
+        # Audience: a program over profile attributes only, evaluated per match at trigger time.
+        "has_audience": np.zeros(n, np.uint8),
+        "aud_begin": np.zeros(n, np.int32),
+        "aud_end": np.zeros(n, np.int32),
+        "aud_result": np.full(n, -1, np.int32),
     }
     filters = [(rule.on, rule.where) for rule in ruleset.rules] + [(goal.on, goal.where) for _, goal in goals] + [
         (absence.on, absence.where) for _, absence in cancels]
@@ -202,6 +259,13 @@ def compile_program(ruleset: RuleSet) -> dict[str, np.ndarray | int]:
         program["goal_of"][len(ruleset.rules) + k] = owner
     for k, (owner, _) in enumerate(cancels):
         program["cancel_of"][len(ruleset.rules) + len(goals) + k] = owner
+    for r, rule in enumerate(ruleset.rules):
+        program["aud_begin"][r] = len(builder.ops)
+        if rule.audience is not None:
+            builder.start_rule()
+            program["has_audience"][r] = 1
+            program["aud_result"][r] = builder.emit(rule.audience)
+        program["aud_end"][r] = len(builder.ops)
     for r, rule in enumerate(ruleset.rules):
         cond = rule.condition
         program["cond"][r] = CONDITIONS[type(cond) if cond is not None else None]
@@ -223,6 +287,8 @@ def compile_program(ruleset: RuleSet) -> dict[str, np.ndarray | int]:
         program["priority"][r] = rule.priority
     program.update(_sequence_program(ruleset, n))
     program.update(_policy_program(ruleset, n))
+    program["n_attrs"] = len(attributes)
+    program["attributes"] = attributes
     program["ops"] = np.array(builder.ops, dtype=OP_DTYPE) if builder.ops else np.zeros(0, OP_DTYPE)
     program["n_regs"] = builder.max_regs
     program["n_lists"] = builder.max_lists

@@ -475,9 +475,14 @@ class Daemon:
             return
         if self.batcher.n:
             self._process_batch()  # events that arrived before the reload run under the old rules
-        fate = self.engine.reload_rules(ruleset)
-        if profiles is not None:
-            self.engine.load_profiles(profiles)
+        try:
+            # One step: the new rules are checked against the profiles they will run with.
+            fate = self.engine.reload_rules(ruleset, profiles=profiles)
+        except ProfileError as exc:  # a field the new rules test has a type they cannot test
+            self.reloads["refused"] += 1
+            log.error("reload refused; the old rules and profiles keep running", extra={"fields": {"error": str(exc)}})
+            future.set_result((False, str(exc)))
+            return
         self.reloads["ok"] += 1
         log.info("rules reloaded", extra={"fields": {
             "rules": str(self.config.rules), "profiles": len(self.engine.profiles), **fate}})

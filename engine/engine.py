@@ -60,7 +60,9 @@ class Engine:
         self.ruleset = ruleset
         self._initial_subscribers = initial_subscribers
         self._lateness = int(lateness)
-        self._kernel = Kernel(compile_program(ruleset), initial_subscribers, self._lateness)
+        program = compile_program(ruleset)
+        self._attributes = program["attributes"]
+        self._kernel = Kernel(program, initial_subscribers, self._lateness)
         self._builder = InstructionBuilder(ruleset)
         self._channel_codes = {name: code for code, name in enumerate(ruleset.channels)}
         self._events = 0
@@ -88,13 +90,14 @@ class Engine:
     def load_profiles(self, source: str | os.PathLike | pa.Table | ProfileStore) -> None:
         """Replace the subscriber profiles (Parquet, Arrow IPC or CSV file, or an Arrow table).
 
-        Takes effect for every event processed after the call; a table that
-        cannot be used raises engine.ProfileError and leaves the current
+        Takes effect for every event processed after the call (policy columns,
+        `where` and `audience` tests on profile fields); condition state is
+        untouched.  A table that cannot be used (a field the rules test holds
+        floats, say) raises engine.ProfileError and leaves the current
         profiles in place.
         """
         store = ProfileStore.load(source)
-        arrays = store.policy_arrays(self.ruleset.channels)
-        self._kernel.set_profiles(arrays["msisdn"], arrays["allowed"], arrays["flags"], arrays["days"])
+        _set_profiles(self._kernel, store, self.ruleset, store.attribute_matrix(self._attributes))
         self.profiles = store
 
     @classmethod
@@ -226,17 +229,22 @@ class Engine:
         return self._issue(INSTRUCTION_SCHEMA.empty_table(), np.zeros(0, np.int32), empty, empty,
                            np.zeros(0, np.bool_), empty)
 
-    def reload_rules(self, rules: str | os.PathLike | RuleSet) -> dict[str, list[str]]:
+    def reload_rules(self, rules: str | os.PathLike | RuleSet,
+                     profiles: str | os.PathLike | pa.Table | ProfileStore | None = None) -> dict[str, list[str]]:
         """Swap in new rules while keeping subscribers and the state of unchanged rules.
 
         `rules` is a path or a parsed RuleSet.  A path is read again with its
-        set files.  A file that does not compile
-        raises RulesError before anything changes: the old rules keep running.
+        set files.  `profiles`, when given, replaces the profiles in the same
+        step (as load_profiles would), checked against the new rules.  A file
+        that does not compile raises RulesError before anything changes, and
+        rules testing a profile field the profiles (the new ones, else those
+        loaded) hold in a type they cannot test raise ProfileError: either way
+        the old rules and profiles keep running.
 
         A rule keeps its condition state (windows, last values) and cooldown
         history when a rule of the same id has the same kinds, filter (set
         contents included) and condition; a rule whose definition changed
-        starts fresh.  Template, channels, priority, params, cooldown length
+        starts fresh (its where and audience included).  Template, channels, priority, params, cooldown length
         and policy keys may change without losing that state.  What a
         subscriber said about a rule stays with its id whatever changed:
         acceptance, decline cooldowns, open goal windows (while the rule has
@@ -248,9 +256,11 @@ class Engine:
         """
         new_set = rules if isinstance(rules, RuleSet) else load_rules(rules)
         old_rules, new_rules = self.ruleset.rules, new_set.rules
+        program = compile_program(new_set)
+        store = self.profiles if profiles is None else ProfileStore.load(profiles)
+        attrs = store.attribute_matrix(program["attributes"])  # refuses before anything changes
         # Presized as the old one was (or to the subscribers it holds), so a reload adds no growth pauses.
-        new_kernel = Kernel(compile_program(new_set), max(self._kernel.n_subs, self._initial_subscribers),
-                            self._lateness)
+        new_kernel = Kernel(program, max(self._kernel.n_subs, self._initial_subscribers), self._lateness)
         # The kernel numbers the file's rules, then one goal filter per rule with a goal (engine.compiler).
         # source[r]: the old kernel index of new kernel rule r (a rule or goal of the same id), -1 for none;
         # target: the reverse, with one more slot for "every rule" (opt-out) in the blocks map.
@@ -330,8 +340,7 @@ class Engine:
             state[name][switched] = 0
         new_kernel.import_state(state)
         new_kernel.set_clock(self._kernel.max_ts)
-        arrays = self.profiles.policy_arrays(new_set.channels)
-        new_kernel.set_profiles(arrays["msisdn"], arrays["allowed"], arrays["flags"], arrays["days"])
+        _set_profiles(new_kernel, store, new_set, attrs)
         # Feedback counts and issued instructions are numbered by the file's rules only.
         n_rules = len(new_rules)
         outcomes = np.zeros((n_rules, len(OUTCOMES)), np.int64)
@@ -339,6 +348,8 @@ class Engine:
         self._issued.renumber_rules(target[:len(old_rules)])
 
         self.ruleset = new_set
+        self.profiles = store
+        self._attributes = program["attributes"]
         self._kernel = new_kernel
         self._builder = InstructionBuilder(new_set)
         self._channel_codes = {name: code for code, name in enumerate(new_set.channels)}
@@ -474,13 +485,21 @@ def _kernel_rule_keys(ruleset: RuleSet) -> list[tuple[str, str]]:
 def _same_definition(old: Rule, new: Rule) -> bool:
     """Whether a rule's state means the same under `new` as under `old`.
 
-    A pending absence timer keeps the start event's params, so for an
-    absence rule the params are part of its definition.
+    A changed audience counts as a change.  A pending absence timer keeps
+    the start event's params, so for an absence rule the params are part of
+    its definition.
     """
-    def kept_params(rule: Rule) -> tuple[str, ...]:
-        return rule.params if isinstance(rule.condition, Absence) else ()
+    def definition(rule: Rule) -> tuple:
+        kept_params = rule.params if isinstance(rule.condition, Absence) else ()
+        return rule.on, rule.where, rule.condition, rule.audience, kept_params
 
-    return (old.on, old.where, old.condition, kept_params(old)) == (new.on, new.where, new.condition, kept_params(new))
+    return definition(old) == definition(new)
+
+
+def _set_profiles(kernel: Kernel, store: ProfileStore, ruleset: RuleSet, attrs: np.ndarray) -> None:
+    """Hand a profile store to a kernel: its policy columns and the attribute matrix of the kernel's rules."""
+    arrays = store.policy_arrays(ruleset.channels)
+    kernel.set_profiles(arrays["msisdn"], arrays["allowed"], arrays["flags"], arrays["days"], attrs)
 
 
 def _pylist(values) -> list:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from engine.compiler import evaluation_order
+from engine.compiler import evaluation_order, profile_tests
 from engine.rules import (
     Absence,
     Active,
@@ -34,6 +34,7 @@ from engine.rules import (
     Not,
     Or,
     Prefix,
+    ProfileTest,
     Rule,
     RuleSet,
     Sum,
@@ -106,6 +107,44 @@ def describe_filter(expr: Expr | None) -> str:
     return _render(expr, top=True)
 
 
+def describe_audience(audience: Expr | None) -> str:
+    """The audience in words; tested per match, after the condition and the active period."""
+    if audience is None:
+        return "everyone"
+    return f"{_render(audience, top=True)} (tested at trigger time, after the condition and active period)"
+
+
+def describe_profile_fields(rule: Rule) -> str | None:
+    """The profile fields a rule tests, and what a missing one means; None when it tests none."""
+    tests = profile_tests(rule.where) + profile_tests(rule.audience)
+    if not tests:
+        return None
+    fields = ", ".join(dict.fromkeys(test.field for test in tests))
+    return f"{fields}; a test on a field the subscriber's profile lacks is false (no profile: every test false)"
+
+
+def _literal(value: int | bool | str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f'"{value}"' if isinstance(value, str) else str(value)
+
+
+def _render_profile(test: ProfileTest) -> str:
+    field = f"profile field {test.field}"
+    if test.op == "has":
+        return f"{field} holds tag {_literal(test.value)}"
+    if test.op == "in":
+        shown = [_literal(v) for v in test.value]
+        if len(shown) > _SHOWN_VALUES:
+            shown = [*shown[:_SHOWN_VALUES], f"... {len(shown):,} values"]
+        return f"{field} is one of [{', '.join(shown)}]"
+    if test.op == "==":
+        return f"{field} is {_literal(test.value)}"
+    if test.op == "!=":
+        return f"{field} is set and is not {_literal(test.value)}"
+    return f"{field} {test.op} {test.value}"
+
+
 def _values(values: tuple[int, ...], set_name: str | None) -> str:
     if set_name is not None:
         return f"{set_name} ({len(values):,} values)"
@@ -115,6 +154,8 @@ def _values(values: tuple[int, ...], set_name: str | None) -> str:
 
 
 def _render(expr: Expr, top: bool = False) -> str:
+    if isinstance(expr, ProfileTest):
+        return _render_profile(expr)
     if isinstance(expr, Compare):
         return f"{expr.column} {expr.op} {expr.value}"
     if isinstance(expr, InSet):
@@ -184,6 +225,8 @@ def _columns(expr: Expr) -> list[str]:
     """Columns an expression reads, in order of first appearance."""
     if isinstance(expr, Compare | InSet | Prefix):
         return [expr.column]
+    if isinstance(expr, ProfileTest):  # a profile field: never an event column's "not carried" case
+        return []
     if isinstance(expr, Not):
         return _columns(expr.item)
     found: dict[str, None] = {}

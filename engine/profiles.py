@@ -17,17 +17,21 @@ is missing for that subscriber):
 | `contact_days`     | list<int>    | `1;2;3;4;5`    | ISO weekdays for active channels; missing or []: the policy's |
 
 In CSV a list is one field, items separated by `;`, `,`, `|` or spaces.
-Other columns are kept as they are, for the audience and `where` predicates
-over profile attributes that a later release compiles against this table
-(`column(name)` and `rows` are what such a predicate needs: one gather per
-batch, no per-event lookup in Python).
+Other columns are kept as they are, for the `where` and `audience` tests on
+profile fields (`profile.NAME`, docs/rules.md).
 
 `policy_arrays` turns the policy columns into the flat arrays the kernel
-takes (engine/_fast/kernel.pyx, `Kernel.set_profiles`).
+takes (engine/_fast/kernel.pyx, `Kernel.set_profiles`); `attribute_matrix`
+turns the fields the rules test into its int64 attribute columns, one per
+(field, encoding) the compiler lists (engine.compiler.profile_attributes):
+integers as they are, booleans 0/1, strings as `string_hash`, a tag as 0/1
+for "the list holds it", and PROFILE_MISSING where the profile lacks the
+field, which every compiled test reads as false.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -42,6 +46,24 @@ _LIST_COLUMNS = {"opt_out_channels": pa.string(), "channels": pa.string(), "cont
 _LIST_SEPARATOR = r"[;,| ]+"
 ALL_CHANNELS = np.uint64(2**64 - 1)
 PROFILE_OPT_OUT = 1  # bit of the kernel's per-profile flags
+
+
+# An attribute the profile lacks (unknown subscriber, null value, no such column): every test on it is false.
+# Mirrored by the kernel's MISSING; a profile integer of this value is refused.
+PROFILE_MISSING = -(2**63)
+# (kind, field, detail): ("int", name, ""), ("str", name, ""), ("has", name, tag) -- engine.compiler builds them.
+Attribute = tuple[str, str, str]
+
+
+def string_hash(text: str) -> int:
+    """A stable 63-bit hash of a string's UTF-8: how rules and profiles compare strings without a shared dictionary.
+
+    The first 8 bytes of its BLAKE2b digest, big-endian, top bit cleared (so
+    never PROFILE_MISSING).  Two different strings collide with probability
+    2**-63 per pair.
+    """
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & (2**63 - 1)
 
 
 class ProfileError(ValueError):
@@ -185,6 +207,77 @@ class ProfileStore:
             parents = pc.list_parent_indices(flat).to_numpy(zero_copy_only=False)
             np.bitwise_or.at(days, parents, (1 << (values - 1)).astype(np.uint8))
         return {"msisdn": self.msisdn, "allowed": allowed, "flags": flags, "days": days}
+
+    def attribute_matrix(self, attributes: tuple[Attribute, ...]) -> np.ndarray:
+        """The kernel's attribute columns: int64, one row per profile (msisdn order), one column per attribute.
+
+        Raises ProfileError naming the column when a field the rules test has
+        a type they cannot test: floats, structs, maps, a list where a value
+        is compared, or text where an integer is compared.
+        """
+        out = np.full((len(self), len(attributes)), PROFILE_MISSING, np.int64)
+        for a, (kind, name, tag) in enumerate(attributes):
+            column = self.column(name)
+            if column is None or not len(self):
+                continue
+            column = column.combine_chunks()
+            if pa.types.is_dictionary(column.type):
+                column = column.dictionary_decode()
+            valid = column.is_valid().to_numpy(zero_copy_only=False)
+            if kind == "has":
+                values = self._has_tag(name, column, tag)
+            elif kind == "str":
+                values = self._string_hashes(name, column)
+            else:
+                values = self._integers(name, column)
+            out[:, a] = np.where(valid, values, PROFILE_MISSING)
+        return out
+
+    def _unsupported(self, name: str, column: pa.Array, wanted: str) -> ProfileError:
+        return self._fail(f"column {name!r} is {column.type}: the rules test it as {wanted}")
+
+    def _integers(self, name: str, column: pa.Array) -> np.ndarray:
+        if pa.types.is_boolean(column.type):
+            return pc.fill_null(column, False).to_numpy(zero_copy_only=False).astype(np.int64)
+        if pa.types.is_null(column.type):
+            return np.zeros(len(column), np.int64)
+        if pa.types.is_integer(column.type) or pa.types.is_string(column.type) or pa.types.is_large_string(
+                column.type):
+            try:
+                values = pc.fill_null(column.cast(pa.int64()), 0).to_numpy(zero_copy_only=False)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise self._unsupported(name, column, "integers (a value is not a 64-bit integer)") from None
+            if (values == PROFILE_MISSING).any():
+                raise self._fail(f"column {name!r}: {PROFILE_MISSING} is reserved for a missing value")
+            return values
+        raise self._unsupported(name, column, "integers or true/false")
+
+    def _string_hashes(self, name: str, column: pa.Array) -> np.ndarray:
+        if pa.types.is_null(column.type):
+            return np.zeros(len(column), np.int64)
+        if pa.types.is_integer(column.type):  # CSV reads a plan "388" as an integer
+            column = column.cast(pa.string())
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            raise self._unsupported(name, column, "strings")
+        # Hash each distinct value once: profile columns hold few distinct strings (segments, plans).
+        distinct = pc.unique(column).drop_null()
+        hashes = np.array([string_hash(v) for v in distinct.to_pylist()] + [0], np.int64)
+        index = pc.fill_null(pc.index_in(column, value_set=distinct), len(distinct))
+        return hashes[index.to_numpy(zero_copy_only=False)]
+
+    def _has_tag(self, name: str, column: pa.Array, tag: str) -> np.ndarray:
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):  # CSV: "car_owner;vip"
+            text = pc.utf8_trim(column, characters=" ;,|")
+            column = pc.if_else(pc.equal(text, ""), pa.scalar([], pa.list_(pa.string())),
+                                pc.split_pattern_regex(text, _LIST_SEPARATOR))
+        if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)) or not (
+                pa.types.is_string(column.type.value_type) or pa.types.is_large_string(column.type.value_type)):
+            raise self._unsupported(name, column, "a list of strings (has)")
+        found = np.zeros(len(column), np.int64)
+        hit = pc.fill_null(pc.equal(pc.list_flatten(column), tag), False).to_numpy(zero_copy_only=False)
+        parents = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+        found[parents[hit]] = 1
+        return found
 
     @staticmethod
     def _channel_mask(column: pa.ChunkedArray, channels: tuple[str, ...]) -> np.ndarray:

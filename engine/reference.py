@@ -31,6 +31,7 @@ benchmark ratio, never a fallback.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -65,6 +66,7 @@ from engine.rules import (
     Not,
     Or,
     Prefix,
+    ProfileTest,
     RuleSet,
     Sum,
 )
@@ -82,8 +84,34 @@ _COMPARE = {
 }
 
 
-def evaluate(expr: Expr, event: dict[str, int]) -> bool:
-    """The truth of a where expression for one event."""
+def profile_holds(test: ProfileTest, profile: dict) -> bool:
+    """A profile test on one subscriber's profile (field -> value, null fields left out): false when it lacks the field.
+
+    Integers compare as integers (booleans as 0/1), strings as strings (an
+    integer field as its decimal text); `has` asks whether the list holds the
+    tag (a text field is split as a CSV list is).
+    """
+    value = profile.get(test.field)
+    if value is None:
+        return False
+    if test.op == "has":
+        if isinstance(value, str):
+            text = value.strip(" ;,|")
+            value = re.split(r"[;,| ]+", text) if text else []
+        return test.value in value
+    if test.encoding == "str":
+        value = str(value) if isinstance(value, int) else value
+    else:
+        value = int(value)
+    if test.op == "in":
+        return value in test.value
+    return _COMPARE[test.op](value, test.value)
+
+
+def evaluate(expr: Expr, event: dict[str, int], profile: dict | None = None) -> bool:
+    """The truth of a where expression for one event of a subscriber with `profile` (None: empty)."""
+    if isinstance(expr, ProfileTest):
+        return profile_holds(expr, profile or {})
     if isinstance(expr, Compare):
         return _COMPARE[expr.op](event[expr.column], expr.value)
     if isinstance(expr, InSet):
@@ -92,11 +120,11 @@ def evaluate(expr: Expr, event: dict[str, int]) -> bool:
         value = event[expr.column]
         return value > 0 and any(str(value).startswith(str(p)) for p in expr.prefixes)
     if isinstance(expr, And):
-        return all(evaluate(item, event) for item in expr.items)
+        return all(evaluate(item, event, profile) for item in expr.items)
     if isinstance(expr, Or):
-        return any(evaluate(item, event) for item in expr.items)
+        return any(evaluate(item, event, profile) for item in expr.items)
     if isinstance(expr, Not):
-        return not evaluate(expr.item, event)
+        return not evaluate(expr.item, event, profile)
     raise TypeError(f"not an expression: {expr!r}")
 
 
@@ -266,9 +294,11 @@ class ReferenceEngine:
         """(rule index, channel, not_before, holdout) of the instruction this event makes, if any."""
         msisdn, ts = event["msisdn"], event["ts"]
         rules = self.ruleset.rules
+        profile = self.profile(msisdn)
         for r, rule in enumerate(rules):
             goal = rule.goal
-            if goal is not None and event["kind"] in goal.on and (goal.where is None or evaluate(goal.where, event)):
+            if goal is not None and event["kind"] in goal.on and (
+                    goal.where is None or evaluate(goal.where, event, profile)):
                 for entry in self.open_goals.get((r, msisdn), ()):
                     if not entry[2] and entry[0] < ts <= entry[0] + goal.within:
                         entry[2] = 1
@@ -278,20 +308,22 @@ class ReferenceEngine:
         for r, rule in enumerate(rules):
             absence = rule.condition
             if isinstance(absence, Absence) and (r, msisdn) in self.timers and event["kind"] in absence.on and (
-                    absence.where is None or evaluate(absence.where, event)):
+                    absence.where is None or evaluate(absence.where, event, profile)):
                 start = self.timers[(r, msisdn)][0]
                 if start <= ts < start + absence.within:
                     del self.timers[(r, msisdn)]
-        profile = self.profile(msisdn)
         survivors, shadows, matched = [], [], []
         for r, rule in enumerate(rules):
             if event["kind"] not in rule.on:
                 continue
-            if rule.where is not None and not evaluate(rule.where, event):
+            if rule.where is not None and not evaluate(rule.where, event, profile):
                 continue
             if not self.condition_holds(r, event):
                 continue
             if rule.active is not None and not self.in_period(rule.active, ts):
+                continue
+            # The audience is part of the match, after the condition (whose state has moved) and the period.
+            if rule.audience is not None and not evaluate(rule.audience, event, profile):
                 continue
             self.counters["matched"][r] += 1
             matched.append(r)
@@ -409,10 +441,12 @@ class ReferenceEngine:
         rule = self.ruleset.rules[r]
         if rule.active is not None and not self.in_period(rule.active, t):
             return None
+        profile = self.profile(msisdn)
+        if rule.audience is not None and not evaluate(rule.audience, {}, profile):
+            return None
         self.counters["matched"][r] += 1
         if r in self.followed:
             self.matches[(r, msisdn)].append(t)
-        profile = self.profile(msisdn)
         if not self.admit(r, msisdn, t, profile):
             return None
         decision = self.deliver(r, msisdn, t, profile)

@@ -13,10 +13,17 @@ The `where` language is a small, closed grammar (docs/rules.md):
     test    := COLUMN OP INTEGER
              | COLUMN ["not"] "in" (LIST | SETNAME)
              | COLUMN "prefix" (INTEGER | LIST | SETNAME)
+             | PROFILE OP INTEGER | PROFILE ("==" | "!=") (STRING | "true" | "false")
+             | PROFILE ["not"] "in" (LIST | STRINGS)
+             | PROFILE "has" STRING
     OP      := "==" | "!=" | "<" | "<=" | ">" | ">="
     LIST    := "[" INTEGER ("," INTEGER)* [","] "]"
+    STRINGS := "[" STRING ("," STRING)* [","] "]"
+    PROFILE := "profile." NAME
+    STRING  := '"' characters '"' | "'" characters "'"     (no escapes)
 
-Nothing in a rules file is ever evaluated as Python.
+An `audience` is the same language over profile fields only.  Nothing in a
+rules file is ever evaluated as Python.
 """
 
 from __future__ import annotations
@@ -83,7 +90,32 @@ class Not:
     item: Expr
 
 
-Expr = Compare | InSet | Prefix | And | Or | Not
+@dataclass(frozen=True)
+class ProfileTest:
+    """A test on a field of the subscriber's profile (SPEC section 8), written `profile.FIELD ...`.
+
+    `op` is one of == != < <= > >= (value an int, or for == and != also a
+    str or bool), `in` (value a sorted tuple of ints or of strs) or `has`
+    (value a str: the field is a list of strings holding it).  The test is
+    false when the profile lacks the field: unknown subscriber, null value,
+    or no such column.
+    """
+
+    field: str
+    op: str
+    value: int | bool | str | tuple[int, ...] | tuple[str, ...]
+
+    @property
+    def encoding(self) -> str:
+        """How the kernel reads the field for this test: "int" (integers, booleans 0/1), "str" (hashes), "has"."""
+        if self.op == "has":
+            return "has"
+        if isinstance(self.value, tuple):  # `in`: a list never mixes types; a set (maybe from an empty file) holds ints
+            return "str" if self.value and isinstance(self.value[0], str) else "int"
+        return "str" if isinstance(self.value, str) else "int"
+
+
+Expr = Compare | InSet | Prefix | ProfileTest | And | Or | Not
 
 
 @dataclass(frozen=True)
@@ -212,6 +244,8 @@ class Rule:
     priority: int
     cooldown: int  # milliseconds, 0 = none
     where_text: str = ""
+    audience: Expr | None = None  # profile tests only; None: every subscriber
+    audience_text: str = ""
     holdout: float = 0.0  # fraction of subscribers in the control group, [0, 1)
     decline_cooldown: int = 0  # milliseconds the rule rests for a subscriber after `declined`
     max_per_hour: int = 0  # guardrail: more instructions than this within an hour pauses the rule; 0 = none
@@ -325,9 +359,10 @@ def format_duration(ms: int) -> str:
 # The `where` expression parser.
 
 _TOKEN = re.compile(
-    r"\s*(?:(?P<int>-?\d[\d_]*)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<op>==|!=|<=|>=|<|>)|(?P<punct>[()\[\],]))"
+    r"\s*(?:(?P<int>-?\d[\d_]*)|(?P<profile>profile\.[A-Za-z_][A-Za-z0-9_]*)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
+    r"|(?P<op>==|!=|<=|>=|<|>)|(?P<punct>[()\[\],])|(?P<str>\"[^\"\\]*\"|'[^'\\]*'))"
 )
-_KEYWORDS = {"and", "or", "not", "in", "prefix"}
+_KEYWORDS = {"and", "or", "not", "in", "prefix", "has", "true", "false"}
 
 
 class _ExprSyntaxError(Exception):
@@ -335,9 +370,10 @@ class _ExprSyntaxError(Exception):
 
 
 class _Parser:
-    def __init__(self, text: str, sets: dict[str, tuple[int, ...]]):
+    def __init__(self, text: str, sets: dict[str, tuple[int, ...]], profile_only: bool = False):
         self.text = text
         self.sets = sets
+        self.profile_only = profile_only
         self.tokens: list[tuple[str, str]] = []
         pos = 0
         while pos < len(text):
@@ -399,12 +435,22 @@ class _Parser:
         return self.parse_test()
 
     def parse_test(self) -> Expr:
+        if self.peek()[0] == "profile":
+            return self.parse_profile_test()
+        if self.profile_only:
+            found = self.peek()[1] or "end of expression"
+            raise _ExprSyntaxError(f"an audience tests profile fields only (profile.NAME), not {found!r}")
         _, column = self.take("name")
         if column not in EVENT_COLUMNS:
             raise _ExprSyntaxError(f"unknown column {column!r} (columns: {', '.join(EVENT_COLUMNS)})")
         kind, value = self.take()
         if kind == "op":
+            if self.peek()[0] in ("str", "true", "false"):
+                raise _ExprSyntaxError(f"{column!r} is an event column: it compares with integers; strings and "
+                                       "true/false compare with profile fields (profile.NAME)")
             return Compare(column, value, self.integer(self.take("int")[1]))
+        if kind == "has":
+            raise _ExprSyntaxError(f"'has' tests a list of a profile field (profile.NAME), not {column!r}")
         if kind == "in":
             values, set_name = self.values()
             return InSet(column, values, set_name)
@@ -422,6 +468,60 @@ class _Parser:
                     raise _ExprSyntaxError(f"a prefix is a positive number, not {p}")
             return Prefix(column, prefixes, set_name)
         raise _ExprSyntaxError(f"expected a comparison, 'in' or 'prefix' after {column!r}, found {value or 'end'!r}")
+
+    def parse_profile_test(self) -> Expr:
+        _, name = self.take("profile")
+        field = name.split(".", 1)[1]
+        kind, value = self.take()
+        if kind == "op":
+            literal_kind, literal = self.take()
+            if literal_kind == "int":
+                return ProfileTest(field, value, self.integer(literal))
+            if literal_kind in ("str", "true", "false"):
+                if value not in ("==", "!="):
+                    raise _ExprSyntaxError(f"{value!r} orders integers; a string or true/false takes == or !=")
+                if literal_kind == "str":
+                    return ProfileTest(field, value, literal[1:-1])
+                return ProfileTest(field, value, literal_kind == "true")
+            raise _ExprSyntaxError(f"expected an integer, a string or true/false after {name} {value}, "
+                                   f"found {literal or 'end'!r}")
+        if kind == "in":
+            return ProfileTest(field, "in", self.profile_values(name))
+        if kind == "not" and self.peek()[0] == "in":
+            self.take()
+            return Not(ProfileTest(field, "in", self.profile_values(name)))
+        if kind == "has":
+            literal_kind, literal = self.take()
+            if literal_kind != "str":
+                raise _ExprSyntaxError(f"'has' takes a string tag, e.g. {name} has \"car_owner\"")
+            return ProfileTest(field, "has", literal[1:-1])
+        raise _ExprSyntaxError(f"expected a comparison, 'in' or 'has' after {name}, found {value or 'end'!r}")
+
+    def profile_values(self, name: str) -> tuple[int, ...] | tuple[str, ...]:
+        """A literal list of integers or of strings (never mixed) after `profile.NAME in`; or a named set."""
+        if self.peek()[0] == "name":
+            return self.values()[0]
+        if self.peek() != ("punct", "["):
+            raise _ExprSyntaxError(f"expected a list [...] or a set name after {name} in, "
+                                   f"found {self.peek()[1] or 'end'!r}")
+        self.take()
+        items: list[tuple[str, str]] = []
+        while True:
+            items.append(self.take())
+            sep = self.take("punct")[1]
+            if sep == "]":
+                break
+            if sep != ",":
+                raise _ExprSyntaxError("expected ',' or ']' in a list")
+            if self.peek() == ("punct", "]"):
+                self.take()
+                break
+        kinds = {kind for kind, _ in items}
+        if kinds == {"int"}:
+            return tuple(sorted({self.integer(text) for _, text in items}))
+        if kinds == {"str"}:
+            return tuple(sorted({text[1:-1] for _, text in items}))
+        raise _ExprSyntaxError(f"a list after {name} in holds integers or strings, not both nor anything else")
 
     def values(self) -> tuple[tuple[int, ...], str | None]:
         kind, value = self.peek()
@@ -455,10 +555,10 @@ class _Parser:
         return value
 
 
-def parse_where(text: str, sets: dict[str, tuple[int, ...]] | None = None) -> Expr:
-    """Parse one `where` expression; raises ValueError with the reason."""
+def parse_where(text: str, sets: dict[str, tuple[int, ...]] | None = None, profile_only: bool = False) -> Expr:
+    """Parse one `where` expression (an `audience` with profile_only); raises ValueError with the reason."""
     try:
-        return _Parser(text, sets or {}).parse()
+        return _Parser(text, sets or {}, profile_only).parse()
     except _ExprSyntaxError as exc:
         raise ValueError(str(exc)) from None
 
@@ -468,7 +568,7 @@ def parse_where(text: str, sets: dict[str, tuple[int, ...]] | None = None) -> Ex
 
 _RULE_KEYS = {
     "id", "on", "where", "channels", "template", "params", "priority", "cooldown", *CONDITION_KEYS,
-    "holdout", "decline_cooldown", "max_per_hour", "goal", "active", "shadow",
+    "holdout", "decline_cooldown", "max_per_hour", "goal", "active", "shadow", "audience",
 }
 _TOP_KEYS = {"policy", "sets", "rule"}
 _POLICY_KEYS = {
@@ -519,6 +619,8 @@ class _RuleBuilder:
             raise self.fail("a rule has at most one stateful condition", ", ".join(conditions))
         where_text = t.get("where", "")
         where = self.where("where", where_text)
+        audience_text = t.get("audience", "")
+        audience = self.where("audience", audience_text, profile_only=True)
         return Rule(
             id=t["id"],
             on=self.kinds(),
@@ -530,6 +632,8 @@ class _RuleBuilder:
             priority=self.integer("priority", default=0),
             cooldown=self.duration("cooldown", default=self.policy.cooldown),
             where_text=where_text,
+            audience=audience,
+            audience_text=audience_text,
             holdout=self.holdout(),
             decline_cooldown=self.duration("decline_cooldown", default=self.policy.decline_cooldown),
             max_per_hour=self.max_per_hour(),
@@ -538,11 +642,11 @@ class _RuleBuilder:
             shadow=self.boolean("shadow", default=False),
         )
 
-    def where(self, key: str, text: object) -> Expr | None:
+    def where(self, key: str, text: object, profile_only: bool = False) -> Expr | None:
         if not isinstance(text, str):
             raise self.fail(f"'{key}' must be a string", text)
         try:
-            return parse_where(text, self.sets) if text.strip() else None
+            return parse_where(text, self.sets, profile_only) if text.strip() else None
         except ValueError as exc:
             raise self.fail(f"{key}: {exc}", text) from None
 

@@ -682,6 +682,38 @@ cooldown = "0s"
         (1_000, 8613800000002), (2_000, 8613800000001)]
 
 
+def test_a_reload_whose_profile_tests_the_profiles_cannot_serve_is_refused(tmp_path, daemons, sockets, batch):
+    rules = """
+[[rule]]
+id = "gold"
+on = "call_out"
+where = "profile.segment == 'gold'"
+channels = ["sms"]
+template = "t"
+cooldown = "0s"
+"""
+    (tmp_path / "profiles.csv").write_text("msisdn,segment,score\n8613800000001,gold,1.5\n", encoding="utf-8")
+    endpoint = f"ipc://{tmp_path}/switch"
+    config = config_text(tmp_path, f'[inputs.switch]\nendpoint = "{endpoint}"\n', extra='profiles = "profiles.csv"')
+    daemon = daemons(tmp_path, config, rules)
+    feeder = sockets.push(endpoint)
+
+    def call(ts: int, total: int) -> None:
+        feeder.send(arrow_message(pa.RecordBatch.from_pydict(batch([{"ts": ts, "msisdn": 8613800000001, "kind": 0}]))))
+        daemon.wait_for_metric("kairos_events_total", total)
+
+    call(1_000, 1)
+    # score holds floats: a rule testing it is refused, and the rules and profiles in use stay.
+    (tmp_path / "rules.toml").write_text(rules.replace("profile.segment == 'gold'", "profile.score >= 1"),
+                                         encoding="utf-8")
+    status, reply = daemon.post("/control/reload")
+    assert status == 400 and not reply["ok"] and "column 'score'" in reply["message"], reply
+    call(2_000, 2)
+    assert daemon.metric("kairos_rules_reloads_total", result="refused") == 1
+    assert daemon.stop() == 0
+    assert [r["ts"] for r in file_instructions(tmp_path / "out")] == [1_000, 2_000]
+
+
 def test_an_oversized_message_cuts_its_sender_off_and_is_counted(tmp_path, daemons, sockets):
     batches = traffic(events=4_000, batch=1_000)
     small, big = arrow_message(batches[0]), arrow_message(pa.concat_batches(batches[1:]))

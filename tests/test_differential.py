@@ -195,7 +195,8 @@ def bucketed_conditions(draw, key: str, windows: tuple[str, ...]) -> str:
 
 @st.composite
 def rule_tables(draw, index: int, *, n_rules: int = 1, cooldown_zero: bool = False, conditions=CONDITIONS,
-                where=where_texts, policy: bool = False, active_weight: int = 4, shadow: bool = True):
+                where=where_texts, policy: bool = False, active_weight: int = 4, shadow: bool = True,
+                audience=None):
     lines = ["[[rule]]", f'id = "r{index}"']
     kinds = draw(st.lists(st.sampled_from(KIND_POOL), min_size=1, max_size=3, unique=True))
     if len(kinds) == 1 and draw(st.booleans()):
@@ -204,6 +205,8 @@ def rule_tables(draw, index: int, *, n_rules: int = 1, cooldown_zero: bool = Fal
         lines.append("on = [" + ", ".join(f'"{k}"' for k in kinds) + "]")
     if draw(st.booleans()):
         lines.append(f'where = "{draw(where)}"')
+    if audience is not None and draw(st.booleans()):
+        lines.append(f'audience = "{draw(audience)}"')
     condition = draw(st.sampled_from(conditions))
     windows = POLICY_WINDOWS if policy else WINDOWS
     if condition == "count":
@@ -221,7 +224,7 @@ def rule_tables(draw, index: int, *, n_rules: int = 1, cooldown_zero: bool = Fal
         lines.append(f'after = {{ rule = "r{followed}", within = "{draw(st.sampled_from(windows))}" }}')
     elif condition == "absence":
         kinds = draw(st.lists(st.sampled_from(KIND_POOL), min_size=1, max_size=2, unique=True))
-        cancel_where = f', where = "{draw(where_leaves)}"' if draw(st.booleans()) else ""
+        cancel_where = f', where = "{draw(where)}"' if draw(st.booleans()) else ""
         on = ", ".join(f'"{k}"' for k in kinds)
         lines.append(f'absence = {{ on = [{on}]{cancel_where}, within = "{draw(st.sampled_from(windows))}" }}')
     if shadow and draw(st.integers(0, 5)) == 0:
@@ -254,7 +257,9 @@ def rule_tables(draw, index: int, *, n_rules: int = 1, cooldown_zero: bool = Fal
             lines.append(f"max_per_hour = {draw(st.integers(1, 3))}")
         if draw(st.booleans()):
             kinds = draw(st.lists(st.sampled_from(KIND_POOL), min_size=1, max_size=2, unique=True))
-            goal_where = f', where = "{draw(where_leaves)}"' if draw(st.booleans()) else ""
+            # With profile tests about (audience given), a goal's filter may test profiles too.
+            leaves = where_leaves if audience is None else st.one_of(where_leaves, profile_leaves())
+            goal_where = f', where = "{draw(leaves)}"' if draw(st.booleans()) else ""
             on = ", ".join(f'"{k}"' for k in kinds)
             lines.append(f'goal = {{ on = [{on}]{goal_where}, within = "{draw(st.sampled_from(POLICY_WINDOWS))}" }}')
         if draw(st.integers(1, active_weight)) == 1:
@@ -288,7 +293,7 @@ def policy_tables(draw) -> str:
 @st.composite
 def rules_files(draw, *, min_rules: int = 1, max_rules: int = 6, cooldown_zero: bool = False,
                 conditions=CONDITIONS, where=where_texts, policy: bool = False,
-                active_weight: int = 4, shadow: bool = True) -> str:
+                active_weight: int = 4, shadow: bool = True, audience=None) -> str:
     parts = []
     if policy:
         parts.append(draw(policy_tables()))
@@ -299,7 +304,7 @@ def rules_files(draw, *, min_rules: int = 1, max_rules: int = 6, cooldown_zero: 
     for i in range(n):
         parts.append(draw(rule_tables(i, n_rules=n, cooldown_zero=cooldown_zero, conditions=conditions,
                                       where=where, policy=policy, active_weight=active_weight,
-                                      shadow=shadow)) + "\n")
+                                      shadow=shadow, audience=audience)) + "\n")
     text = "\n".join(parts)
     parse_rules(text)  # the generator only writes valid files
     return text
@@ -353,9 +358,9 @@ def scenarios(draw, rules=None, **stream_options):
 
 
 @st.composite
-def profile_tables(draw, msisdns=MSISDNS) -> pa.Table:
+def profile_tables(draw, msisdns=MSISDNS, min_size: int = 0) -> pa.Table:
     """Profiles for some of the subscribers, with every policy key present, null or absent."""
-    chosen = draw(st.lists(st.sampled_from(msisdns), max_size=len(msisdns), unique=True))
+    chosen = draw(st.lists(st.sampled_from(msisdns), min_size=min_size, max_size=len(msisdns), unique=True))
     n = len(chosen)
     channel_lists = st.one_of(st.none(), st.lists(st.sampled_from(PROFILE_CHANNELS), max_size=3, unique=True))
     columns = {"msisdn": pa.array(chosen, pa.int64())}
@@ -372,13 +377,90 @@ def profile_tables(draw, msisdns=MSISDNS) -> pa.Table:
     return pa.table(columns)
 
 
+# ---------------------------------------------------------------------------
+# Profile tests: fields of every type the rules test, present, null, or absent from the table.
+
+SEGMENTS = ("prepaid", "postpaid", "s0", "全球通")  # a non-ASCII string hashes by its UTF-8 like any other
+PLANS = (128, 388, 588)
+TAGS = ("car_owner", "vip", "traveller")
+
+
 @st.composite
-def policy_scenarios(draw, max_size: int = 60, active_weight: int = 4):
+def profile_leaves(draw) -> str:
+    """One profile test on a field of profile_attribute_tables, or on `ghost`, a field no table has."""
+    shape = draw(st.integers(0, 9))
+    op = draw(st.sampled_from(("==", "!=", "<", "<=", ">", ">=")))
+    if shape == 0:
+        return f"profile.segment {draw(st.sampled_from(('==', '!=')))} '{draw(st.sampled_from(SEGMENTS))}'"
+    if shape == 1:
+        values = draw(st.lists(st.sampled_from(SEGMENTS + ("gold",)), min_size=1, max_size=3))
+        negated = "not in" if draw(st.booleans()) else "in"
+        return f"profile.segment {negated} [" + ", ".join(f"'{v}'" for v in values) + "]"
+    if shape == 2:  # an integer field tested as text (a CSV plan column reads as integers)
+        values = draw(st.lists(st.sampled_from(PLANS + (999,)), min_size=1, max_size=3))
+        return "profile.plan in [" + ", ".join(f"'{v}'" for v in values) + "]"
+    if shape == 3:
+        return f"profile.plan {op} {draw(st.sampled_from(PLANS + (387, 389)))}"
+    if shape == 4:
+        return f"profile.value_tier {op} {draw(st.integers(-1, 6))}"
+    if shape == 5:
+        values = draw(st.lists(st.integers(0, 5), min_size=1, max_size=3))
+        negated = "not in" if draw(st.booleans()) else "in"
+        return f"profile.value_tier {negated} {values}"
+    if shape == 6:
+        return f"profile.car_owner {draw(st.sampled_from(('==', '!=')))} {draw(st.sampled_from(('true', 'false')))}"
+    if shape == 7:
+        return f"profile.tags has '{draw(st.sampled_from(TAGS + ('none',)))}'"
+    if shape == 8:
+        return f"profile.car_owner {op} {draw(st.integers(-1, 2))}"  # a boolean field read as 0/1
+    return draw(st.sampled_from(("profile.ghost == 1", "profile.ghost != 'x'", "not profile.ghost has 'x'")))
+
+
+profile_where_texts = st.recursive(st.one_of(where_leaves, profile_leaves(), profile_leaves()), _combine,
+                                   max_leaves=5)
+audience_texts = st.recursive(profile_leaves(), _combine, max_leaves=4)
+deep_profile_where_texts = st.recursive(st.one_of(where_leaves, profile_leaves(), profile_leaves()), _combine,
+                                        max_leaves=12)
+
+
+@st.composite
+def profile_attribute_tables(draw, msisdns=MSISDNS) -> pa.Table:
+    """profile_tables (policy keys) plus the tested fields, each present or not, with nulls."""
+    table = draw(profile_tables(msisdns, min_size=len(msisdns) - 1))
+    n = table.num_rows
+    fields = {
+        "segment": (st.sampled_from((None,) + SEGMENTS), pa.string()),
+        "plan": (st.sampled_from((None,) + PLANS), pa.int64()),
+        "value_tier": (st.one_of(st.none(), st.integers(0, 5)), pa.int32()),
+        "car_owner": (st.sampled_from((None, True, False)), pa.bool_()),
+        "tags": (st.one_of(st.none(), st.lists(st.sampled_from(TAGS), max_size=2)), pa.list_(pa.string())),
+    }
+    for name, (values, kind) in fields.items():
+        if draw(st.integers(0, 4)):
+            column = pa.array(draw(st.lists(values, min_size=n, max_size=n)), kind)
+            table = table.set_column(table.column_names.index(name), name, column) if (
+                name in table.column_names) else table.append_column(name, column)
+    return table
+
+
+@st.composite
+def profile_scenarios(draw, msisdns=MSISDNS, max_size: int = 60, where=profile_where_texts, **rule_options):
+    """(rules text with profile tests in where and audience, event stream, profiles or None)."""
+    text = draw(rules_files(where=where, audience=audience_texts, **rule_options))
+    used = sorted({code for rule in parse_rules(text).rules for code in rule.on})
+    stream = draw(event_streams(kind_pool=tuple(used), msisdns=msisdns, max_size=max_size))
+    profiles = draw(profile_attribute_tables(msisdns)) if draw(st.integers(0, 4)) else None
+    return text, stream, profiles
+
+
+@st.composite
+def policy_scenarios(draw, max_size: int = 60, active_weight: int = 4, where=where_texts, audience=None,
+                     profiles=None):
     """(rules text, event stream, profiles, cuts, feedback choices) for the policy tests."""
-    text = draw(rules_files(policy=True, active_weight=active_weight))
+    text = draw(rules_files(policy=True, active_weight=active_weight, where=where, audience=audience))
     used = sorted({code for rule in parse_rules(text).rules for code in rule.on})
     stream = draw(event_streams(kind_pool=tuple(used), policy=True, max_size=max_size))
-    profiles = draw(profile_tables()) if draw(st.integers(0, 3)) else None
+    profiles = draw(profiles if profiles is not None else profile_tables()) if draw(st.integers(0, 3)) else None
     cuts = draw(st.lists(st.integers(0, max_size), max_size=4))
     # Per batch boundary: (index into that batch's instructions or -1 for an unknown id, outcome, delay).
     outcomes = ("delivered", "failed", "accepted", "declined", "considering", "opt_out", "bogus")
@@ -717,6 +799,112 @@ def test_sum_and_distinct_equal_reference(scenario, cuts):
     describe(text, columns)
     kernel = Engine(parse_rules(text), initial_subscribers=1)
     reference = ReferenceEngine(parse_rules(text))
+    got = concat([kernel.process(part) for part in slices(columns, cuts)])
+    assert_same_table(got, reference.process(columns))
+    assert_same_counters(kernel, reference)
+
+
+# ---------------------------------------------------------------------------
+# Profile tests in where and audience.
+
+
+@given(scenario=profile_scenarios(), cuts=st.lists(st.integers(0, 60), max_size=3))
+def test_profile_tests_kernel_equals_reference(scenario, cuts):
+    """Random profile tests (every type, missing fields, unknown subscribers) in where and audience: identical."""
+    text, columns, profiles = scenario
+    describe(text, columns)
+    note(f"profiles: {None if profiles is None else profiles.to_pylist()}")
+    kernel = Engine(parse_rules(text), profiles=profiles, initial_subscribers=1)
+    reference = ReferenceEngine(parse_rules(text), profiles=profiles)
+    got = concat([kernel.process(part) for part in slices(columns, cuts)])
+    assert_same_table(got, reference.process(columns))
+    assert_same_counters(kernel, reference)
+
+
+@given(scenario=policy_scenarios(where=profile_where_texts, audience=audience_texts,
+                                 profiles=profile_attribute_tables()))
+def test_profile_tests_with_policy_and_feedback(scenario):
+    """Profile tests beside every policy step, goals (whose where may test profiles too) and feedback."""
+    text, columns, profiles, cuts, feedback = scenario
+    describe(text, columns)
+    note(f"profiles: {None if profiles is None else profiles.to_pylist()}")
+    parts = slices(columns, cuts)
+    kernel = Engine(parse_rules(text), profiles=profiles)
+    reference = ReferenceEngine(parse_rules(text), profiles=profiles)
+    got, got_results = run_with_feedback(kernel, parts, feedback)
+    expected, expected_results = run_with_feedback(reference, parts, feedback)
+    assert_same_table(concat(got), concat(expected))
+    assert got_results == expected_results
+    assert_same_counters(kernel, reference)
+
+
+@settings(max_examples=max(5, settings().max_examples // 4))
+@given(scenario=profile_scenarios(), other=profile_attribute_tables(), cuts=st.lists(st.integers(0, 60), max_size=4))
+def test_profiles_replaced_between_batches_change_matches(scenario, other, cuts):
+    """load_profiles mid-stream: later batches see the new profiles; condition state carries on, in both."""
+    text, columns, profiles = scenario
+    describe(text, columns)
+    note(f"profiles: {None if profiles is None else profiles.to_pylist()}; then {other.to_pylist()}")
+    kernel = Engine(parse_rules(text), profiles=profiles)
+    reference = ReferenceEngine(parse_rules(text), profiles=profiles)
+    got, expected = [], []
+    for k, part in enumerate(slices(columns, cuts)):
+        if k % 2 == 1:
+            table = other if k % 4 == 1 else (profiles if profiles is not None else other)
+            kernel.load_profiles(table)
+            reference.load_profiles(table)
+        got.append(kernel.process(part))
+        expected.append(reference.process(part))
+    assert_same_table(concat(got), concat(expected))
+    assert_same_counters(kernel, reference)
+
+
+@settings(max_examples=max(5, settings().max_examples // 20))
+@given(text=rules_files(where=profile_where_texts, audience=audience_texts), seed=st.integers(0, 2**32 - 1),
+       cuts=st.lists(st.integers(0, 3000), max_size=3))
+def test_profile_tests_across_kernel_chunks(text, seed, cuts):
+    """Thousands of events over hundreds of subscribers, half with profiles: several chunks, a large profile index."""
+    note(f"rules:\n{text}\nseed: {seed}, cuts: {sorted(cuts)}")
+    rng = np.random.default_rng(seed)
+    n = 3000
+    hot = np.array(MSISDNS, dtype=np.int64)
+    cold = np.arange(10_000, 10_300, dtype=np.int64)
+    columns = {
+        "ts": rng.choice(BASES) + np.cumsum(rng.choice(np.array(STEPS), n)).astype(np.int64),
+        "msisdn": np.where(rng.random(n) < 0.5, rng.choice(hot, n), rng.choice(cold, n)).astype(np.int64),
+        "kind": rng.choice(np.array(KIND_POOL_CODES, dtype=np.uint8), n),
+    }
+    for name, domain in DOMAINS.items():
+        columns[name] = rng.choice(np.array(domain), n).astype(COLUMN_DTYPES[name])
+    subscribers = np.concatenate([hot, cold])
+    chosen = np.sort(rng.choice(subscribers, len(subscribers) // 2, replace=False))
+    m = len(chosen)
+    tag_lists = [None, [], ["car_owner"], ["vip", "car_owner"], ["traveller"]]
+    profiles = pa.table({
+        "msisdn": chosen,
+        "segment": pa.array(rng.choice(np.array(SEGMENTS, dtype=object), m).tolist(), pa.string()),
+        "plan": pa.array(rng.choice(np.array(PLANS), m), pa.int64()),
+        "value_tier": pa.array(rng.integers(0, 6, m), pa.int64(), mask=rng.random(m) < 0.2),
+        "car_owner": pa.array(rng.random(m) < 0.5, pa.bool_()),
+        "tags": pa.array([tag_lists[k] for k in rng.integers(0, len(tag_lists), m)], pa.list_(pa.string())),
+    })
+    kernel = Engine(parse_rules(text), profiles=profiles, initial_subscribers=1)
+    got = concat([kernel.process(part) for part in slices(columns, cuts)])
+    reference = ReferenceEngine(parse_rules(text), profiles=profiles)
+    assert_same_table(got, reference.process(columns))
+    assert_same_counters(kernel, reference)
+
+
+@given(scenario=profile_scenarios(conditions=("none",), cooldown_zero=True, max_rules=3,
+                                  where=deep_profile_where_texts),
+       cuts=st.lists(st.integers(0, 60), max_size=2))
+def test_profile_filters_without_conditions(scenario, cuts):
+    """Stateless rules: every event passing on + where + audience is a match, so each test's truth shows."""
+    text, columns, profiles = scenario
+    describe(text, columns)
+    note(f"profiles: {None if profiles is None else profiles.to_pylist()}")
+    kernel = Engine(parse_rules(text), profiles=profiles)
+    reference = ReferenceEngine(parse_rules(text), profiles=profiles)
     got = concat([kernel.process(part) for part in slices(columns, cuts)])
     assert_same_table(got, reference.process(columns))
     assert_same_counters(kernel, reference)

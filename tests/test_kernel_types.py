@@ -62,6 +62,51 @@ def test_kernel_refuses_malformed_active_period(key, value):
         kernel.Kernel(program)
 
 
+PROFILE_RULES = ('[[rule]]\nid = "a"\non = "call_out"\nwhere = "profile.tier >= 2"\n'
+                 'audience = "profile.segment == \'gold\'"\nchannels = ["sms"]\n')
+
+
+def test_kernel_refuses_a_profile_test_past_its_attributes():
+    program = compile_program(parse_rules(PROFILE_RULES))
+    assert program["n_attrs"] == 2
+    program["n_attrs"] = 1  # the audience reads attribute 1
+    with pytest.raises(ValueError, match="malformed op"):
+        kernel.Kernel(program)
+
+
+@pytest.mark.parametrize(("key", "value"), [("has_audience", 0), ("aud_result", -1), ("aud_end", 0)])
+def test_kernel_refuses_a_malformed_audience(key, value):
+    program = compile_program(parse_rules(PROFILE_RULES))
+    program[key] = program[key].copy()
+    program[key][0] = value
+    with pytest.raises(ValueError, match="audience"):
+        kernel.Kernel(program)
+
+
+def test_kernel_refuses_an_audience_that_reads_an_event_column():
+    program = compile_program(parse_rules(PROFILE_RULES))
+    program["ops"] = program["ops"].copy()
+    program["ops"]["a"][program["aud_begin"][0]] = 3  # peer
+    with pytest.raises(ValueError, match="an audience reads an event column"):
+        kernel.Kernel(program)
+
+
+def test_set_profiles_takes_one_attribute_column_per_attribute_read_only_arrays_included():
+    k = kernel.Kernel(compile_program(parse_rules(PROFILE_RULES)))
+    msisdn, allowed = np.array([5, 9], np.int64), np.full(2, 2**64 - 1, np.uint64)
+    flags, days = np.zeros(2, np.uint8), np.zeros(2, np.uint8)
+    with pytest.raises(ValueError, match="1 columns, the rules read 2"):
+        k.set_profiles(msisdn, allowed, flags, days, np.zeros((2, 1), np.int64))
+    with pytest.raises(ValueError, match="differ in length"):
+        k.set_profiles(msisdn, allowed, flags, days, np.zeros((3, 2), np.int64))
+    with pytest.raises(ValueError, match="positive"):
+        k.set_profiles(np.array([0, 9], np.int64), allowed, flags, days, np.zeros((2, 2), np.int64))
+    attrs = np.array([[3, 0], [1, 0]], np.int64)
+    for array in (msisdn, allowed, flags, days, attrs):
+        array.setflags(write=False)
+    k.set_profiles(msisdn, allowed, flags, days, attrs)
+
+
 def test_shard_of_is_stable_and_balanced():
     msisdn = np.arange(8613800000000, 8613800000000 + 100_000, dtype=np.int64)
     shards = shard_of(msisdn, 4)

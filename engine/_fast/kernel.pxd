@@ -40,6 +40,14 @@ cdef class Kernel:
     cdef int64_t* constants       # IN sets (sorted) and PREFIX prefixes
     cdef int32_t* constant_digits # decimal digit count of each constant (PREFIX only)
     cdef Py_ssize_t n_constants
+    # Profile tests (docs/rules.md): a test op whose column a >= N_COLUMNS reads profile attribute
+    # a - N_COLUMNS of the event's subscriber (prof_attrs); MISSING there makes every test false.
+    cdef Py_ssize_t n_attrs       # attributes the rules read (engine.compiler.profile_attributes)
+    cdef uint32_t prof_kinds      # kinds of the rules whose where reads an attribute: their rows may need a profile row
+    cdef uint8_t* has_audience    # per rule: 1 when it has an audience
+    cdef int32_t* aud_begin       # per rule: its audience program is ops[aud_begin:aud_end], over attributes only
+    cdef int32_t* aud_end
+    cdef int32_t* aud_result      # per rule: register holding the audience's result; -1 = no audience
 
     # -- subscriber index: msisdn -> dense subscriber id -----------------------
     # Open addressing with linear probing over a power-of-two table kept at
@@ -98,7 +106,12 @@ cdef class Kernel:
     cdef uint64_t* prof_allowed   # channels the subscriber accepts and has not opted out of
     cdef uint8_t* prof_flags      # bit 0: opted out of all marketing
     cdef uint8_t* prof_days       # contact-day mask, 0 = the policy's
+    cdef int64_t* prof_attrs      # [profile row * n_attrs + attribute]: the attribute matrix (set_profiles)
     cdef Py_ssize_t n_prof
+    # msisdn -> profile row for the filter phase, open addressing like the subscriber index (id = the row);
+    # built by set_profiles only when prof_kinds is not 0.
+    cdef Bucket* prof_table
+    cdef int64_t prof_table_capacity
     cdef Map blocks               # (subscriber, rule) -> ts until which the rule is blocked (feedback)
     cdef Map caps                 # (subscriber, local day or month) -> instructions on active channels
     cdef int64_t policy_clock     # largest trigger ts policy has seen; caps older than its day are pruned
@@ -181,6 +194,8 @@ cdef class Kernel:
     cdef int64_t* row_sub         # per chunk row: dense subscriber id, when row_stateful
     cdef int32_t* need_rows       # chunk rows with row_stateful set, ascending
     cdef uint64_t* need_hash      # mix64(msisdn) of each of need_rows
+    cdef int32_t* row_prow        # per chunk row: its profile row, -1 none, -2 not looked up yet (rows of prof_kinds)
+    cdef uint8_t* aud_regs        # n_regs registers of one byte: an audience program over one profile row
 
     cdef bint _op_is_valid(self, Op op, Py_ssize_t n_constants)
     cdef object _copy_i64(self, const int64_t* src, Py_ssize_t n)
@@ -196,6 +211,11 @@ cdef class Kernel:
     cdef void run_where(self, Py_ssize_t rule, const Column* cols, Py_ssize_t base,
                         const int32_t* sel, Py_ssize_t n) noexcept nogil
     cdef int32_t profile_row(self, int64_t sub, int64_t msisdn) noexcept nogil
+    cdef void find_profile_rows(self, const int64_t* msisdn, Py_ssize_t base, const int32_t* rows,
+                                Py_ssize_t n) noexcept nogil
+    cdef void gather_profile(self, Py_ssize_t attr, const int64_t* msisdn, Py_ssize_t base, const int32_t* rows,
+                             Py_ssize_t n, int64_t* out) noexcept nogil
+    cdef bint audience_holds(self, Py_ssize_t rule, Py_ssize_t prow) noexcept nogil
     cdef Py_ssize_t zone_index(self, int64_t u) noexcept nogil
     cdef int64_t local_day(self, int64_t u) noexcept nogil
     cdef bint in_period(self, Py_ssize_t rule, int64_t ts) noexcept nogil

@@ -28,6 +28,7 @@ class Kernel:
         allowed: npt.NDArray[np.uint64],
         flags: npt.NDArray[np.uint8],
         days: npt.NDArray[np.uint8],
+        attrs: npt.NDArray[np.int64],
     ) -> None: ...
     def block(
         self, msisdn: npt.NDArray[np.int64], rule: npt.NDArray[np.int32], until: npt.NDArray[np.int64]

@@ -77,6 +77,10 @@ POW10[:] = [1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000,
 
 # Sentinel for "no timestamp": validation keeps event ts >= 0.
 cdef int64_t NO_TS = INT64_MIN
+# A profile attribute the subscriber lacks (engine.profiles.PROFILE_MISSING): every test on it is false.
+cdef int64_t MISSING = INT64_MIN
+# row_prow of a chunk row whose profile row has not been looked up yet (-1: it has none).
+cdef int32_t NOT_FOUND_YET = -2
 
 cdef int64_t DAY_MS = 86400000
 cdef int64_t HOUR_MS = 3600000
@@ -640,6 +644,10 @@ cdef class Kernel:
         self.active_days = <uint8_t*>checked_alloc(n * sizeof(uint8_t))
         self.active_start = <int64_t*>checked_alloc(n * sizeof(int64_t))
         self.active_end = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.has_audience = <uint8_t*>checked_alloc(n * sizeof(uint8_t))
+        self.aud_begin = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.aud_end = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.aud_result = <int32_t*>checked_alloc(n * sizeof(int32_t))
 
         cdef const uint32_t[::1] kinds = program["kinds"]
         cdef const int32_t[::1] op_begin = program["op_begin"]
@@ -680,6 +688,14 @@ cdef class Kernel:
         cdef const uint8_t[::1] active_days = program["active_days"]
         cdef const int64_t[::1] active_start = program["active_start"]
         cdef const int64_t[::1] active_end = program["active_end"]
+        cdef const uint8_t[::1] has_audience = program["has_audience"]
+        cdef const int32_t[::1] aud_begin = program["aud_begin"]
+        cdef const int32_t[::1] aud_end = program["aud_end"]
+        cdef const int32_t[::1] aud_result = program["aud_result"]
+        cdef Py_ssize_t o
+        self.n_attrs = program["n_attrs"]
+        if self.n_attrs < 0:
+            raise ValueError("malformed program: n_attrs")
         self.n_channels = program["n_channels"]
         if not 1 <= self.n_channels <= 64:
             raise ValueError("malformed program: 1 to 64 channels")
@@ -831,6 +847,23 @@ cdef class Kernel:
         for r in range(self.n_constants):
             self.constants[r] = constants[r]
             self.constant_digits[r] = constant_digits[r]
+        self.prof_kinds = 0
+        for r in range(n):
+            self.has_audience[r] = has_audience[r]
+            self.aud_begin[r] = aud_begin[r]
+            self.aud_end[r] = aud_end[r]
+            self.aud_result[r] = aud_result[r]
+            if not (has_audience[r] <= 1 and 0 <= aud_begin[r] <= aud_end[r] <= self.n_ops
+                    and -1 <= aud_result[r] < self.n_regs and (aud_result[r] >= 0) == (has_audience[r] == 1)
+                    and (aud_end[r] > aud_begin[r]) == (has_audience[r] == 1)):
+                raise ValueError(f"malformed program for rule {r}: audience")
+            for o in range(aud_begin[r], aud_end[r]):
+                # audience_holds reads no event column
+                if self.ops[o].code <= OP_PREFIX and self.ops[o].a < N_COLUMNS:
+                    raise ValueError(f"malformed program for rule {r}: an audience reads an event column")
+            for o in range(op_begin[r], op_end[r]):
+                if self.ops[o].code <= OP_PREFIX and self.ops[o].a >= N_COLUMNS:
+                    self.prof_kinds |= kinds[r]
 
         self.regs = <uint8_t*>checked_alloc(<size_t>self.n_regs * CHUNK)
         self.lists = <int32_t*>checked_alloc(<size_t>self.n_lists * CHUNK * sizeof(int32_t))
@@ -847,6 +880,8 @@ cdef class Kernel:
         self.row_sub = <int64_t*>checked_alloc(CHUNK * sizeof(int64_t))
         self.need_rows = <int32_t*>checked_alloc(CHUNK * sizeof(int32_t))
         self.need_hash = <uint64_t*>checked_alloc(CHUNK * sizeof(uint64_t))
+        self.row_prow = <int32_t*>checked_alloc(CHUNK * sizeof(int32_t))
+        self.aud_regs = <uint8_t*>checked_alloc(<size_t>self.n_regs)
 
         # Subscriber index.  initial_subscribers only sizes the first
         # allocation; tests set it tiny to exercise growth.
@@ -858,7 +893,10 @@ cdef class Kernel:
         self.prof_allowed = <uint64_t*>checked_alloc(sizeof(uint64_t))
         self.prof_flags = <uint8_t*>checked_alloc(1)
         self.prof_days = <uint8_t*>checked_alloc(1)
+        self.prof_attrs = <int64_t*>checked_alloc(sizeof(int64_t))
         self.n_prof = 0
+        self.prof_table_capacity = 2
+        self.prof_table = <Bucket*>checked_big_alloc(self.prof_table_capacity * sizeof(Bucket))
         self.blocks.entries = <Entry*>checked_big_alloc(64 * sizeof(Entry))
         self.blocks.capacity = 64
         self.caps.entries = <Entry*>checked_big_alloc(64 * sizeof(Entry))
@@ -917,6 +955,9 @@ cdef class Kernel:
         free(self.rec_ts); free(self.rec_next); free(self.rec_flags)
         free(self.active); free(self.active_first); free(self.active_last); free(self.active_days)
         free(self.active_start); free(self.active_end)
+        free(self.has_audience); free(self.aud_begin); free(self.aud_end); free(self.aud_result)
+        free(self.row_prow); free(self.aud_regs); free(self.prof_attrs)
+        big_free(self.prof_table, self.prof_table_capacity * sizeof(Bucket))
         big_free(self.caps.entries, self.caps.capacity * sizeof(Entry))
         free(self.cancel_of); free(self.filter_order); free(self.shadow); free(self.after_rule)
         free(self.dep_begin); free(self.dep_end); free(self.dep_list)
@@ -933,7 +974,7 @@ cdef class Kernel:
             return 0 < op.dst < self.n_lists and op.dst != op.sel and op.a < self.n_regs
         if not 0 <= op.dst < self.n_regs:
             return False
-        if op.code <= OP_PREFIX and op.a >= N_COLUMNS:
+        if op.code <= OP_PREFIX and op.a >= N_COLUMNS + self.n_attrs:
             return False
         if op.code in (OP_IN, OP_PREFIX):
             return 0 <= op.b and op.imm >= 0 and op.b + op.imm <= n_constants  # an empty set matches nothing
@@ -1082,6 +1123,99 @@ cdef class Kernel:
             cached = <int32_t>(lo + 1) if lo < self.n_prof and self.prof_msisdn[lo] == msisdn else -1
             self.sub_profile[sub] = cached
         return cached - 1 if cached > 0 else -1
+
+    cdef void find_profile_rows(self, const int64_t* msisdn, Py_ssize_t base, const int32_t* rows,
+                                Py_ssize_t n) noexcept nogil:
+        """row_prow[i] for the chunk rows i of rows[0:n] not looked up yet in this chunk (row_prow[i] == NOT_FOUND_YET).
+
+        Called by a profile test for the rows it runs on, so a row is looked
+        up at most once per chunk, and only when a test reaches it: behind a
+        selective event test (`duration >= 600 and profile.x == 1`) most rows
+        never are.  One probe of prof_table per row, the bucket of the row
+        PREFETCH_DISTANCE ahead requested while this one is probed, as in
+        find_subscribers.  It neither creates subscribers nor touches their
+        state.
+        """
+        cdef Py_ssize_t j, q, i, n_need = 0
+        cdef uint64_t mask = <uint64_t>(self.prof_table_capacity - 1)
+        cdef int64_t h, key
+        for j in range(n):
+            i = rows[j]
+            if self.row_prow[i] == NOT_FOUND_YET:
+                self.row_prow[i] = -1
+                if self.n_prof:
+                    self.need_rows[n_need] = <int32_t>i
+                    self.need_hash[n_need] = mix64(<uint64_t>msisdn[base + i])
+                    n_need += 1
+        for q in range(min(n_need, <Py_ssize_t>PREFETCH_DISTANCE)):
+            prefetch(&self.prof_table[self.need_hash[q] & mask])
+        for q in range(n_need):
+            if q + PREFETCH_DISTANCE < n_need:
+                prefetch(&self.prof_table[self.need_hash[q + PREFETCH_DISTANCE] & mask])
+            i = self.need_rows[q]
+            key = msisdn[base + i]
+            h = <int64_t>(self.need_hash[q] & mask)
+            while self.prof_table[h].msisdn != 0:
+                if self.prof_table[h].msisdn == key:
+                    self.row_prow[i] = self.prof_table[h].id
+                    break
+                h = (h + 1) & <int64_t>mask
+
+    cdef void gather_profile(self, Py_ssize_t attr, const int64_t* msisdn, Py_ssize_t base, const int32_t* rows,
+                             Py_ssize_t n, int64_t* out) noexcept nogil:
+        """out[j] = attribute attr of chunk row rows[j]'s profile, MISSING without one."""
+        cdef Py_ssize_t j
+        cdef int32_t prow
+        self.find_profile_rows(msisdn, base, rows, n)
+        for j in range(n):
+            prow = self.row_prow[rows[j]]
+            out[j] = self.prof_attrs[<int64_t>prow * self.n_attrs + attr] if prow >= 0 else MISSING
+
+    cdef bint audience_holds(self, Py_ssize_t rule, Py_ssize_t prow) noexcept nogil:
+        """The rule's audience over one profile row (prow < 0: an empty profile, every test false).
+
+        Scalar: every op runs (they are pure), NARROW ops are skipped, so the
+        result is the expression's whatever order the compiler chose.
+        """
+        cdef Py_ssize_t o
+        cdef const Op* op
+        cdef int64_t v
+        cdef uint8_t t
+        cdef uint8_t* regs = self.aud_regs
+        for o in range(self.aud_begin[rule], self.aud_end[rule]):
+            op = &self.ops[o]
+            if op.code >= OP_NARROW_TRUE:
+                continue
+            if op.code == OP_AND:
+                regs[op.dst] = regs[op.a] & regs[op.b]
+                continue
+            if op.code == OP_OR:
+                regs[op.dst] = regs[op.a] | regs[op.b]
+                continue
+            if op.code == OP_NOT:
+                regs[op.dst] = regs[op.a] ^ 1
+                continue
+            v = self.prof_attrs[prow * self.n_attrs + op.a - N_COLUMNS] if prow >= 0 else MISSING
+            if v == MISSING:
+                t = 0
+            elif op.code == OP_EQ:
+                t = v == op.imm
+            elif op.code == OP_NE:
+                t = v != op.imm
+            elif op.code == OP_LT:
+                t = v < op.imm
+            elif op.code == OP_LE:
+                t = v <= op.imm
+            elif op.code == OP_GT:
+                t = v > op.imm
+            elif op.code == OP_GE:
+                t = v >= op.imm
+            elif op.code == OP_IN:
+                t = in_sorted(self.constants + op.b, op.imm, v)
+            else:
+                t = has_prefix(v, self.constants + op.b, self.constant_digits + op.b, op.imm)
+            regs[op.dst] = t
+        return regs[self.aud_result[rule]]
 
     cdef Py_ssize_t zone_index(self, int64_t u) noexcept nogil:
         """The last k with zone_start[k] <= u."""
@@ -1533,6 +1667,8 @@ cdef class Kernel:
             return 0
         if self.n_prof:
             prow = self.profile_row(sub, msisdn)
+        if self.has_audience[r] and not self.audience_holds(r, prow):
+            return 0
         self.matched[r] += 1
         if self.dep_end[r] > self.dep_begin[r]:
             self.tell_followers(r, sub, due)
@@ -1634,7 +1770,11 @@ cdef class Kernel:
                     self.list_rows[t] = sel[pos[t]]
                 rows = self.list_rows
                 out = self.list_result
-            gather(&cols[op.a], base, rows, cnt, vals)
+            if op.a < N_COLUMNS:
+                gather(&cols[op.a], base, rows, cnt, vals)
+            else:
+                self.gather_profile(op.a - N_COLUMNS, <const int64_t*>cols[MSISDN_COLUMN].data, base, rows, cnt,
+                                    vals)
             if op.code == OP_EQ:
                 for t in range(cnt):
                     out[t] = vals[t] == imm
@@ -1659,6 +1799,9 @@ cdef class Kernel:
             else:
                 for t in range(cnt):
                     out[t] = has_prefix(vals[t], self.constants + op.b, self.constant_digits + op.b, imm)
+            if op.a >= N_COLUMNS:   # a field the profile lacks fails every test, != and < included
+                for t in range(cnt):
+                    out[t] &= vals[t] != MISSING
             if op.sel != 0:
                 for t in range(cnt):
                     dst[pos[t]] = out[t]
@@ -1698,6 +1841,9 @@ cdef class Kernel:
                 bucket_fill[kind[base + i]] += 1
                 self.row_head[i] = -1
                 self.row_stateful[i] = 0
+            if self.prof_kinds:   # profile rows are looked up when a profile test first reaches a row
+                for i in range(m):
+                    self.row_prow[i] = NOT_FOUND_YET
             n_pairs = 0
             for q in range(self.n_rules):
                 r = self.filter_order[q]
@@ -1838,6 +1984,8 @@ cdef class Kernel:
                     # The active period is part of the match, tested only for rules that have one.
                     if self.active[r] and not self.in_period(r, ts):
                         continue
+                    if self.has_audience[r] and not self.audience_holds(r, prow):
+                        continue
                     self.matched[r] += 1
                     if self.dep_end[r] > self.dep_begin[r]:
                         self.row_followed[n_followed] = <int32_t>r
@@ -1969,16 +2117,24 @@ cdef class Kernel:
         return before, rules, channels, not_before, holdout, columns
 
     def set_profiles(self, const int64_t[::1] msisdn, const uint64_t[::1] allowed, const uint8_t[::1] flags,
-                     const uint8_t[::1] days):
-        """Replace the profiles' policy columns (engine.profiles.ProfileStore.policy_arrays).
+                     const uint8_t[::1] days, const int64_t[:, ::1] attrs):
+        """Replace the profiles: policy columns (ProfileStore.policy_arrays) and attributes (attribute_matrix).
 
         msisdn sorted ascending and unique; allowed is a channel-code mask,
         flags bit 0 is opt-out, days a weekday mask (bit 0 = Monday, 0 = the
-        policy's).  Applies to every match processed after the call.
+        policy's); attrs is n rows by n_attrs int64 columns, in the order of
+        engine.compiler.profile_attributes, MISSING where a profile lacks the
+        field.  Applies to every event processed after the call; no condition
+        state moves.
         """
         cdef Py_ssize_t n = msisdn.shape[0], i
-        if allowed.shape[0] != n or flags.shape[0] != n or days.shape[0] != n:
+        cdef int64_t capacity, h, mask
+        if allowed.shape[0] != n or flags.shape[0] != n or days.shape[0] != n or attrs.shape[0] != n:
             raise ValueError("profile columns differ in length")
+        if attrs.shape[1] != self.n_attrs:
+            raise ValueError(f"profile attributes: {attrs.shape[1]} columns, the rules read {self.n_attrs}")
+        if n and msisdn[0] <= 0:
+            raise ValueError("profile msisdns must be positive")
         for i in range(1, n):
             if msisdn[i] <= msisdn[i - 1]:
                 raise ValueError("profile msisdns must be sorted and unique")
@@ -1986,6 +2142,9 @@ cdef class Kernel:
         self.prof_allowed = <uint64_t*>checked_realloc(self.prof_allowed, max(n, 1) * sizeof(uint64_t))
         self.prof_flags = <uint8_t*>checked_realloc(self.prof_flags, max(n, 1))
         self.prof_days = <uint8_t*>checked_realloc(self.prof_days, max(n, 1))
+        self.prof_attrs = <int64_t*>checked_realloc(self.prof_attrs, max(n * self.n_attrs, 1) * sizeof(int64_t))
+        if n * self.n_attrs:
+            memcpy(self.prof_attrs, &attrs[0, 0], n * self.n_attrs * sizeof(int64_t))
         if n:
             memcpy(self.prof_msisdn, &msisdn[0], n * sizeof(int64_t))
             memcpy(self.prof_allowed, &allowed[0], n * sizeof(uint64_t))
@@ -1993,6 +2152,23 @@ cdef class Kernel:
             memcpy(self.prof_days, &days[0], n)
         self.n_prof = n
         memset(self.sub_profile, 0, self.sub_capacity * sizeof(int32_t))
+        if self.prof_kinds:
+            capacity = 2
+            while capacity < 2 * n:
+                capacity *= 2
+            big_free(self.prof_table, self.prof_table_capacity * sizeof(Bucket))
+            self.prof_table = NULL
+            self.prof_table_capacity = 0
+            self.prof_table = <Bucket*>checked_big_alloc(capacity * sizeof(Bucket))
+            self.prof_table_capacity = capacity
+            mask = capacity - 1
+            with nogil:
+                for i in range(n):
+                    h = <int64_t>(mix64(<uint64_t>msisdn[i]) & <uint64_t>mask)
+                    while self.prof_table[h].msisdn != 0:
+                        h = (h + 1) & mask
+                    self.prof_table[h].msisdn = msisdn[i]
+                    self.prof_table[h].id = <int32_t>i
 
     def block(self, const int64_t[::1] msisdn, const int32_t[::1] rule, const int64_t[::1] until):
         """Block rule[i] for subscriber msisdn[i] for events with ts < until[i] (feedback).
