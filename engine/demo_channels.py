@@ -12,6 +12,7 @@ in a temporary directory that is removed at the end.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 import urllib.error
@@ -31,9 +32,12 @@ from adapters.channels.offer_api import OfferChannel
 from adapters.channels.outbox import DeliveryPolicy, DeliveryWorker, Outbox, OutboxOutput
 from engine.engine import Engine
 
-DELIVERY_TIMEOUT = 60.0  # seconds the demo waits for the outbox to deliver what is due
+DELIVERY_TIMEOUT = 30.0  # seconds the demo waits for the outbox to deliver what is due
 POLL_SECONDS = 0.02
 HTTP_TIMEOUT = 10.0
+# Seconds the portal and crm APIs wait for their store: longer than their default, so that a busy shared disk
+# does not turn the demo's answers into empty lists or 503s.
+API_TIMEOUT = 2.0
 PORTAL_RESPONSE = "portal-login-1"  # the portal's own id for the subscriber's answer
 AGENTS = ("hall-3-desk-2", "call-centre-7")
 OFFER_TTL_DAYS = 7  # the channels' default offer_ttl
@@ -74,7 +78,7 @@ def _make_channels(names: list[str], directory: Path, offer_ttl_days: int) -> di
         for name in names:
             if name in ("portal", "crm"):
                 table = {"type": name, "path": str(directory / f"{name}.sqlite"), "listen": "127.0.0.1:0",
-                         "offer_ttl": f"{offer_ttl_days}d"}
+                         "offer_ttl": f"{offer_ttl_days}d", "timeout": API_TIMEOUT}
             else:
                 table = {"type": "file", "path": str(directory / f"{name}.jsonl"), "report": "delivered"}
             channels[name] = (make_channel(name, table), DeliveryPolicy())
@@ -116,6 +120,18 @@ def _http(method: str, url: str, body: dict | None = None) -> tuple[int, Any]:
     return status, orjson.loads(raw) if raw else None
 
 
+class _Unexpected(Exception):
+    """An answer of a channel's API that the closed loop did not expect (the store slower than the API's timeout)."""
+
+
+def _expect(answer: tuple[int, Any], *statuses: int) -> Any:
+    """The JSON body of an answer with one of `statuses`; `_Unexpected` otherwise."""
+    status, body = answer
+    if status not in statuses:
+        raise _Unexpected(f"{status} {orjson.dumps(body).decode()}")
+    return body
+
+
 def _base_url(channel: Channel) -> str:
     assert isinstance(channel, OfferChannel)
     host, port = channel.address
@@ -134,15 +150,15 @@ def _portal_loop(channel: Channel, msisdn: int, say: Callable[[str], None]) -> i
     """The portal at the subscriber's login: their pending offers, and the subscriber accepts the first.
     Returns how many responses were recorded."""
     base = f"{_base_url(channel)}/subscribers/{msisdn}"
-    status, offers = _http("GET", f"{base}/offers")
-    say(f"portal  GET  {base}/offers -> {status}, {len(offers or [])} pending offer(s)")
+    offers = _expect(_http("GET", f"{base}/offers"), 200)
+    say(f"portal  GET  {base}/offers -> 200, {len(offers)} pending offer(s)")
     if not offers:
         return 0
     offer = offers[0]
     say(f"          first: {offer['rule']} (template {offer['template']}, id {offer['id']})")
-    status, answer = _http("POST", f"{base}/offers/{offer['id']}/response",
-                           {"response_id": PORTAL_RESPONSE, "outcome": "accepted"})
-    say(f"portal  POST .../offers/{offer['id']}/response accepted -> {status}, offer {answer['offer']['status']}")
+    answer = _expect(_http("POST", f"{base}/offers/{offer['id']}/response",
+                           {"response_id": PORTAL_RESPONSE, "outcome": "accepted"}), 200)
+    say(f"portal  POST .../offers/{offer['id']}/response accepted -> 200, offer {answer['offer']['status']}")
     return int(answer["recorded"])
 
 
@@ -151,28 +167,52 @@ def _crm_loop(channel: Channel, msisdn: int, say: Callable[[str], None]) -> int:
     Returns how many outcomes were recorded."""
     base = f"{_base_url(channel)}/subscribers/{msisdn}/next-best-action"
     first, second = AGENTS
-    status, offer = _http("GET", f"{base}?agent={first}")
-    say(f"crm     GET  {base}?agent={first} -> {status}" + (f", {offer['rule']} (id {offer['id']})" if offer else ""))
+    offer = _expect(_http("GET", f"{base}?agent={first}"), 200, 204)
+    say(f"crm     GET  {base}?agent={first} -> " + (f"200, {offer['rule']} (id {offer['id']})" if offer else "204"))
     if offer is None:
         return 0
     action = f"{base}/{offer['id']}"
-    status, claimed = _http("POST", f"{action}/claim", {"agent": first})
-    say(f"crm     POST .../claim by {first} -> {status}, {claimed['status']}")
-    status, refused = _http("POST", f"{action}/claim", {"agent": second})
-    say(f"crm     POST .../claim by {second} -> {status}, {refused['error']} by {refused.get('claimed_by')}")
-    status, answer = _http("POST", f"{action}/outcome",
-                           {"response_id": f"{first}-1", "outcome": "considering", "agent": first})
-    say(f"crm     POST .../outcome considering by {first} -> {status}, offer {answer['offer']['status']}")
+    claimed = _expect(_http("POST", f"{action}/claim", {"agent": first}), 200)
+    say(f"crm     POST .../claim by {first} -> 200, {claimed['status']}")
+    refused = _expect(_http("POST", f"{action}/claim", {"agent": second}), 409)
+    say(f"crm     POST .../claim by {second} -> 409, {refused['error']} by {refused.get('claimed_by')}")
+    answer = _expect(_http("POST", f"{action}/outcome",
+                           {"response_id": f"{first}-1", "outcome": "considering", "agent": first}), 200)
+    say(f"crm     POST .../outcome considering by {first} -> 200, offer {answer['offer']['status']}")
     recorded = int(answer["recorded"])
     # The subscriber calls again: the offer is open for any agent.
-    status, again = _http("GET", f"{base}?agent={second}")
-    same = "the same offer" if again and again["id"] == offer["id"] else "another offer"
-    say(f"crm     GET  ...?agent={second} -> {status}, {same}" + (f", {again['status']}" if again else ""))
-    _http("POST", f"{action}/claim", {"agent": second})
-    status, answer = _http("POST", f"{action}/outcome",
-                           {"response_id": f"{second}-1", "outcome": "declined", "agent": second})
-    say(f"crm     POST .../outcome declined by {second} -> {status}, offer {answer['offer']['status']}")
+    again = _expect(_http("GET", f"{base}?agent={second}"), 200)
+    same = "the same offer" if again["id"] == offer["id"] else "another offer"
+    say(f"crm     GET  ...?agent={second} -> 200, {same}, {again['status']}")
+    _expect(_http("POST", f"{base}/{again['id']}/claim", {"agent": second}), 200)
+    answer = _expect(_http("POST", f"{base}/{again['id']}/outcome",
+                           {"response_id": f"{second}-1", "outcome": "declined", "agent": second}), 200)
+    say(f"crm     POST .../claim and .../outcome declined by {second} -> 200, offer {answer['offer']['status']}")
     return recorded + int(answer["recorded"])
+
+
+def _closed_loop(channels: dict[str, tuple[Channel, DeliveryPolicy]], handed: pa.Table, feedback: _FeedbackQueue,
+                 say: Callable[[str], None]) -> None:
+    """The portal and an agent answer an offer each over HTTP; their feedback is applied to the engine."""
+    recorded = 0
+    for name, loop in (("portal", _portal_loop), ("crm", _crm_loop)):
+        msisdn = _first_offered(handed, name) if name in channels else None
+        if msisdn is None:
+            say(f"{name}: no offer delivered to act on")
+            continue
+        try:
+            recorded += loop(channels[name][0], msisdn, say)
+        except _Unexpected as exc:
+            say(f"{name}: the API answered {exc}; the closed loop stops here")
+    # The offer APIs report a response before answering the POST, unless the store was slower than the
+    # API's timeout: then the report follows shortly.
+    expected = sum(feedback.results.values()) + recorded
+    settle = time.perf_counter() + 5.0
+    while True:
+        feedback.apply()
+        if sum(feedback.results.values()) >= expected or time.perf_counter() > settle:
+            return
+        time.sleep(POLL_SECONDS)
 
 
 def _feedback_counts(engine: Engine, rules: list[str]) -> dict[str, dict[str, int]]:
@@ -206,78 +246,64 @@ def run_channels(engine: Engine, instructions: pa.Table | None, per_channel: int
     if gap_days:
         say(f"(the demo's event time is {gap_days} day(s) before today: offers are kept {OFFER_TTL_DAYS} days "
             f"from today rather than from their not_before, so the portal and crm still present them)")
-    with tempfile.TemporaryDirectory(prefix="kairos-demo-") as directory:
+    with tempfile.TemporaryDirectory(prefix="kairos-demo-") as directory, contextlib.ExitStack() as stack:
         path = Path(directory)
         channels = _make_channels(names, path, OFFER_TTL_DAYS + gap_days)
         kinds = {name: type(channel).kind for name, (channel, _) in channels.items()}
         say(f"outbox and channels in {directory} (removed at the end): "
             + ", ".join(f"{name} -> {kinds[name]}" for name in names))
-        worker = DeliveryWorker(path / "outbox.db", channels, seed=0)
-        worker.start(feedback.sink)
-        output = OutboxOutput("delivery", path / "outbox.db")
-        output.on_enqueue = worker.wake
-        box = Outbox(path / "outbox.db")
         try:
-            started = time.perf_counter()
-            output.send(handed)
-            output.flush()
-            finished: dict[str, float] = {}
-            deadline = started + DELIVERY_TIMEOUT
-            while len(finished) < len(names) and time.perf_counter() < deadline:
-                feedback.apply()
-                for name, done in _settled(box, names).items():
-                    if done and name not in finished:
-                        finished[name] = time.perf_counter() - started
-                time.sleep(POLL_SECONDS)
+            worker = DeliveryWorker(path / "outbox.db", channels, seed=0)
+        except BaseException:
+            for channel, _ in channels.values():
+                channel.close()
+            raise
+        worker.start(feedback.sink)  # closes the channels itself when it fails
+        stack.callback(worker.stop)
+        output = stack.enter_context(contextlib.closing(OutboxOutput("delivery", path / "outbox.db")))
+        output.on_enqueue = worker.wake
+        box = stack.enter_context(contextlib.closing(Outbox(path / "outbox.db")))
+        started = time.perf_counter()
+        output.send(handed)
+        output.flush()
+        finished: dict[str, float] = {}
+        deadline = started + DELIVERY_TIMEOUT
+        while len(finished) < len(names) and time.perf_counter() < deadline:
             feedback.apply()
-            counts = box.counts()
-            late = [name for name in names if name not in finished]
-            rows = []
-            for name in names:
-                n = {status: counts.get((name, status), 0)
-                     for status in ("delivered", "parked", "holdout", "pending", "in-flight")}
-                seconds = finished.get(name)
-                rate = f"{n['delivered'] / seconds:,.0f}" if seconds and n["delivered"] else "-"
-                rows.append([name, kinds[name], f"{sum(n.values()):,}", f"{n['delivered']:,}", f"{n['parked']:,}",
-                             f"{n['holdout']:,}", f"{n['pending'] + n['in-flight']:,}",
-                             f"{seconds:.2f}" if seconds is not None else "-", rate])
-            headers = ["channel", "type", "instructions", "delivered", "parked", "holdout", "waiting", "seconds",
-                       "instructions/s"]
-            for line in table(headers, rows, frozenset(range(2, len(headers)))):
-                say(line)
-            say("(seconds: from handing the instructions to the outbox until the channel had delivered all that "
-                "was due; holdout: the control group, recorded and never delivered; waiting: not delivered yet)")
-            if late:
-                say(f"delivery did not finish within {DELIVERY_TIMEOUT:.0f} s for {', '.join(late)}: the rest "
-                    f"waits in the outbox (a slow disk makes each portal or crm offer wait for its commit)")
-            waiting_not_due = [name for name in finished if counts.get((name, "pending"))]
-            if waiting_not_due:
-                say(f"(waiting rows of {', '.join(waiting_not_due)} are due later: their not_before, set by "
-                    f"quiet hours, is still to come)")
+            for name, done in _settled(box, names).items():
+                if done and name not in finished:
+                    finished[name] = time.perf_counter() - started
+            time.sleep(POLL_SECONDS)
+        feedback.apply()
+        counts = box.counts()
+        late = [name for name in names if name not in finished]
+        rows = []
+        for name in names:
+            n = {status: counts.get((name, status), 0)
+                 for status in ("delivered", "parked", "holdout", "pending", "in-flight")}
+            seconds = finished.get(name)
+            rate = f"{n['delivered'] / seconds:,.0f}" if seconds and n["delivered"] else "-"
+            rows.append([name, kinds[name], f"{sum(n.values()):,}", f"{n['delivered']:,}", f"{n['parked']:,}",
+                         f"{n['holdout']:,}", f"{n['pending'] + n['in-flight']:,}",
+                         f"{seconds:.2f}" if seconds is not None else "-", rate])
+        headers = ["channel", "type", "instructions", "delivered", "parked", "holdout", "waiting", "seconds",
+                   "instructions/s"]
+        for line in table(headers, rows, frozenset(range(2, len(headers)))):
+            say(line)
+        say("(seconds: from handing the instructions to the outbox until the channel had delivered all that "
+            "was due; holdout: the control group, recorded and never delivered; waiting: not delivered yet)")
+        if late:
+            say(f"delivery did not finish within {DELIVERY_TIMEOUT:g} s for {', '.join(late)}: the table shows "
+                f"where it stood (each portal or crm offer waits for its commit to disk, slow on a busy disk)")
+        waiting_not_due = [name for name in finished if counts.get((name, "pending"))]
+        if waiting_not_due:
+            say(f"(waiting rows of {', '.join(waiting_not_due)} are due later: their not_before (quiet hours) "
+                f"or their retry is still to come)")
 
-            before = _feedback_counts(engine, rules)
-            print("\nClosed loop over HTTP on loopback", file=out)
-            recorded = 0
-            for name, loop in (("portal", _portal_loop), ("crm", _crm_loop)):
-                msisdn = _first_offered(handed, name) if name in channels else None
-                if msisdn is None:
-                    say(f"{name}: no offer delivered to act on")
-                    continue
-                recorded += loop(channels[name][0], msisdn, say)
-            # The offer APIs report a response before answering the POST, unless the store was slower than the
-            # API's timeout: then the report follows shortly.
-            expected = sum(feedback.results.values()) + recorded
-            settle = time.perf_counter() + 5.0
-            while True:
-                feedback.apply()
-                if sum(feedback.results.values()) >= expected or time.perf_counter() > settle:
-                    break
-                time.sleep(POLL_SECONDS)
-            after = _feedback_counts(engine, rules)
-        finally:
-            box.close()
-            output.close()
-            worker.stop()
+        before = _feedback_counts(engine, rules)
+        print("\nClosed loop over HTTP on loopback", file=out)
+        _closed_loop(channels, handed, feedback, say)
+        after = _feedback_counts(engine, rules)
 
     results = feedback.results
     print("\nFeedback in the engine", file=out)
