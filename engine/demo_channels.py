@@ -43,7 +43,8 @@ AGENTS = ("hall-3-desk-2", "call-centre-7")
 OFFER_TTL_DAYS = 7  # the channels' default offer_ttl
 FEEDBACK_COLUMNS = ("delivered", "accepted", "declined", "considering")
 
-Table = Callable[[list[str], list[list[str]], frozenset[int]], list[str]]
+# (headers, rows, right-aligned columns) -> aligned lines: the CLI's table layout
+TextTable = Callable[[list[str], list[list[str]], frozenset[int]], list[str]]
 
 
 class _FeedbackQueue:
@@ -51,12 +52,12 @@ class _FeedbackQueue:
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.reports: deque[tuple[str, str, str, int]] = deque()
+        self.reports: deque[tuple[str, str, int]] = deque()
         self.results: dict[str, int] = {"applied": 0, "unknown": 0, "invalid": 0}
 
     def sink(self, channel: str) -> FeedbackSink:
         def report(id: str, outcome: str, ts: int) -> None:
-            self.reports.append((channel, id, outcome, ts))  # deque.append is atomic: any thread may call
+            self.reports.append((id, outcome, ts))  # deque.append is atomic: any thread may call
         return report
 
     def apply(self) -> int:
@@ -65,7 +66,7 @@ class _FeedbackQueue:
         while self.reports:
             taken.append(self.reports.popleft())
         if taken:
-            result = self.engine.feedback([r[1] for r in taken], [r[2] for r in taken], [r[3] for r in taken])
+            result = self.engine.feedback([r[0] for r in taken], [r[1] for r in taken], [r[2] for r in taken])
             for key, n in result.items():
                 self.results[key] += n
         return len(taken)
@@ -221,7 +222,7 @@ def _feedback_counts(engine: Engine, rules: list[str]) -> dict[str, dict[str, in
 
 
 def run_channels(engine: Engine, instructions: pa.Table | None, per_channel: int, out: IO[str],
-                 table: Table) -> None:
+                 table: TextTable) -> None:
     """Deliver up to `per_channel` instructions of each channel in process, act out the closed loop, and
     print what happened."""
 
