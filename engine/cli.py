@@ -1,6 +1,6 @@
 """The `kairos` command line (SPEC section 7).
 
-    kairos demo [--subscribers N] [--events N] [--batch-size N] [--seed N] [--rules PATH]
+    kairos demo [--subscribers N] [--events N] [--batch-size N] [--seed N] [--rules PATH] [--deliver N]
     kairos check RULES
     kairos run -c kairos.toml
 
@@ -203,6 +203,11 @@ def run_demo(args: argparse.Namespace) -> int:
         ]
         for line in _table(["id", "ts", "msisdn", "rule", "channel", "params"], rows):
             print(f"  {line}", file=out)
+
+    # Imported here: the channels pull in the outbox, HTTP servers and SQLite, which check does not need.
+    from engine.demo_channels import run_channels
+
+    run_channels(engine, instructions, args.deliver, out, _table)
     return EXIT_OK
 
 
@@ -304,14 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="run synthetic traffic through the sample rules and show what happened",
-        description="Generate synthetic traffic, run it through the engine in process, and print a summary. "
-        "Needs no configuration.",
+        description="Generate synthetic traffic, run it through the engine in process, deliver the instructions "
+        "through an outbox to in-process portal, crm and file channels, answer offers over HTTP on loopback so that "
+        "the feedback reaches the engine, and print a summary. Needs no configuration.",
     )
     demo.add_argument("--subscribers", type=_positive_int, default=100_000, help="default: %(default)s")
     demo.add_argument("--events", type=_positive_int, default=2_000_000, help="default: %(default)s")
     demo.add_argument("--batch-size", type=_positive_int, default=65_536, help="default: %(default)s")
     demo.add_argument("--seed", type=int, default=0, help="traffic seed (default: %(default)s)")
     demo.add_argument("--rules", metavar="PATH", help="rules file (default: the packaged demo_rules.toml)")
+    demo.add_argument("--deliver", type=_positive_int, default=5_000, metavar="N",
+                      help="instructions of each channel handed to the in-process channels (default: %(default)s)")
     demo.set_defaults(run=run_demo)
 
     check = commands.add_parser(

@@ -6,11 +6,14 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 import orjson
 import pyarrow as pa
 import pytest
 from channel_testing import wait_until
+from kannel import free_port
 from test_daemon import DaemonProcess, Sockets, arrow_message, config_text
 
 from adapters.channels.outbox import Outbox
@@ -160,3 +163,119 @@ def test_instructions_reach_the_channel_and_its_feedback_reaches_the_engine(tmp_
     box = Outbox(tmp_path / "outbox.db")
     assert box.counts() == {("sms", "delivered"): 2}
     box.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# portal and crm in the daemon: offers over HTTP, answers back to the engine
+
+
+OFFER_RULES = """
+[[rule]]
+id = "roaming_offer"
+on = "call_out"
+where = "peer == 12122"
+channels = ["portal"]
+template = "roam_pack"
+params = ["peer"]
+cooldown = "0s"
+
+[[rule]]
+id = "card_offer"
+on = "call_out"
+where = "peer == 95555"
+channels = ["crm"]
+template = "card"
+cooldown = "0s"
+"""
+
+SUBSCRIBER, CALLER = 8613800000001, 8613900000002
+
+
+def http_json(method: str, url: str, body: dict | None = None) -> tuple[int, object]:
+    """One request to a channel's API: the status and the JSON answer (None when empty)."""
+    request = urllib.request.Request(url, method=method, data=None if body is None else orjson.dumps(body),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            status, raw = reply.status, reply.read()
+    except urllib.error.HTTPError as err:
+        status, raw = err.code, err.read()
+        err.close()
+    return status, orjson.loads(raw) if raw else None
+
+
+def test_portal_and_crm_answers_reach_the_engine_in_the_daemon(tmp_path, batch):
+    portal_port, crm_port = free_port(), free_port()
+    inputs = f'[inputs.switch]\nendpoint = "ipc://{tmp_path}/switch"\n'
+    outputs = '[outputs.delivery]\ntype = "outbox"\npath = "outbox.db"\n'
+    channels = (f'[channels.portal]\ntype = "portal"\npath = "portal.sqlite"\nlisten = "127.0.0.1:{portal_port}"\n\n'
+                f'[channels.crm]\ntype = "crm"\npath = "crm.sqlite"\nlisten = "127.0.0.1:{crm_port}"\n')
+    sockets = Sockets()
+    daemon = DaemonProcess(tmp_path, config_text(tmp_path, inputs, outputs) + channels, OFFER_RULES)
+    portal = f"http://127.0.0.1:{portal_port}/subscribers/{SUBSCRIBER}"
+    crm = f"http://127.0.0.1:{crm_port}/subscribers/{CALLER}/next-best-action"
+    try:
+        assert daemon.started["channels"] == {"portal": "portal", "crm": "crm"}
+        feeder = sockets.push(f"ipc://{tmp_path}/switch")
+        # Event time is now: offers are presented from their not_before, on the wall clock, and expire after it.
+        now = int(time.time() * 1000)
+
+        def call(ts: int, msisdn: int, peer: int) -> None:
+            feeder.send(arrow_message(pa.RecordBatch.from_pydict(
+                batch([{"ts": ts, "msisdn": msisdn, "kind": 0, "peer": peer}]))))
+
+        # The portal at login: the offer the rule made, then the subscriber accepts it.
+        call(now, SUBSCRIBER, 12122)
+        (offer,) = wait_until(lambda: http_json("GET", f"{portal}/offers")[1])
+        assert (offer["rule"], offer["template"], offer["params"]) == ("roaming_offer", "roam_pack", {"peer": "12122"})
+        answer = {"response_id": "web-1", "outcome": "accepted"}
+        status, body = http_json("POST", f"{portal}/offers/{offer['id']}/response", answer)
+        assert (status, body["recorded"], body["offer"]["status"]) == (200, True, "accepted")
+        # A retry of the same response changes nothing and gives no second feedback.
+        status, body = http_json("POST", f"{portal}/offers/{offer['id']}/response", answer)
+        assert (status, body["repeat"]) == (200, True)
+        daemon.wait_for_metric("kairos_channel_feedback_reports_total", 1, channel="portal", result="applied")
+        daemon.wait_for_metric("kairos_rule_feedback_total", 1, rule="roaming_offer", outcome="accepted")
+        # The engine now suppresses the rule for the subscriber: the next matching call makes no offer.
+        call(now + 1_000, SUBSCRIBER, 12122)
+        daemon.wait_for_metric("kairos_policy_stops_total", 1, rule="roaming_offer", reason="suppressed")
+        assert daemon.metric("kairos_instructions_total", rule="roaming_offer", channel="portal") == 1
+        assert http_json("GET", f"{portal}/offers") == (200, [])
+
+        # The CRM: an agent claims the next-best-action, another is refused, the subscriber will think about it.
+        call(now + 2_000, CALLER, 95555)
+        status, action = wait_until(lambda: (lambda a: a if a[0] == 200 else None)(
+            http_json("GET", f"{crm}?agent=hall-3")))
+        assert action["rule"] == "card_offer"
+        claim = f"{crm}/{action['id']}/claim"
+        status, body = http_json("POST", claim, {"agent": "hall-3"})
+        assert (status, body["status"], body["claimed_by"]) == (200, "claimed", "hall-3")
+        status, body = http_json("POST", claim, {"agent": "call-7"})
+        assert (status, body["error"], body["claimed_by"]) == (409, "held", "hall-3")
+        status, body = http_json("POST", f"{crm}/{action['id']}/outcome",
+                                 {"response_id": "hall-3-1", "outcome": "considering", "agent": "hall-3"})
+        assert (status, body["offer"]["status"]) == (200, "considering")
+        daemon.wait_for_metric("kairos_rule_feedback_total", 1, rule="card_offer", outcome="considering")
+        # At the next contact another agent presents the same offer; the subscriber declines.
+        status, again = http_json("GET", f"{crm}?agent=call-7")
+        assert (status, again["id"], again["status"]) == (200, action["id"], "considering")
+        assert http_json("POST", claim, {"agent": "call-7"})[0] == 200
+        status, body = http_json("POST", f"{crm}/{action['id']}/outcome",
+                                 {"response_id": "call-7-1", "outcome": "declined", "agent": "call-7"})
+        assert (status, body["offer"]["status"]) == (200, "declined")
+        daemon.wait_for_metric("kairos_rule_feedback_total", 1, rule="card_offer", outcome="declined")
+        daemon.wait_for_metric("kairos_channel_feedback_reports_total", 2, channel="crm", result="applied")
+        # The rule rests for its decline cooldown: the next matching call makes no new action.
+        call(now + 3_000, CALLER, 95555)
+        daemon.wait_for_metric("kairos_policy_stops_total", 1, rule="card_offer", reason="decline_cooldown")
+        assert daemon.metric("kairos_instructions_total", rule="card_offer", channel="crm") == 1
+        assert http_json("GET", f"{crm}?agent=call-7") == (204, None)
+
+        for name in ("portal", "crm"):
+            assert daemon.metric("kairos_channel_delivered_total", channel=name) == 1
+            assert daemon.metric("kairos_channel_feedback_reports_total", channel=name, result="unknown") == 0
+        assert daemon.metric("kairos_rule_feedback_total", rule="roaming_offer", outcome="accepted") == 1
+        assert daemon.stop() == 0
+    finally:
+        daemon.stop()
+        sockets.close()

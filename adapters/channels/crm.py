@@ -9,7 +9,7 @@ subscriber's answer is posted to ``POST .../next-best-action/{id}/outcome`` with
 response id becomes feedback once.  "considering" keeps the offer open for a later answer.
 
 The store is SQLite by default (`path`) and PostgreSQL in production (`dsn = "postgresql://..."`), the
-same class and the same SQL.  Config keys and examples: docs/channels-offers.md.
+same class and the same SQL.  Config keys and examples: docs/channels.md.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ The answer decides what `deliver` does (MM7 status codes, TS 23.140 annex):
 
 A SubmitRsp means the MMS centre took the message, not that it reached the handset.  With `listen` set,
 `start` opens an endpoint for the MMS centre's delivery reports (DeliveryReportReq), which come back as
-delivered/failed feedback (adapters/channels/mm7_reports.py).  Config keys: docs/channels-offers.md.
+delivered/failed feedback (adapters/channels/mm7_reports.py).  Config keys: docs/channels.md.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ Route = Callable[["OfferChannel", int, tuple[str, ...], dict[str, list[str]], An
 class OfferChannel(Channel):
     """A channel that leaves offers for the subscriber to answer; subclasses declare `routes`.
 
-    Config keys shared by both (see docs/channels-offers.md): `path` (SQLite file) or `dsn`
+    Config keys shared by both (see docs/channels.md): `path` (SQLite file) or `dsn`
     (postgresql://...), `listen`, `token`, `offer_ttl`, `timeout`, `expire_every`.
     """
 

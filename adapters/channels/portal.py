@@ -5,7 +5,7 @@ priority first.  The lookup answers within `timeout` seconds whatever the store 
 slow or down the answer is an empty list (200), so a login never waits on Kairos.  The portal posts the
 subscriber's answer to ``POST /subscribers/{msisdn}/offers/{id}/response`` with
 ``{"response_id": "...", "outcome": "accepted" | "declined"}``; each response id becomes feedback once.
-Offers expire `offer_ttl` after their `not_before`.  Config keys and examples: docs/channels-offers.md.
+Offers expire `offer_ttl` after their `not_before`.  Config keys and examples: docs/channels.md.
 """
 
 from __future__ import annotations
