@@ -19,6 +19,8 @@ cdef class Kernel:
     cdef int64_t* cond_window     # per rule: count/first/sum/distinct window W in ms
     cdef int32_t* cond_column     # per rule: changed/sum/distinct's column index
     cdef int64_t* cond_resolution # per rule: sum/distinct bucket width in ms
+    cdef int64_t* window_buckets  # per sum/distinct rule: W // resolution and W % resolution, so that an
+    cdef int64_t* window_rest     #   event finds its window's first bucket without a second division
     cdef int64_t* cooldown        # per rule: ms, 0 = none
     cdef int32_t* priority        # per rule: higher wins arbitration
     cdef int32_t* width           # per rule: int64 words per state row; 0 = stateless

@@ -239,30 +239,35 @@ cdef inline int64_t read(const Column* col, Py_ssize_t row) noexcept nogil:
     return 0
 
 
-cdef inline int64_t floor_div(int64_t a, int64_t b) noexcept nogil:
-    """a // b rounded towards minus infinity (b > 0): t - W may be negative."""
-    if a >= 0:
-        return a // b
-    return -((-a + b - 1) // b)
+cdef inline int64_t window_start(int64_t b, int64_t rem, int64_t wq, int64_t wr) noexcept nogil:
+    """floor((ts - W) / R) + 1, the window's first bucket, for ts = b * R + rem and W = wq * R + wr.
+
+    ts - W = (b - wq) * R + (rem - wr) with rem - wr in (-R, R): no second
+    division on the path every qualifying event takes.
+    """
+    return b - wq + 1 - (rem < wr)
 
 
-cdef inline bint sum_holds(int64_t* row, int64_t k, int64_t ts, int64_t v, int64_t window, int64_t resolution,
-                           int64_t at_least) noexcept nogil:
+cdef inline bint sum_holds(int64_t* row, int64_t k, int64_t ts, int64_t v, int64_t wq, int64_t wr,
+                           int64_t resolution, int64_t at_least) noexcept nogil:
     """Add v to its bucket of the ring row[2:2 + k] (row[1]: newest bucket), then test the window's sum.
 
-    The window is the buckets from floor((ts - window) / resolution) + 1 to
-    ts's own; a bucket k or more behind the newest has left the ring.
+    The window is the buckets from floor((ts - W) / resolution) + 1 to ts's
+    own (W = wq * resolution + wr); a bucket k or more behind the newest has
+    left the ring.  Bucket q sits at ring position q mod k; positions are
+    walked from ts's own with wrap-around, one division per event in all.
     """
-    # Ring positions advance by one with wrap-around instead of a division per bucket: this loop runs
-    # on every qualifying event, and a 64-bit division costs more than the rest of its body.
     cdef int64_t b = ts // resolution, newest = row[1], q, lo, pos, total = 0
+    cdef int64_t pos_b = b % k
     cdef int64_t* ring = row + 2
     if newest == NO_TS or b - newest >= k:
         for q in range(k):
             ring[q] = 0
         newest = b
     elif b > newest:
-        pos = (newest + 1) % k
+        pos = pos_b - (b - newest) + 1    # bucket newest + 1
+        if pos < 0:
+            pos += k
         for q in range(b - newest):
             ring[pos] = 0
             pos += 1
@@ -271,14 +276,16 @@ cdef inline bint sum_holds(int64_t* row, int64_t k, int64_t ts, int64_t v, int64
         newest = b
     row[1] = newest
     if b > newest - k:
-        ring[b % k] += v
-    lo = floor_div(ts - window, resolution) + 1
+        ring[pos_b] += v
+    lo = window_start(b, ts - b * resolution, wq, wr)
     if lo < newest - k + 1:
         lo = newest - k + 1
-    if lo < 0:    # ts >= 0: no bucket before 0 holds anything, and ring positions stay non-negative
+    if lo < 0:    # ts >= 0: no bucket before 0 holds anything
         lo = 0
     if lo <= b:
-        pos = lo % k
+        pos = pos_b - (b - lo)
+        if pos < 0:
+            pos += k
         for q in range(b - lo + 1):
             total += ring[pos]
             pos += 1
@@ -287,7 +294,7 @@ cdef inline bint sum_holds(int64_t* row, int64_t k, int64_t ts, int64_t v, int64
     return total >= at_least
 
 
-cdef inline bint distinct_holds(int64_t* row, int64_t n, int64_t ts, int64_t v, int64_t window,
+cdef inline bint distinct_holds(int64_t* row, int64_t n, int64_t ts, int64_t v, int64_t wq, int64_t wr,
                                 int64_t resolution) noexcept nogil:
     """Note v (0: unknown, ignored) in the pairs row[1:1 + 2n], then count those whose bucket is in the window.
 
@@ -317,7 +324,7 @@ cdef inline bint distinct_holds(int64_t* row, int64_t n, int64_t ts, int64_t v, 
         elif row[2 + 2 * oldest] < b:
             row[1 + 2 * oldest] = v
             row[2 + 2 * oldest] = b
-    lo = floor_div(ts - window, resolution) + 1
+    lo = window_start(b, ts - b * resolution, wq, wr)
     for j in range(n):
         if row[1 + 2 * j] != 0 and lo <= row[2 + 2 * j] <= b:
             c += 1
@@ -595,6 +602,8 @@ cdef class Kernel:
         self.cond_window = <int64_t*>checked_alloc(n * sizeof(int64_t))
         self.cond_column = <int32_t*>checked_alloc(n * sizeof(int32_t))
         self.cond_resolution = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.window_buckets = <int64_t*>checked_alloc(n * sizeof(int64_t))
+        self.window_rest = <int64_t*>checked_alloc(n * sizeof(int64_t))
         self.cooldown = <int64_t*>checked_alloc(n * sizeof(int64_t))
         self.priority = <int32_t*>checked_alloc(n * sizeof(int32_t))
         self.width = <int32_t*>checked_alloc(n * sizeof(int32_t))
@@ -814,6 +823,9 @@ cdef class Kernel:
                 self.width[r] = 1
             else:
                 self.width[r] = 0
+            if cond[r] == COND_SUM or cond[r] == COND_DISTINCT:
+                self.window_buckets[r] = cond_window[r] // cond_resolution[r]
+                self.window_rest[r] = cond_window[r] % cond_resolution[r]
             self.stateful_index[r] = -1
             if self.width[r]:
                 self.stateful_index[r] = <int32_t>self.n_stateful
@@ -925,7 +937,7 @@ cdef class Kernel:
                 big_free(self.state[r], self.state_capacity[r] * self.width[r] * sizeof(int64_t))
         free(self.kinds); free(self.op_begin); free(self.op_end); free(self.result_reg)
         free(self.cond); free(self.cond_n); free(self.cond_window); free(self.cond_column)
-        free(self.cond_resolution)
+        free(self.cond_resolution); free(self.window_buckets); free(self.window_rest)
         free(self.cooldown); free(self.priority); free(self.width); free(self.stateful_index)
         big_free(self.slots, self.sub_capacity * self.n_stateful * sizeof(int32_t))
         free(self.state); free(self.state_rows); free(self.state_capacity)
@@ -1042,6 +1054,7 @@ cdef class Kernel:
         the row PREFETCH_DISTANCE ahead load while this one is probed.
         """
         cdef Py_ssize_t i, q, n_need = 0
+        cdef const char* slots
         for i in range(m):
             if self.row_stateful[i]:
                 self.need_rows[n_need] = <int32_t>i
@@ -1055,7 +1068,11 @@ cdef class Kernel:
                                      & <uint64_t>(self.table_capacity - 1)])
             i = self.need_rows[q]
             self.row_sub[i] = self.find_or_insert(msisdn[base + i], self.need_hash[q])
-            prefetch(&self.slots[self.row_sub[i] * self.n_stateful])
+            # All of the subscriber's slots: with more than 16 stateful rules they span two cache lines,
+            # and prefetch_state reads them to find the rows.
+            slots = <const char*>&self.slots[self.row_sub[i] * self.n_stateful]
+            prefetch(slots)
+            prefetch(slots + self.n_stateful * sizeof(int32_t) - 1)
         return 0
 
     cdef void prefetch_state(self, Py_ssize_t i) noexcept nogil:
@@ -1956,11 +1973,13 @@ cdef class Kernel:
                     elif self.cond[r] == COND_SUM:
                         row = self.state_row(r, sub)
                         match = sum_holds(row, self.width[r] - 2, ts, read(&cols[self.cond_column[r]], g),
-                                          self.cond_window[r], self.cond_resolution[r], self.cond_n[r])
+                                          self.window_buckets[r], self.window_rest[r], self.cond_resolution[r],
+                                          self.cond_n[r])
                     elif self.cond[r] == COND_DISTINCT:
                         row = self.state_row(r, sub)
                         match = distinct_holds(row, self.cond_n[r], ts, read(&cols[self.cond_column[r]], g),
-                                               self.cond_window[r], self.cond_resolution[r])
+                                               self.window_buckets[r], self.window_rest[r],
+                                               self.cond_resolution[r])
                     elif self.cond[r] == COND_AFTER:
                         # The followed rule matched on an earlier event with ts in (ts - W, ts]; its
                         # matches reach this row only after their event (tell_followers).
