@@ -79,7 +79,7 @@ def test_absence_cancel_window_is_half_open():
     assert engine.stats()["rules"]["recharge_bonus"]["matched"] == 2
 
 
-def test_absence_start_while_pending_is_ignored_and_cancel_applies_before_start():
+def test_absence_cancel_applies_before_a_start_on_the_same_event():
     text = """
 [[rule]]
 id = "quiet_after_call"
