@@ -565,22 +565,30 @@ def test_tiny_initial_allocation_grows_correctly(scenario):
     assert kernel.stats()["subscribers"] <= len(set(columns["msisdn"].tolist()))
 
 
+HOT_SUBSCRIBERS = np.array(MSISDNS, dtype=np.int64)
+COLD_SUBSCRIBERS = np.arange(10_000, 10_300, dtype=np.int64)
+
+
+def long_stream(rng: np.random.Generator, n: int = 3000) -> dict[str, np.ndarray]:
+    """n events in event-time order, half of them from a few hot subscribers, half from 300 cold ones."""
+    columns = {
+        "ts": rng.choice(BASES) + np.cumsum(rng.choice(np.array(STEPS), n)).astype(np.int64),
+        "msisdn": np.where(rng.random(n) < 0.5, rng.choice(HOT_SUBSCRIBERS, n),
+                           rng.choice(COLD_SUBSCRIBERS, n)).astype(np.int64),
+        "kind": rng.choice(np.array(KIND_POOL_CODES, dtype=np.uint8), n),
+    }
+    for name, domain in DOMAINS.items():
+        columns[name] = rng.choice(np.array(domain), n).astype(COLUMN_DTYPES[name])
+    return columns
+
+
 @settings(max_examples=max(5, settings().max_examples // 20))
 @given(text=rules_files(), seed=st.integers(0, 2**32 - 1), cuts=st.lists(st.integers(0, 3000), max_size=3))
 def test_long_streams_across_kernel_chunks(text, seed, cuts):
     """Thousands of events: several kernel chunks, hundreds of subscribers, state rows regrown."""
     note(f"rules:\n{text}\nseed: {seed}, cuts: {sorted(cuts)}")
     rng = np.random.default_rng(seed)
-    n = 3000
-    hot = np.array(MSISDNS, dtype=np.int64)
-    cold = np.arange(10_000, 10_300, dtype=np.int64)
-    columns = {
-        "ts": rng.choice(BASES) + np.cumsum(rng.choice(np.array(STEPS), n)).astype(np.int64),
-        "msisdn": np.where(rng.random(n) < 0.5, rng.choice(hot, n), rng.choice(cold, n)).astype(np.int64),
-        "kind": rng.choice(np.array(KIND_POOL_CODES, dtype=np.uint8), n),
-    }
-    for name, domain in DOMAINS.items():
-        columns[name] = rng.choice(np.array(domain), n).astype(COLUMN_DTYPES[name])
+    columns = long_stream(rng)
     kernel = Engine(parse_rules(text), initial_subscribers=1)
     got = concat([kernel.process(part) for part in slices(columns, cuts)])
     reference = ReferenceEngine(parse_rules(text))
@@ -866,17 +874,8 @@ def test_profile_tests_across_kernel_chunks(text, seed, cuts):
     """Thousands of events over hundreds of subscribers, half with profiles: several chunks, a large profile index."""
     note(f"rules:\n{text}\nseed: {seed}, cuts: {sorted(cuts)}")
     rng = np.random.default_rng(seed)
-    n = 3000
-    hot = np.array(MSISDNS, dtype=np.int64)
-    cold = np.arange(10_000, 10_300, dtype=np.int64)
-    columns = {
-        "ts": rng.choice(BASES) + np.cumsum(rng.choice(np.array(STEPS), n)).astype(np.int64),
-        "msisdn": np.where(rng.random(n) < 0.5, rng.choice(hot, n), rng.choice(cold, n)).astype(np.int64),
-        "kind": rng.choice(np.array(KIND_POOL_CODES, dtype=np.uint8), n),
-    }
-    for name, domain in DOMAINS.items():
-        columns[name] = rng.choice(np.array(domain), n).astype(COLUMN_DTYPES[name])
-    subscribers = np.concatenate([hot, cold])
+    columns = long_stream(rng)
+    subscribers = np.concatenate([HOT_SUBSCRIBERS, COLD_SUBSCRIBERS])
     chosen = np.sort(rng.choice(subscribers, len(subscribers) // 2, replace=False))
     m = len(chosen)
     tag_lists = [None, [], ["car_owner"], ["vip", "car_owner"], ["traveller"]]
