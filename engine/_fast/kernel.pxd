@@ -2,11 +2,15 @@
 # (see engine.get_include()).  Semantics are documented in kernel.pyx and in
 # docs/kernel.md; engine/reference.py is the plain-Python statement of them.
 
+cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
 from engine._fast._types cimport Bucket, Column, Entry, Map, Op
 
 
+# final: the kernel's methods call each other directly, not through a vtable, so the C compiler can
+# inline them on the hot path.
+@cython.final
 cdef class Kernel:
     # -- compiled rules, immutable after construction ------------------------
     cdef readonly Py_ssize_t n_rules
@@ -185,6 +189,10 @@ cdef class Kernel:
     cdef int32_t* list_rows       # chunk rows of a list's positions
     cdef uint8_t* list_result     # a test's result per list entry, before scattering
     cdef int32_t* bucket_rows     # chunk rows grouped by kind
+    cdef int32_t* kind_rows       # chunk rows of any of a multi-kind rule's kinds, ascending
+    cdef int32_t* cand_rows       # per rule, its candidate chunk rows (passed on + where), ascending;
+    cdef int32_t* cand_begin      #   rule r's are cand_rows[cand_begin[r]:cand_begin[r] + cand_len[r]], and a
+    cdef int32_t* cand_len        #   window condition's pass keeps only those it matched
     cdef int32_t* row_head        # per chunk row: first (row, rule) pair, -1 none
     cdef int32_t* row_tail
     cdef int32_t* pair_next
@@ -210,6 +218,11 @@ cdef class Kernel:
     cdef int find_subscribers(self, const int64_t* msisdn, Py_ssize_t base, Py_ssize_t m) except -1 nogil
     cdef void prefetch_state(self, Py_ssize_t i) noexcept nogil
     cdef int64_t* state_row(self, Py_ssize_t rule, int64_t sub) except NULL nogil
+    cdef int64_t* new_state_row(self, Py_ssize_t rule, int32_t* slot) except NULL nogil
+    cdef void prefetch_row(self, Py_ssize_t rule, int64_t sub) noexcept nogil
+    cdef int filter_chunk(self, const Column* cols, Py_ssize_t base, Py_ssize_t m) except -1 nogil
+    cdef int window_pass(self, Py_ssize_t rule, const Column* cols, Py_ssize_t base) except -1 nogil
+    cdef Py_ssize_t link_pairs(self) noexcept nogil
     cdef void run_where(self, Py_ssize_t rule, const Column* cols, Py_ssize_t base,
                         const int32_t* sel, Py_ssize_t n) noexcept nogil
     cdef int32_t profile_row(self, int64_t sub, int64_t msisdn) noexcept nogil

@@ -6,17 +6,20 @@
 #
 #   1. Filtering, vectorised.  Rows are grouped by kind with a counting sort;
 #      each rule's `where` program then runs only over the rows of the kinds in
-#      its `on`, one op at a time over the whole selection, producing the
-#      (row, rule) candidate pairs.  Cost is proportional to the rows a rule
-#      listens to, not to the batch.
-#   2. Deciding, in row order.  The subscribers of rows whose candidates keep
-#      state are looked up first, in one pass that prefetches hash buckets a
-#      few rows ahead.  Then, row by row, each candidate rule's stateful
-#      condition is evaluated and its state moved (state rows prefetched
-#      PREFETCH_DISTANCE rows ahead); matches go through cooldown and then
-#      arbitration by priority; the winner is written out and starts its
-#      cooldown.  With a million subscribers the state does not fit in cache,
-#      so hiding memory latency is most of this phase's speed.
+#      its `on`, one op at a time over the whole selection, producing each
+#      rule's candidate rows in row order.  Cost is proportional to the rows a
+#      rule listens to, not to the batch.
+#   2. Deciding.  The subscribers of rows whose candidates keep state are
+#      looked up first, in one pass that prefetches hash buckets a few rows
+#      ahead.  Then the window conditions (count, first, changed, sum,
+#      distinct), which read and move only their own rule's words, are decided
+#      rule by rule over the rule's candidates, in row order, state rows
+#      prefetched WINDOW_PREFETCH candidates ahead; only their matches go on.
+#      Last, row by row, the sequence conditions (after, absence) and timers,
+#      then each match through the contact policy (cooldown, arbitration by
+#      priority, caps); the winner is written out and starts its cooldown.
+#      With a million subscribers the state does not fit in cache, so hiding
+#      memory latency is most of this phase's speed.
 #
 # Both phases run without the GIL and make no Python call.  State is plain C
 # arrays indexed by a dense subscriber id, so a checkpoint is a handful of
@@ -42,13 +45,17 @@ from engine._fast._types cimport (
 
 cdef extern from *:
     """
-    #if defined(__GNUC__) || defined(__clang__)
+    #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+    #define KAIROS_PREFETCH(p) __asm__ volatile("prefetcht0 %0" : : "m"(*(const char*)(p)))
+    #elif defined(__GNUC__) || defined(__clang__)
     #define KAIROS_PREFETCH(p) __builtin_prefetch((p))
     #else
     #define KAIROS_PREFETCH(p) ((void)0)
     #endif
     """
-    # A hint to start loading p's cache line; never faults.
+    # A hint to start loading p's cache line; never faults.  An asm statement rather than
+    # __builtin_prefetch: GCC judges a function whose only effects are prefetches to have none, and
+    # removes calls to it (prefetch_row, prefetch_state) once they are direct calls.
     void prefetch "KAIROS_PREFETCH"(const void* p) noexcept nogil
 
 # Rows per chunk: registers (CHUNK bytes each) and the gathered column
@@ -58,6 +65,8 @@ cdef enum:
     # Rows ahead that the decide phase prefetches state for: far enough to
     # hide a DRAM access behind the work on the rows in between.
     PREFETCH_DISTANCE = 16
+    # Candidates ahead that a window condition's pass prefetches rows for.
+    WINDOW_PREFETCH = 16
     N_COLUMNS = 12
     KIND_COLUMN = 2
     TS_COLUMN = 0
@@ -303,31 +312,39 @@ cdef inline bint distinct_holds(int64_t* row, int64_t n, int64_t ts, int64_t v, 
     is older than its own bucket.  In event-time order the pairs are always
     n most recently seen values, which is all it takes to know whether n
     distinct values lie in the window.
+
+    One pass over the pairs finds v's pair, the first free one and the one
+    seen longest ago, and counts the other values in the window, with no
+    branch on the pairs' contents; the pair that v updates is counted after.
+    Pairs fill in order and a value is in at most one pair.
     """
-    cdef int64_t b = ts // resolution, lo, j, found = -1, empty = -1, oldest = -1, c = 0
-    if v != 0:
-        for j in range(n):
-            if row[1 + 2 * j] == v:
-                found = j
-                break
-            if row[1 + 2 * j] == 0:
-                empty = j   # pairs fill in order: v is in none of the rest
-                break
-            if oldest < 0 or row[2 + 2 * j] < row[2 + 2 * oldest]:
-                oldest = j
-        if found >= 0:
-            if b > row[2 + 2 * found]:
-                row[2 + 2 * found] = b
-        elif empty >= 0:
-            row[1 + 2 * empty] = v
-            row[2 + 2 * empty] = b
-        elif row[2 + 2 * oldest] < b:
-            row[1 + 2 * oldest] = v
-            row[2 + 2 * oldest] = b
+    cdef int64_t b = ts // resolution, lo, j, val, seen, found = -1, empty = -1, oldest = 0, c = 0
+    cdef int64_t oldest_seen = INT64_MAX
     lo = window_start(b, ts - b * resolution, wq, wr)
     for j in range(n):
-        if row[1 + 2 * j] != 0 and lo <= row[2 + 2 * j] <= b:
-            c += 1
+        val = row[1 + 2 * j]
+        seen = row[2 + 2 * j]
+        found = j if val == v else found
+        empty = j if (val == 0 and empty < 0) else empty
+        oldest = j if seen < oldest_seen else oldest
+        oldest_seen = seen if seen < oldest_seen else oldest_seen
+        c += (val != 0) & (val != v) & (lo <= seen) & (seen <= b)
+    if v == 0:
+        return c >= n
+    if found >= 0:
+        if b > row[2 + 2 * found]:
+            row[2 + 2 * found] = b
+        seen = row[2 + 2 * found]
+        c += (lo <= seen) & (seen <= b)
+    elif empty >= 0:
+        row[1 + 2 * empty] = v
+        row[2 + 2 * empty] = b
+        c += 1
+    elif oldest_seen < b:
+        c -= (lo <= oldest_seen)     # the value it replaces was counted if in the window (oldest_seen < b)
+        row[1 + 2 * oldest] = v
+        row[2 + 2 * oldest] = b
+        c += 1
     return c >= n
 
 
@@ -884,6 +901,10 @@ cdef class Kernel:
         self.list_rows = <int32_t*>checked_alloc(CHUNK * sizeof(int32_t))
         self.list_result = <uint8_t*>checked_alloc(CHUNK * sizeof(uint8_t))
         self.bucket_rows = <int32_t*>checked_alloc(CHUNK * sizeof(int32_t))
+        self.kind_rows = <int32_t*>checked_alloc(CHUNK * sizeof(int32_t))
+        self.cand_rows = <int32_t*>checked_alloc(CHUNK * n * sizeof(int32_t))
+        self.cand_begin = <int32_t*>checked_alloc(n * sizeof(int32_t))
+        self.cand_len = <int32_t*>checked_alloc(n * sizeof(int32_t))
         self.row_head = <int32_t*>checked_alloc(CHUNK * sizeof(int32_t))
         self.row_tail = <int32_t*>checked_alloc(CHUNK * sizeof(int32_t))
         self.pair_next = <int32_t*>checked_alloc(CHUNK * n * sizeof(int32_t))
@@ -946,6 +967,7 @@ cdef class Kernel:
         free(self.ops); free(self.constants); free(self.constant_digits)
         free(self.regs); free(self.lists); free(self.list_len); free(self.list_rows)
         free(self.list_result); free(self.vals); free(self.bucket_rows); free(self.row_head)
+        free(self.kind_rows); free(self.cand_rows); free(self.cand_begin); free(self.cand_len)
         free(self.row_tail); free(self.pair_next); free(self.pair_rule)
         free(self.row_stateful); free(self.row_sub); free(self.need_rows); free(self.need_hash)
         free(self.sub_msisdn)
@@ -1076,34 +1098,29 @@ cdef class Kernel:
         return 0
 
     cdef void prefetch_state(self, Py_ssize_t i) noexcept nogil:
-        """Start loading the state rows chunk row i's candidate rules will touch."""
-        cdef int32_t p = self.row_head[i], r, slot
-        cdef const char* row
-        cdef const char* end
+        """Start loading the state rows chunk row i's pairs will touch in the decide phase."""
+        cdef int32_t p = self.row_head[i], r
         if not self.row_stateful[i]:
             return
         while p >= 0:
             r = self.pair_rule[p]
             p = self.pair_next[p]
             if self.width[r]:
-                slot = self.slots[self.row_sub[i] * self.n_stateful + self.stateful_index[r]]
-                if slot > 0:
-                    # Every cache line of the row: a sum or distinct row spans two or three, and the
-                    # condition reads all of them.
-                    row = <const char*>(self.state[r] + <int64_t>(slot - 1) * self.width[r])
-                    end = row + self.width[r] * sizeof(int64_t)
-                    while row < end:
-                        prefetch(row)
-                        row += 64
-                    prefetch(end - 1)
+                self.prefetch_row(r, self.row_sub[i])
+            elif self.cancel_of[r] >= 0:
+                self.prefetch_row(self.cancel_of[r], self.row_sub[i])
 
-    cdef int64_t* state_row(self, Py_ssize_t rule, int64_t sub) except NULL nogil:
+    cdef inline int64_t* state_row(self, Py_ssize_t rule, int64_t sub) except NULL nogil:
         """The rule's state row for a subscriber, allocated on first use."""
         cdef int32_t* slot = &self.slots[sub * self.n_stateful + self.stateful_index[rule]]
+        if slot[0] > 0:
+            return self.state[rule] + <int64_t>(slot[0] - 1) * self.width[rule]
+        return self.new_state_row(rule, slot)
+
+    cdef int64_t* new_state_row(self, Py_ssize_t rule, int32_t* slot) except NULL nogil:
+        """A fresh row of the rule's pool for the subscriber whose slot this is."""
         cdef int64_t w = self.width[rule], k, capacity
         cdef int64_t* row
-        if slot[0] > 0:
-            return self.state[rule] + <int64_t>(slot[0] - 1) * w
         if self.state_rows[rule] == self.state_capacity[rule]:
             capacity = max(2 * self.state_capacity[rule], 64)
             if capacity >= 2147483647:
@@ -1123,6 +1140,22 @@ cdef class Kernel:
             for k in range(1, w, 2):
                 row[k] = 0
         return row
+
+    cdef inline void prefetch_row(self, Py_ssize_t rule, int64_t sub) noexcept nogil:
+        """Start loading every cache line of the rule's row for a subscriber, if it has one.
+
+        A sum or distinct row spans two or three lines, and the condition reads all of them.
+        """
+        cdef int32_t slot = self.slots[sub * self.n_stateful + self.stateful_index[rule]]
+        cdef const char* line
+        cdef const char* end
+        if slot > 0:
+            line = <const char*>(self.state[rule] + <int64_t>(slot - 1) * self.width[rule])
+            end = line + self.width[rule] * sizeof(int64_t)
+            while line < end:
+                prefetch(line)
+                line += 64
+            prefetch(end - 1)
 
     # -- contact policy ------------------------------------------------------------
 
@@ -1823,78 +1856,199 @@ cdef class Kernel:
                 for t in range(cnt):
                     dst[pos[t]] = out[t]
 
+    cdef int filter_chunk(self, const Column* cols, Py_ssize_t base, Py_ssize_t m) except -1 nogil:
+        """Phase 1: every rule's candidate rows of the chunk (cand_rows), ascending, and row_stateful.
+
+        Rows are grouped by kind with a counting sort, so that a rule on one
+        kind runs its where program over that kind's rows only; a rule on
+        several kinds runs it once over the rows of any of them, in row order,
+        the order its condition must see them in.
+        """
+        cdef const uint8_t* kind = <const uint8_t*>cols[KIND_COLUMN].data
+        cdef int32_t bucket_start[257]
+        cdef int32_t bucket_fill[256]
+        cdef Py_ssize_t q, r, i, j, k, cnt, c, n_cand = 0
+        cdef uint32_t kinds
+        cdef const int32_t* sel
+        cdef const uint8_t* res
+        cdef int32_t* out
+        memset(bucket_fill, 0, sizeof(bucket_fill))
+        for i in range(m):
+            bucket_fill[kind[base + i]] += 1
+        bucket_start[0] = 0
+        for k in range(256):
+            bucket_start[k + 1] = bucket_start[k] + bucket_fill[k]
+            bucket_fill[k] = bucket_start[k]
+        for i in range(m):
+            self.bucket_rows[bucket_fill[kind[base + i]]] = <int32_t>i
+            bucket_fill[kind[base + i]] += 1
+            self.row_head[i] = -1
+            self.row_stateful[i] = 0
+        if self.prof_kinds:   # profile rows are looked up when a profile test first reaches a row
+            for i in range(m):
+                self.row_prow[i] = NOT_FOUND_YET
+        for q in range(self.n_rules):
+            r = self.filter_order[q]
+            kinds = self.kinds[r]
+            self.cand_begin[r] = <int32_t>n_cand
+            self.cand_len[r] = 0
+            if kinds == 0:
+                continue
+            if kinds & (kinds - 1) == 0:
+                k = 0
+                while not (kinds >> k) & 1:
+                    k += 1
+                sel = self.bucket_rows + bucket_start[k]
+                cnt = bucket_start[k + 1] - bucket_start[k]
+            else:
+                cnt = 0
+                for i in range(m):
+                    self.kind_rows[cnt] = <int32_t>i
+                    cnt += (kinds >> (kind[base + i] & 31)) & <uint32_t>(kind[base + i] < 32)
+                sel = self.kind_rows
+            if cnt == 0:
+                continue
+            out = self.cand_rows + n_cand
+            if self.result_reg[r] >= 0:
+                self.run_where(r, cols, base, sel, cnt)
+                res = self.regs + <Py_ssize_t>self.result_reg[r] * CHUNK
+                c = 0
+                for j in range(cnt):
+                    out[c] = sel[j]
+                    c += res[j]
+            else:
+                memcpy(out, sel, cnt * sizeof(int32_t))
+                c = cnt
+            self.cand_len[r] = <int32_t>c
+            n_cand += c
+            # Policy keeps per-subscriber state for every campaign (caps,
+            # feedback, profile row); goal filters need none.
+            if self.goal_of[r] < 0:
+                for j in range(c):
+                    self.row_stateful[out[j]] = 1
+        return 0
+
+    cdef int window_pass(self, Py_ssize_t r, const Column* cols, Py_ssize_t base) except -1 nogil:
+        """Rule r's count, first, changed, sum or distinct condition over its candidates, in row order.
+
+        Keeps only the candidates it matched.  These conditions read and move
+        their own rule's condition words and nothing else (not the policy's
+        word 0), so one rule's candidates can all be decided before the
+        chunk's rows are, in a loop with one branch pattern, with the state
+        rows requested WINDOW_PREFETCH candidates ahead.
+        """
+        cdef int32_t* rows = self.cand_rows + self.cand_begin[r]
+        cdef Py_ssize_t cnt = self.cand_len[r], j, c = 0, k, g
+        cdef int32_t cnd = self.cond[r], w = self.width[r], i
+        cdef const int64_t* ts_col = <const int64_t*>cols[TS_COLUMN].data
+        cdef int64_t ts, lo, v, last, sub, window = self.cond_window[r], n_at_least = self.cond_n[r]
+        cdef int64_t* row
+        cdef bint match
+        for j in range(min(cnt, <Py_ssize_t>WINDOW_PREFETCH)):
+            self.prefetch_row(r, self.row_sub[rows[j]])
+        for j in range(cnt):
+            # The slot first, then (from the slot) the row: the slots line find_subscribers asked for
+            # may have left L1 by the time this rule's pass comes to it.
+            if j + 2 * WINDOW_PREFETCH < cnt:
+                prefetch(&self.slots[self.row_sub[rows[j + 2 * WINDOW_PREFETCH]] * self.n_stateful
+                                     + self.stateful_index[r]])
+            if j + WINDOW_PREFETCH < cnt:
+                self.prefetch_row(r, self.row_sub[rows[j + WINDOW_PREFETCH]])
+            i = rows[j]
+            g = base + i
+            ts = ts_col[g]
+            sub = self.row_sub[i]
+            if cnd == COND_COUNT:
+                # Window (ts - W, ts]; the current event counts itself.
+                row = self.state_row(r, sub)
+                lo = ts - window
+                v = 1
+                for k in range(1, w):
+                    if lo < row[k] <= ts:
+                        v += 1
+                match = v >= n_at_least
+                # Keep the at_least - 1 largest ts, ascending.
+                if w > 1 and ts > row[1]:
+                    k = 1
+                    while k + 1 < w and row[k + 1] < ts:
+                        row[k] = row[k + 1]
+                        k += 1
+                    row[k] = ts
+            elif cnd == COND_FIRST:
+                # Fires when no earlier event lies in [ts - W, ts].  A late
+                # event (one newer already seen) cannot tell, so it does not
+                # fire: never a false first.
+                row = self.state_row(r, sub)
+                last = row[1]
+                match = last <= ts and last < ts - window
+                if ts > last:
+                    row[1] = ts
+            elif cnd == COND_CHANGED:
+                v = read(&cols[self.cond_column[r]], g)
+                match = 0
+                if v != 0:
+                    row = self.state_row(r, sub)
+                    match = row[1] != 0 and row[1] != v
+                    row[1] = v
+            elif cnd == COND_SUM:
+                row = self.state_row(r, sub)
+                match = sum_holds(row, w - 2, ts, read(&cols[self.cond_column[r]], g),
+                                  self.window_buckets[r], self.window_rest[r], self.cond_resolution[r], n_at_least)
+            else:
+                row = self.state_row(r, sub)
+                match = distinct_holds(row, n_at_least, ts, read(&cols[self.cond_column[r]], g),
+                                       self.window_buckets[r], self.window_rest[r], self.cond_resolution[r])
+            rows[c] = i
+            c += match
+        self.cand_len[r] = <int32_t>c
+        return 0
+
+    cdef Py_ssize_t link_pairs(self) noexcept nogil:
+        """Each chunk row's (row, rule) pairs for the decide phase, in filter_order; returns their number."""
+        cdef Py_ssize_t q, r, j, n_pairs = 0
+        cdef int32_t i
+        cdef const int32_t* rows
+        for q in range(self.n_rules):
+            r = self.filter_order[q]
+            rows = self.cand_rows + self.cand_begin[r]
+            for j in range(self.cand_len[r]):
+                i = rows[j]
+                self.pair_rule[n_pairs] = <int32_t>r
+                self.pair_next[n_pairs] = -1
+                if self.row_head[i] < 0:
+                    self.row_head[i] = <int32_t>n_pairs
+                else:
+                    self.pair_next[self.row_tail[i]] = <int32_t>n_pairs
+                self.row_tail[i] = <int32_t>n_pairs
+                n_pairs += 1
+        return n_pairs
+
     cdef Py_ssize_t process_columns(self, const Column* cols, Py_ssize_t n,
                                     int64_t* out_row, int32_t* out_rule, int32_t* out_channel,
                                     int64_t* out_not_before, uint8_t* out_holdout) except -1 nogil:
-        cdef Py_ssize_t base, m, i, j, k, q, r, g, cnt, n_out = 0, n_pairs, n_surv, n_shadow, n_followed, owner
+        cdef Py_ssize_t base, m, i, k, r, g, n_out = 0, n_surv, n_shadow, n_followed, owner
         cdef int32_t p, best, prow, channel
         cdef int64_t msisdn, not_before
         cdef uint8_t in_holdout
-        cdef int32_t bucket_start[257]
-        cdef int32_t bucket_fill[256]
-        cdef const uint8_t* kind = <const uint8_t*>cols[KIND_COLUMN].data
         cdef const int64_t* ts_col = <const int64_t*>cols[TS_COLUMN].data
         cdef const int64_t* msisdn_col = <const int64_t*>cols[MSISDN_COLUMN].data
-        cdef const int32_t* sel
-        cdef const uint8_t* res
-        cdef int64_t ts, sub, lo, c, v, last
+        cdef int64_t ts, sub, last
         cdef int64_t* row
         cdef int32_t slot
         cdef bint match
         base = 0
         while base < n:
             m = min(<Py_ssize_t>CHUNK, n - base)
-
-            # Phase 1: group rows by kind, then filter each rule's kinds.
-            memset(bucket_fill, 0, sizeof(bucket_fill))
-            for i in range(m):
-                bucket_fill[kind[base + i]] += 1
-            bucket_start[0] = 0
-            for k in range(256):
-                bucket_start[k + 1] = bucket_start[k] + bucket_fill[k]
-                bucket_fill[k] = bucket_start[k]
-            for i in range(m):
-                self.bucket_rows[bucket_fill[kind[base + i]]] = <int32_t>i
-                bucket_fill[kind[base + i]] += 1
-                self.row_head[i] = -1
-                self.row_stateful[i] = 0
-            if self.prof_kinds:   # profile rows are looked up when a profile test first reaches a row
-                for i in range(m):
-                    self.row_prow[i] = NOT_FOUND_YET
-            n_pairs = 0
-            for q in range(self.n_rules):
-                r = self.filter_order[q]
-                for k in range(32):
-                    if not (self.kinds[r] >> k) & 1:
-                        continue
-                    cnt = bucket_start[k + 1] - bucket_start[k]
-                    if cnt == 0:
-                        continue
-                    sel = self.bucket_rows + bucket_start[k]
-                    res = NULL
-                    if self.result_reg[r] >= 0:
-                        self.run_where(r, cols, base, sel, cnt)
-                        res = self.regs + <Py_ssize_t>self.result_reg[r] * CHUNK
-                    for j in range(cnt):
-                        if res != NULL and not res[j]:
-                            continue
-                        i = sel[j]
-                        self.pair_rule[n_pairs] = <int32_t>r
-                        self.pair_next[n_pairs] = -1
-                        if self.row_head[i] < 0:
-                            self.row_head[i] = <int32_t>n_pairs
-                        else:
-                            self.pair_next[self.row_tail[i]] = <int32_t>n_pairs
-                        self.row_tail[i] = <int32_t>n_pairs
-                        # Policy keeps per-subscriber state for every campaign
-                        # (caps, feedback, profile row); goal filters need none.
-                        if self.goal_of[r] < 0:
-                            self.row_stateful[i] = 1
-                        n_pairs += 1
-
-            # Phase 2: subscribers, then conditions and the contact policy in
-            # row order.
+            # Phase 1: each rule's candidates.
+            # Phase 1: each rule's candidates.
+            self.filter_chunk(cols, base, m)
+            # Phase 2: subscribers; then the window conditions, rule by rule;
+            # then, in row order, the other conditions and the contact policy.
             self.find_subscribers(msisdn_col, base, m)
+            for r in range(self.n_rules):
+                if COND_COUNT <= self.cond[r] <= COND_DISTINCT and self.cand_len[r]:
+                    self.window_pass(r, cols, base)
+            self.link_pairs()
             for i in range(min(m, <Py_ssize_t>PREFETCH_DISTANCE)):
                 self.prefetch_state(i)
             for i in range(m):
@@ -1937,50 +2091,9 @@ cdef class Kernel:
                                 row[1] = NO_TS
                                 self.timers_pending -= 1
                         continue
+                    # A window condition's pair is here only if it matched (window_pass).
                     match = 1
-                    if self.cond[r] == COND_COUNT:
-                        # Window (ts - W, ts]; the current event counts itself.
-                        row = self.state_row(r, sub)
-                        lo = ts - self.cond_window[r]
-                        c = 1
-                        for k in range(1, self.width[r]):
-                            if lo < row[k] <= ts:
-                                c += 1
-                        match = c >= self.cond_n[r]
-                        # Keep the at_least - 1 largest ts, ascending.
-                        if self.width[r] > 1 and ts > row[1]:
-                            k = 1
-                            while k + 1 < self.width[r] and row[k + 1] < ts:
-                                row[k] = row[k + 1]
-                                k += 1
-                            row[k] = ts
-                    elif self.cond[r] == COND_FIRST:
-                        # Fires when no earlier event lies in [ts - W, ts].  A
-                        # late event (one newer already seen) cannot tell, so
-                        # it does not fire: never a false first.
-                        row = self.state_row(r, sub)
-                        last = row[1]
-                        match = last <= ts and last < ts - self.cond_window[r]
-                        if ts > last:
-                            row[1] = ts
-                    elif self.cond[r] == COND_CHANGED:
-                        v = read(&cols[self.cond_column[r]], g)
-                        match = 0
-                        if v != 0:
-                            row = self.state_row(r, sub)
-                            match = row[1] != 0 and row[1] != v
-                            row[1] = v
-                    elif self.cond[r] == COND_SUM:
-                        row = self.state_row(r, sub)
-                        match = sum_holds(row, self.width[r] - 2, ts, read(&cols[self.cond_column[r]], g),
-                                          self.window_buckets[r], self.window_rest[r], self.cond_resolution[r],
-                                          self.cond_n[r])
-                    elif self.cond[r] == COND_DISTINCT:
-                        row = self.state_row(r, sub)
-                        match = distinct_holds(row, self.cond_n[r], ts, read(&cols[self.cond_column[r]], g),
-                                               self.window_buckets[r], self.window_rest[r],
-                                               self.cond_resolution[r])
-                    elif self.cond[r] == COND_AFTER:
+                    if self.cond[r] == COND_AFTER:
                         # The followed rule matched on an earlier event with ts in (ts - W, ts]; its
                         # matches reach this row only after their event (tell_followers).
                         slot = self.slots[sub * self.n_stateful + self.stateful_index[r]]
