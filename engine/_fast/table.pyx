@@ -33,6 +33,12 @@ COLUMN_LAYOUT[:] = [_LAYOUT_CODES[name] for name in column_dtypes()]
 cdef uint64_t ID_GOLDEN = 0x9E3779B97F4A7C15ULL
 cdef uint64_t ID_SECOND_SEED = 0x5851F42D4C957F2DULL
 cdef const char* HEX_DIGITS = b"0123456789abcdef"
+# "00" to "99": decimal text is written two digits at a time.
+cdef const char* DIGIT_PAIRS = (b"00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+                                b"40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+                                b"8081828384858687888990919293949596979899")
+cdef uint64_t POW10[20]
+POW10[:] = [10 ** k for k in range(20)]
 
 
 # A list of strings as an Arrow string array holds them: string k is data[offsets[k]:offsets[k + 1]].
@@ -114,30 +120,79 @@ cdef inline int64_t narrow(int64_t v, int layout) noexcept nogil:
     return v
 
 
+cdef void gather(const Column* col, int layout, Py_ssize_t c, const int64_t* source, Py_ssize_t n,
+                 const int64_t* rows, const int64_t* fired, int64_t* out) noexcept nogil:
+    """out[k, c] = column c of instruction k's event: a batch row (source >= 0) or a fired timer's (< 0)."""
+    cdef Py_ssize_t k
+    cdef int64_t s
+    for k in range(n):
+        s = source[k]
+        if s >= 0:
+            out[k * N_COLUMNS + c] = read(col, rows[s])
+        else:
+            out[k * N_COLUMNS + c] = narrow(fired[(-1 - s) * N_COLUMNS + c], layout)
+
+
+cdef enum:
+    # Instructions hashed in lockstep: their independent multiply chains fill the pipeline.
+    HASH_LANES = 4
+
+
+cdef void hash_ids(const int64_t* events, const int32_t* rules, Py_ssize_t n, const uint64_t* seed,
+                   char* out) noexcept nogil:
+    """The 32 hex digits of each instruction's id (engine.instructions.instruction_id) into out."""
+    cdef uint64_t h1[HASH_LANES]
+    cdef uint64_t h2[HASH_LANES]
+    cdef uint64_t v
+    cdef Py_ssize_t k0 = 0, k, lane, lanes, c
+    while k0 < n:
+        lanes = HASH_LANES if n - k0 >= HASH_LANES else n - k0
+        for lane in range(lanes):
+            h1[lane] = seed[rules[k0 + lane]]
+            h2[lane] = mix64(h1[lane] ^ ID_SECOND_SEED)
+        for c in range(N_COLUMNS):
+            for lane in range(lanes):
+                v = <uint64_t>events[(k0 + lane) * N_COLUMNS + c]
+                h1[lane] = mix64(h1[lane] + ID_GOLDEN + v)
+                h2[lane] = mix64(h2[lane] + ID_GOLDEN + v)
+        for lane in range(lanes):
+            k = k0 + lane
+            for c in range(16):
+                out[ID_CHARS * k + c] = HEX_DIGITS[(h1[lane] >> (60 - 4 * c)) & 0xF]
+                out[ID_CHARS * k + 16 + c] = HEX_DIGITS[(h2[lane] >> (60 - 4 * c)) & 0xF]
+        k0 += HASH_LANES
+
+
 cdef inline uint64_t magnitude(int64_t v) noexcept nogil:
     # -(v + 1) + 1 keeps INT64_MIN in range.
     return <uint64_t>(-(v + 1)) + 1 if v < 0 else <uint64_t>v
 
 
 cdef inline int32_t decimal_length(int64_t v) noexcept nogil:
+    """Characters of v in decimal, its sign included."""
     cdef uint64_t m = magnitude(v)
-    cdef int32_t length = 2 if v < 0 else 1
-    while m >= 10:
-        m //= 10
-        length += 1
-    return length
+    cdef int32_t digits = 1
+    # Independent comparisons, not a chain of divisions.
+    while digits < 20 and m >= POW10[digits]:
+        digits += 1
+    return digits + (v < 0)
 
 
 cdef inline void write_decimal(int64_t v, char* out, int32_t length) noexcept nogil:
     """The decimal text of v in out[:length] (decimal_length(v)), as Arrow's int64 -> string cast writes it."""
-    cdef uint64_t m = magnitude(v)
+    cdef uint64_t m = magnitude(v), q
     cdef char* p = out + length
-    while True:
+    while m >= 100:  # two digits a division
+        q = m // 100
+        p -= 2
+        memcpy(p, DIGIT_PAIRS + 2 * (m - 100 * q), 2)
+        m = q
+    if m >= 10:
+        p -= 2
+        memcpy(p, DIGIT_PAIRS + 2 * m, 2)
+    else:
         p -= 1
-        p[0] = <char>(48 + m % 10)
-        m //= 10
-        if m == 0:
-            break
+        p[0] = <char>(48 + m)
     if v < 0:
         out[0] = 45  # '-'
 
@@ -303,16 +358,23 @@ cdef class TableBuilder:
         value_offsets = np.empty(n_params + 1, np.int32)
         values_array = np.empty(n_params, np.int64)
         key_index_array = np.empty(n_params, np.int32)
+        value_length_array = np.empty(n_params, np.int32)
         cdef uint8_t[::1] id_v = id_data, holdout_v = out_holdout
         cdef int64_t[::1] ts_v = ts, msisdn_v = msisdn, not_before_v = out_not_before, values = values_array
-        cdef int32_t[::1] priority_v = priority, key_index = key_index_array
+        cdef int32_t[::1] priority_v = priority, key_index = key_index_array, value_length = value_length_array
         cdef int32_t[::1] rule_off = rule_offsets, channel_off = channel_offsets, template_off = template_offsets
         cdef int32_t[::1] key_off = key_offsets, value_off = value_offsets
         cdef uint8_t[::1] rule_text = rule_data, channel_text = channel_data, template_text = template_data
-        cdef int64_t event[12]
+        # The triggering event of each instruction, gathered a column at a time so that the column's
+        # type is looked at once; hashing then reads one contiguous row per instruction.
+        events_array = np.empty((max(n, 1), N_COLUMNS), np.int64)
+        cdef int64_t[:, ::1] event = events_array
         cdef int64_t key_bytes = 0, value_bytes = 0
-        cdef uint64_t h1, h2, v
         with nogil:
+            for c in range(N_COLUMNS):
+                gather(&cols[c], COLUMN_LAYOUT[c], c, &source[0], n, &rows[0] if nb else NULL,
+                       &f_columns[0, 0] if nf else NULL, &event[0, 0])
+            hash_ids(&event[0, 0], &rule_v[0] if n else NULL, n, self.seed, <char*>&id_v[0])
             rule_off[0] = channel_off[0] = template_off[0] = 0
             key_off[0] = value_off[0] = 0
             p = 0
@@ -321,28 +383,15 @@ cdef class TableBuilder:
                 ch = channel_v[k]
                 if source[k] >= 0:
                     j = source[k]
-                    for c in range(N_COLUMNS):
-                        event[c] = read(&cols[c], rows[j])
                     not_before_v[k] = not_before[j]
                     holdout_v[k] = holdout[j]
                 else:
                     i = -1 - source[k]
-                    for c in range(N_COLUMNS):
-                        event[c] = narrow(f_columns[i, c], COLUMN_LAYOUT[c])
                     not_before_v[k] = f_not_before[i]
                     holdout_v[k] = f_holdout[i]
-                ts_v[k] = event[TS_COLUMN]
-                msisdn_v[k] = event[MSISDN_COLUMN]
+                ts_v[k] = event[k, TS_COLUMN]
+                msisdn_v[k] = event[k, MSISDN_COLUMN]
                 priority_v[k] = self.priority[r]
-                h1 = self.seed[r]
-                h2 = mix64(h1 ^ ID_SECOND_SEED)
-                for c in range(N_COLUMNS):
-                    v = <uint64_t>event[c]
-                    h1 = mix64(h1 + ID_GOLDEN + v)
-                    h2 = mix64(h2 + ID_GOLDEN + v)
-                for c in range(16):
-                    id_v[ID_CHARS * k + c] = HEX_DIGITS[(h1 >> (60 - 4 * c)) & 0xF]
-                    id_v[ID_CHARS * k + 16 + c] = HEX_DIGITS[(h2 >> (60 - 4 * c)) & 0xF]
                 rule_off[k + 1] = rule_off[k] + copy_string(&self.rule_ids, r, <char*>&rule_text[0] + rule_off[k])
                 template_off[k + 1] = template_off[k] + copy_string(
                     &self.templates, r, <char*>&template_text[0] + template_off[k])
@@ -350,22 +399,21 @@ cdef class TableBuilder:
                     &self.channels, ch, <char*>&channel_text[0] + channel_off[k])
                 for c in range(self.param_start[r], self.param_start[r + 1]):
                     key_index[p] = self.param_column[c]
-                    values[p] = event[self.param_column[c]]
+                    values[p] = event[k, self.param_column[c]]
                     key_bytes += self.column_names.offsets[key_index[p] + 1] - self.column_names.offsets[key_index[p]]
-                    value_bytes += decimal_length(values[p])
+                    value_length[p] = decimal_length(values[p])
+                    value_bytes += value_length[p]
                     p += 1
 
         key_data = np.empty(key_bytes + 1, np.uint8)
         value_data = np.empty(value_bytes + 1, np.uint8)
         cdef uint8_t[::1] key_text = key_data, value_text = value_data
-        cdef int32_t length
         with nogil:
             for p in range(n_params):
                 key_off[p + 1] = key_off[p] + copy_string(&self.column_names, key_index[p],
                                                           <char*>&key_text[0] + key_off[p])
-                length = decimal_length(values[p])
-                write_decimal(values[p], <char*>&value_text[0] + value_off[p], length)
-                value_off[p + 1] = value_off[p] + length
+                write_decimal(values[p], <char*>&value_text[0] + value_off[p], value_length[p])
+                value_off[p + 1] = value_off[p] + value_length[p]
         return {
             "id_offsets": id_offsets, "id_data": id_data[:ID_CHARS * n], "ts": ts, "msisdn": msisdn,
             "not_before": out_not_before,
