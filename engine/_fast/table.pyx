@@ -372,7 +372,7 @@ cdef class TableBuilder:
         cdef int64_t key_bytes = 0, value_bytes = 0
         with nogil:
             for c in range(N_COLUMNS):
-                gather(&cols[c], COLUMN_LAYOUT[c], c, &source[0], n, &rows[0] if nb else NULL,
+                gather(&cols[c], COLUMN_LAYOUT[c], c, &source[0] if n else NULL, n, &rows[0] if nb else NULL,
                        &f_columns[0, 0] if nf else NULL, &event[0, 0])
             hash_ids(&event[0, 0], &rule_v[0] if n else NULL, n, self.seed, <char*>&id_v[0])
             rule_off[0] = channel_off[0] = template_off[0] = 0
