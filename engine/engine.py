@@ -118,9 +118,10 @@ class Engine:
         in row order; instructions come out in the order of their events.
         """
         events = validate_events(batch)
+        # Read while validation has left the column in cache; the kernel's state traffic evicts it.
+        newest = int(events["ts"].max()) if events.n else -1
         output = self._kernel.process(events.columns, events.n)
-        if events.n:
-            self._watermark = max(self._watermark, int(events["ts"].max()))
+        self._watermark = max(self._watermark, newest)
         self._events += events.n
         self._batches += 1
         return self._issue(events, output)
