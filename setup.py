@@ -44,6 +44,13 @@ extensions = [
         define_macros=macros,
     ),
     Extension(
+        "engine._fast.table",
+        ["engine/_fast/table.pyx"],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+        define_macros=macros,
+    ),
+    Extension(
         "adapters._msgpack",
         ["adapters/_msgpack.pyx"],
         extra_compile_args=compile_args,

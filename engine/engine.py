@@ -25,7 +25,7 @@ from engine.instructions import InstructionBuilder
 from engine.policy import FOREVER, OUTCOME_CODES, OUTCOMES, rule_report
 from engine.profiles import ProfileStore
 from engine.rules import Absence, Rule, RuleSet, load_rules, parse_rules
-from engine.schema import COLUMN_DTYPES, EVENT_COLUMNS, INSTRUCTION_SCHEMA, EventColumns, validate_events
+from engine.schema import EVENT_COLUMNS, EventColumns, validate_events
 
 log = logging.getLogger("kairos.engine")
 
@@ -35,6 +35,10 @@ _KERNEL_COUNTERS = (
     "stopped_decline_cooldown", "stopped_cooldown", "stopped_arbitrated", "stopped_no_channel", "stopped_capped",
     "goal_treated", "goal_holdout", "cap_draw",
 )
+# An empty batch and the kernel's output for it: what advance() joins its fired timers to.
+_NO_EVENTS = EventColumns(0, (None,) * len(EVENT_COLUMNS))
+_NO_OUTPUT = (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int64),
+              np.zeros(0, np.bool_))
 # Subscribers the kernel's first allocation holds; it doubles as needed.
 DEFAULT_INITIAL_SUBSCRIBERS = 1 << 16
 
@@ -114,36 +118,26 @@ class Engine:
         in row order; instructions come out in the order of their events.
         """
         events = validate_events(batch)
-        rows, rules, channels, not_before, holdout = self._kernel.process(events.columns, events.n)
-        if events.n:
-            self._watermark = max(self._watermark, int(events["ts"].max()))
+        # Read while validation has left the column in cache; the kernel's state traffic evicts it.
+        newest = int(events["ts"].max()) if events.n else -1
+        output = self._kernel.process(events.columns, events.n)
+        self._watermark = max(self._watermark, newest)
         self._events += events.n
         self._batches += 1
-        table = self._builder.build(events, rows, rules, channels, not_before, holdout)
-        return self._issue(table, rules, events["msisdn"][rows], events["ts"][rows], holdout, 2 * rows + 1)
+        return self._issue(events, output)
 
-    def _issue(self, table: pa.Table, rules: np.ndarray, msisdn: np.ndarray, ts: np.ndarray, holdout: np.ndarray,
-               order: np.ndarray) -> pa.Table:
-        """Join the instructions of fired timers to `table` and remember them all for feedback.
+    def _issue(self, events: EventColumns, output: tuple[np.ndarray, ...]) -> pa.Table:
+        """The instructions of kernel output for `events` and of the timers fired meanwhile; remember them all.
 
-        `order` places each row of `table`: 2 * event row + 1; a timer that
-        fired before event row k sorts at 2 * k, in firing order.
+        A timer that fired before event row k goes before the instructions
+        of row k, in firing order.
         """
-        before, fired_rules, channels, not_before, fired_holdout, columns = self._kernel.take_fired()
-        if len(before):
-            fired_events = EventColumns(len(before), tuple(
-                columns[:, c].astype(COLUMN_DTYPES[name]) for c, name in enumerate(EVENT_COLUMNS)))
-            fired = self._builder.build(fired_events, np.arange(len(before)), fired_rules, channels, not_before,
-                                        fired_holdout)
-            place = np.argsort(np.concatenate([2 * before, order]), kind="stable")
-            table = pa.concat_tables([fired, table]).take(place)
-            rules = np.concatenate([fired_rules, rules])[place]
-            msisdn = np.concatenate([columns[:, 1], msisdn])[place]
-            ts = np.concatenate([columns[:, 0], ts])[place]
-            holdout = np.concatenate([fired_holdout, holdout])[place]
+        instructions = self._builder.build(events, output, self._kernel.take_fired())
+        table = instructions.table
         self._instructions += table.num_rows
         if table.num_rows:
-            self._issued.add(table.column("id"), rules, msisdn, ts, holdout)
+            self._issued.add(table.column("id"), instructions.rules, instructions.msisdn, instructions.ts,
+                             instructions.holdout)
         if self._guarded:
             self._note_pauses()
         return table
@@ -225,9 +219,7 @@ class Engine:
         """
         self._watermark = max(self._watermark, int(ts))
         self._kernel.advance(int(ts))
-        empty = np.zeros(0, np.int64)
-        return self._issue(INSTRUCTION_SCHEMA.empty_table(), np.zeros(0, np.int32), empty, empty,
-                           np.zeros(0, np.bool_), empty)
+        return self._issue(_NO_EVENTS, _NO_OUTPUT)
 
     def reload_rules(self, rules: str | os.PathLike | RuleSet,
                      profiles: str | os.PathLike | pa.Table | ProfileStore | None = None) -> dict[str, list[str]]:

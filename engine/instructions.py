@@ -1,30 +1,34 @@
 """Instruction rows (SPEC section 5), built column-wise from the kernel's output.
 
-The kernel says which (row, rule) pairs became instructions; this module turns
-them into the Arrow table users see, with numpy and Arrow operations over all
-instructions of a batch at once (a Python loop per rule, never per row).
+The kernel says which (row, rule) pairs became instructions, and which absence
+timers fired; this module turns both into the one Arrow table users see per
+batch.  engine/_fast/table.pyx writes every buffer of that table (ids,
+columns, the params map with its values as decimal text) in one compiled pass
+that also merges the fired timers into place; what is left here is a constant
+number of Arrow calls per batch, whatever its instructions and rules.
 
 Instruction ids are a 128-bit hash of the rule id and every field of the
 triggering event, written as 32 hex digits.  They do not depend on batch
 boundaries or arrival position, so a replay or a recovery gives the same ids
 and a channel can drop duplicates.  `instruction_id` is the scalar statement
 of the same hash, used by the reference implementation and the tests; the
-kernel module's `instruction_ids` computes it for a whole batch.
+compiled pass computes it for a whole batch.
 """
 
 from __future__ import annotations
 
 import hashlib
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
-from engine._fast.kernel import instruction_ids
+from engine._fast.table import TableBuilder
 from engine.rules import RuleSet
 from engine.schema import COLUMN_INDEX, EVENT_COLUMNS, INSTRUCTION_SCHEMA, EventColumns
 
 _M64 = (1 << 64) - 1
-# Mirrored by ID_GOLDEN and ID_SECOND_SEED in engine/_fast/kernel.pyx.
+# Mirrored by ID_GOLDEN and ID_SECOND_SEED in engine/_fast/table.pyx.
 _GOLDEN = 0x9E3779B97F4A7C15
 _SECOND_SEED = 0x5851F42D4C957F2D
 
@@ -50,11 +54,18 @@ def instruction_id(seed: int, event: tuple[int, ...]) -> str:
     return f"{h1:016x}{h2:016x}"
 
 
-def _ids(events: EventColumns, rows: np.ndarray, seeds: np.ndarray) -> pa.StringArray:
-    n = len(rows)
-    data = instruction_ids(events.columns, rows, seeds)
-    offsets = np.arange(n + 1, dtype=np.int32) * 32
-    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
+class Instructions(NamedTuple):
+    """A batch's instruction table, with the columns the feedback memory keeps as numpy arrays."""
+
+    table: pa.Table
+    rules: np.ndarray  # int32 rule index of each row
+    msisdn: np.ndarray
+    ts: np.ndarray
+    holdout: np.ndarray
+
+
+def _strings(offsets: np.ndarray, data: np.ndarray) -> pa.StringArray:
+    return pa.StringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(data))
 
 
 class InstructionBuilder:
@@ -62,50 +73,42 @@ class InstructionBuilder:
 
     def __init__(self, ruleset: RuleSet):
         rules = ruleset.rules
-        self.rule_ids = pa.array([r.id for r in rules], pa.string())
-        self.channels = pa.array(ruleset.channels, pa.string())  # by channel code
-        self.templates = pa.array([r.template for r in rules], pa.string())
-        self.priorities = np.array([r.priority for r in rules], np.int32)
-        self.seeds = np.array([rule_seed(r.id) for r in rules], np.uint64)
-        self.params = [tuple(COLUMN_INDEX[p] for p in r.params) for r in rules]
-        self.param_names = [r.params for r in rules]
-        self.n_params = np.array([len(p) for p in self.params], np.int32)
+        self._table = TableBuilder(
+            np.array([rule_seed(r.id) for r in rules], np.uint64),
+            np.array([r.priority for r in rules], np.int32),
+            [[COLUMN_INDEX[p] for p in r.params] for r in rules],
+            [r.id for r in rules],
+            [r.template for r in rules],
+            list(ruleset.channels),
+            list(EVENT_COLUMNS),
+        )
 
-    def build(self, events: EventColumns, rows: np.ndarray, rules: np.ndarray, channels: np.ndarray,
-              not_before: np.ndarray, holdout: np.ndarray) -> pa.Table:
-        """Instructions for kernel output: event rows, rule indices, channel codes, not_before, holdout."""
-        ts = events["ts"][rows]
-        msisdn = events["msisdn"][rows]
-        return pa.Table.from_arrays(
+    def build(self, events: EventColumns, output: tuple[np.ndarray, ...], fired: tuple[np.ndarray, ...]
+              ) -> Instructions:
+        """Instructions of a batch: `output` is Kernel.process's for `events`, `fired` Kernel.take_fired's after it.
+
+        A fired timer's instruction goes before those of the batch row it
+        fired before (engine.Engine.process), in firing order.
+        """
+        b = self._table.build(events.columns, events.n, output, fired)
+        params = pa.MapArray.from_arrays(
+            pa.array(b["params_offsets"]),
+            _strings(b["key_offsets"], b["key_data"]),
+            _strings(b["value_offsets"], b["value_data"]),
+        )
+        table = pa.Table.from_arrays(
             [
-                _ids(events, rows, self.seeds[rules]),
-                pa.array(ts, pa.int64()),
-                pa.array(msisdn, pa.int64()),
-                self.rule_ids.take(rules),
-                self.channels.take(channels),
-                self.templates.take(rules),
-                pa.array(self.priorities[rules], pa.int32()),
-                pa.array(holdout, pa.bool_()),
-                pa.array(not_before, pa.int64()),
-                self._params(events, rows, rules),
+                _strings(b["id_offsets"], b["id_data"]),
+                pa.array(b["ts"]),
+                pa.array(b["msisdn"]),
+                _strings(b["rule_offsets"], b["rule_data"]),
+                _strings(b["channel_offsets"], b["channel_data"]),
+                _strings(b["template_offsets"], b["template_data"]),
+                pa.array(b["priority"]),
+                pa.array(b["holdout"]),
+                pa.array(b["not_before"]),
+                params,
             ],
             schema=INSTRUCTION_SCHEMA,
         )
-
-    def _params(self, events: EventColumns, rows: np.ndarray, rules: np.ndarray) -> pa.MapArray:
-        counts = self.n_params[rules]
-        offsets = np.zeros(len(rows) + 1, np.int32)
-        np.cumsum(counts, out=offsets[1:])
-        total = int(offsets[-1])
-        key_index = np.empty(total, np.int32)
-        values = np.empty(total, np.int64)
-        for r in np.unique(rules):
-            which = np.flatnonzero(rules == r)
-            for position, column in enumerate(self.params[r]):
-                slots = offsets[which] + position
-                key_index[slots] = column
-                source = events.columns[column]
-                values[slots] = 0 if source is None else source[rows[which]]
-        keys = pa.array(EVENT_COLUMNS, pa.string()).take(pa.array(key_index))
-        items = pa.array(values, pa.int64()).cast(pa.string())
-        return pa.MapArray.from_arrays(pa.array(offsets), keys, items)
+        return Instructions(table, b["rule"], b["msisdn"], b["ts"], b["holdout"])

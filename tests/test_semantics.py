@@ -367,6 +367,20 @@ def test_instruction_fields_and_params(run):
         assert re.fullmatch(r"[0-9a-f]{32}", row["id"])
 
 
+def test_param_values_are_decimal_text_at_every_width(run):
+    # Each digit count, both signs and both ends of int64: the text Arrow's int64 -> string cast gives.
+    values = [0, 7, -7, 10, -10, 99, 100, -999, 2**31, -(2**31) - 1, 10**18 - 1, -(10**18), 10**18,
+              2**63 - 1, -(2**63), -(2**63) + 1]
+    text = rule("offer", params='["balance", "amount", "duration"]')
+    rows = [ev(T0 + k, balance=v, amount=-v if v > -(2**63) else 0, duration=-(2**31) if k % 2 else 2**31 - 1)
+            for k, v in enumerate(values)]
+    out, _ = run(text, rows)
+    assert [row["params"] for row in out] == [
+        [("balance", str(v)), ("amount", str(-v if v > -(2**63) else 0)),
+         ("duration", str(-(2**31) if k % 2 else 2**31 - 1))]
+        for k, v in enumerate(values)]
+
+
 def test_instruction_ids_are_deterministic_and_batch_independent(implementation, batch):
     text = rule("a") + rule("b", on="sms_out") + rule("c", on="data", count='{ at_least = 2, within = "1h" }')
     rows = [

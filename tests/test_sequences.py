@@ -148,6 +148,38 @@ channels = ["portal"]
     assert len(set(table.column("id").to_pylist())) == 4
 
 
+def test_a_batch_whose_only_instructions_are_timers_keeps_the_start_events_params_in_their_own_types():
+    text = """
+[[rule]]
+id = "quiet"
+on = "care"
+absence = { on = "order", within = "1h" }
+channels = ["sms"]
+params = ["code", "mcc", "duration", "balance", "kind"]
+"""
+    start = events((0, 1, "care", {"code": -3, "mcc": 65535, "duration": -(2**31), "balance": -(2**63)}),
+                   (M, 2, "care", {"code": 2**31 - 1, "balance": 2**63 - 1}))
+    engine, reference = Engine.from_text(text), ReferenceEngine(parse_rules(text))
+    for eng in (engine, reference):
+        assert eng.process(start).num_rows == 0
+    # Nothing listens to this event; the first timer falls due before it, the second after.
+    only_timers = events((H + M // 2, 3, "data"))
+    table = engine.process(only_timers)
+    assert_same_table(table, reference.process(only_timers))
+    assert fired(table) == [(H, 1, "quiet")]
+    assert table.column("params").to_pylist() == [
+        [("code", "-3"), ("mcc", "65535"), ("duration", str(-(2**31))), ("balance", str(-(2**63))),
+         ("kind", str(KIND_CODES["care"]))]]
+    empty = events()
+    assert_same_table(engine.process(empty), reference.process(empty))
+    late = engine.advance(2 * H)
+    assert_same_table(late, reference.advance(2 * H))
+    assert late.column("params").to_pylist() == [
+        [("code", str(2**31 - 1)), ("mcc", "0"), ("duration", "0"), ("balance", str(2**63 - 1)),
+         ("kind", str(KIND_CODES["care"]))]]
+    assert_same_counters(engine, reference)
+
+
 def test_timer_policy_is_evaluated_at_the_due_time():
     text = """
 [policy]

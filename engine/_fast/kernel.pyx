@@ -127,48 +127,6 @@ def shard_of(const int64_t[::1] msisdn, uint32_t n_shards):
     return out
 
 
-cdef uint64_t ID_GOLDEN = 0x9E3779B97F4A7C15ULL
-cdef uint64_t ID_SECOND_SEED = 0x5851F42D4C957F2DULL
-cdef const char* HEX_DIGITS = b"0123456789abcdef"
-
-
-def instruction_ids(tuple columns, const int64_t[::1] rows, const uint64_t[::1] seeds):
-    """32 hex digits per instruction: the id hash of engine.instructions.instruction_id.
-
-    rows[i] is the triggering event's row in `columns` (as for Kernel.process)
-    and seeds[i] the rule's seed.  Returns the ids as one bytes object of
-    32 * len(rows) ASCII characters, ready to be an Arrow string buffer.
-    """
-    cdef Py_ssize_t n = rows.shape[0], i, c, k
-    cdef Column cols[12]
-    cdef uint64_t h1, h2, v
-    if seeds.shape[0] != n or len(columns) != N_COLUMNS:
-        raise ValueError("instruction_ids: rows, seeds and columns disagree")
-    n_events = 0
-    for c in range(N_COLUMNS):
-        if columns[c] is not None:
-            n_events = len(columns[c])
-    for c in range(N_COLUMNS):
-        cols[c] = as_column(columns[c], COLUMN_LAYOUT[c], n_events)
-    for i in range(n):
-        if not 0 <= rows[i] < n_events:
-            raise IndexError(f"row {rows[i]} outside the batch")
-    out = bytearray(32 * n)
-    cdef unsigned char[::1] text = out
-    with nogil:
-        for i in range(n):
-            h1 = seeds[i]
-            h2 = mix64(seeds[i] ^ ID_SECOND_SEED)
-            for c in range(N_COLUMNS):
-                v = <uint64_t>read(&cols[c], rows[i])
-                h1 = mix64(h1 + ID_GOLDEN + v)
-                h2 = mix64(h2 + ID_GOLDEN + v)
-            for k in range(16):
-                text[32 * i + k] = HEX_DIGITS[(h1 >> (60 - 4 * k)) & 0xF]
-                text[32 * i + 16 + k] = HEX_DIGITS[(h2 >> (60 - 4 * k)) & 0xF]
-    return bytes(out)
-
-
 cdef inline int64_t digit_count(int64_t v) noexcept nogil:
     cdef int64_t d = 1
     while d < 19 and v >= POW10[d]:
