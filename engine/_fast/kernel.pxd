@@ -216,7 +216,6 @@ cdef class Kernel:
     cdef int rebuild_table(self, int64_t capacity) except -1 nogil
     cdef int64_t find_or_insert(self, int64_t msisdn, uint64_t hash) except -1 nogil
     cdef int find_subscribers(self, const int64_t* msisdn, Py_ssize_t base, Py_ssize_t m) except -1 nogil
-    cdef void prefetch_state(self, Py_ssize_t i) noexcept nogil
     cdef int64_t* state_row(self, Py_ssize_t rule, int64_t sub) except NULL nogil
     cdef int64_t* new_state_row(self, Py_ssize_t rule, int32_t* slot) except NULL nogil
     cdef void prefetch_row(self, Py_ssize_t rule, int64_t sub) noexcept nogil

@@ -55,15 +55,15 @@ cdef extern from *:
     """
     # A hint to start loading p's cache line; never faults.  An asm statement rather than
     # __builtin_prefetch: GCC judges a function whose only effects are prefetches to have none, and
-    # removes calls to it (prefetch_row, prefetch_state) once they are direct calls.
+    # removes calls to it (prefetch_row) once they are direct calls.
     void prefetch "KAIROS_PREFETCH"(const void* p) noexcept nogil
 
 # Rows per chunk: registers (CHUNK bytes each) and the gathered column
 # (CHUNK int64) of one rule stay in L1/L2 while its program runs.
 cdef enum:
     CHUNK = 2048
-    # Rows ahead that the decide phase prefetches state for: far enough to
-    # hide a DRAM access behind the work on the rows in between.
+    # Rows ahead whose hash bucket the subscriber lookup prefetches: far
+    # enough to hide a DRAM access behind the probes in between.
     PREFETCH_DISTANCE = 16
     # Candidates ahead that a window condition's pass prefetches rows for.
     WINDOW_PREFETCH = 16
@@ -1049,24 +1049,11 @@ cdef class Kernel:
             i = self.need_rows[q]
             self.row_sub[i] = self.find_or_insert(msisdn[base + i], self.need_hash[q])
             # All of the subscriber's slots: with more than 16 stateful rules they span two cache lines,
-            # and prefetch_state reads them to find the rows.
+            # and the window passes read them to find the rows.
             slots = <const char*>&self.slots[self.row_sub[i] * self.n_stateful]
             prefetch(slots)
             prefetch(slots + self.n_stateful * sizeof(int32_t) - 1)
         return 0
-
-    cdef void prefetch_state(self, Py_ssize_t i) noexcept nogil:
-        """Start loading the state rows chunk row i's pairs will touch in the decide phase."""
-        cdef int32_t p = self.row_head[i], r
-        if not self.row_stateful[i]:
-            return
-        while p >= 0:
-            r = self.pair_rule[p]
-            p = self.pair_next[p]
-            if self.width[r]:
-                self.prefetch_row(r, self.row_sub[i])
-            elif self.cancel_of[r] >= 0:
-                self.prefetch_row(self.cancel_of[r], self.row_sub[i])
 
     cdef inline int64_t* state_row(self, Py_ssize_t rule, int64_t sub) except NULL nogil:
         """The rule's state row for a subscriber, allocated on first use."""
@@ -2006,12 +1993,11 @@ cdef class Kernel:
             for r in range(self.n_rules):
                 if COND_COUNT <= self.cond[r] <= COND_DISTINCT and self.cand_len[r]:
                     self.window_pass(r, cols, base)
+            # No prefetching in row order: a window condition's match has just had its row read, and
+            # prefetching the other pairs' rows ahead (a slot load per row) cost more than it saved, even
+            # with a cooldown-only rule on every long call (bench/README.md, section 8).
             self.link_pairs()
-            for i in range(min(m, <Py_ssize_t>PREFETCH_DISTANCE)):
-                self.prefetch_state(i)
             for i in range(m):
-                if i + PREFETCH_DISTANCE < m:
-                    self.prefetch_state(i + PREFETCH_DISTANCE)
                 g = base + i
                 ts = ts_col[g]
                 if self.has_timers:
