@@ -5,7 +5,7 @@
 # field added here without its numpy twin fails the suite rather than
 # silently misreading compiled rules.
 
-from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint64_t
 
 
 # How one event column is laid out in the caller's memory.  The kernel never
@@ -96,3 +96,16 @@ cdef inline uint64_t mix64(uint64_t z) noexcept nogil:
     z = (z ^ (z >> 30)) * <uint64_t>0xbf58476d1ce4e5b9ULL
     z = (z ^ (z >> 27)) * <uint64_t>0x94d049bb133111ebULL
     return z ^ (z >> 31)
+
+
+# One value of an event column, whatever its layout; an absent column reads as 0.
+cdef inline int64_t read(const Column* col, Py_ssize_t row) noexcept nogil:
+    if col.type == COL_I64:
+        return (<const int64_t*>col.data)[row]
+    if col.type == COL_I32:
+        return (<const int32_t*>col.data)[row]
+    if col.type == COL_U16:
+        return (<const uint16_t*>col.data)[row]
+    if col.type == COL_U8:
+        return (<const uint8_t*>col.data)[row]
+    return 0

@@ -8,6 +8,10 @@ from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from engine._fast._types cimport Bucket, Column, Entry, Map, Op
 
 
+# A caller's event column as the kernels read it (engine._fast.table uses it too).
+cdef Column as_column(object array, int layout, Py_ssize_t n) except *
+
+
 # final: the kernel's methods call each other directly, not through a vtable, so the C compiler can
 # inline them on the hot path.
 @cython.final

@@ -40,7 +40,7 @@ from engine._fast._types cimport (
     COND_ABSENCE, COND_AFTER, COND_CHANGED, COND_COUNT, COND_DISTINCT, COND_FIRST, COND_NONE, COND_SUM,
     OP_AND, OP_EQ, OP_GE, OP_GT, OP_IN, OP_LE, OP_LT, OP_NARROW_FALSE, OP_NARROW_TRUE, OP_NE, OP_NOT,
     OP_OR, OP_PREFIX,
-    Bucket, Column, Entry, Map, Op, mix64,
+    Bucket, Column, Entry, Map, Op, mix64, read,
 )
 
 cdef extern from *:
@@ -192,18 +192,6 @@ cdef inline void gather(const Column* col, Py_ssize_t base, const int32_t* sel,
             out[j] = p8[sel[j]]
     else:
         memset(out, 0, n * sizeof(int64_t))
-
-
-cdef inline int64_t read(const Column* col, Py_ssize_t row) noexcept nogil:
-    if col.type == COL_I64:
-        return (<const int64_t*>col.data)[row]
-    if col.type == COL_I32:
-        return (<const int32_t*>col.data)[row]
-    if col.type == COL_U16:
-        return (<const uint16_t*>col.data)[row]
-    if col.type == COL_U8:
-        return (<const uint8_t*>col.data)[row]
-    return 0
 
 
 cdef inline int64_t window_start(int64_t b, int64_t rem, int64_t wq, int64_t wr) noexcept nogil:

@@ -14,7 +14,8 @@ from libc.string cimport memcpy
 
 import numpy as np
 
-from engine._fast._types cimport COL_ABSENT, COL_I32, COL_I64, COL_U16, COL_U8, Column, mix64
+from engine._fast._types cimport COL_I32, COL_I64, COL_U16, COL_U8, Column, mix64, read
+from engine._fast.kernel cimport as_column
 
 from engine._fast.kernel import column_dtypes
 
@@ -64,49 +65,6 @@ cdef Strings borrow_strings(tuple encoded):
     s.data = <const char*>&data[0]
     s.n = offsets.shape[0] - 1
     return s
-
-
-cdef Column borrow_column(object array, int layout, Py_ssize_t n) except *:
-    """A pointer to a caller's event column (read-only arrays are fine); COL_ABSENT for None."""
-    cdef Column col
-    cdef const int64_t[::1] v64
-    cdef const int32_t[::1] v32
-    cdef const uint16_t[::1] v16
-    cdef const uint8_t[::1] v8
-    col.data = NULL
-    col.type = COL_ABSENT
-    if array is None:
-        return col
-    if len(array) != n:
-        raise ValueError(f"column has {len(array)} rows, the batch {n}")
-    col.type = layout
-    if n == 0:
-        return col
-    if layout == COL_I64:
-        v64 = array
-        col.data = &v64[0]
-    elif layout == COL_I32:
-        v32 = array
-        col.data = &v32[0]
-    elif layout == COL_U16:
-        v16 = array
-        col.data = &v16[0]
-    else:
-        v8 = array
-        col.data = &v8[0]
-    return col
-
-
-cdef inline int64_t read(const Column* col, Py_ssize_t row) noexcept nogil:
-    if col.type == COL_I64:
-        return (<const int64_t*>col.data)[row]
-    if col.type == COL_I32:
-        return (<const int32_t*>col.data)[row]
-    if col.type == COL_U16:
-        return (<const uint16_t*>col.data)[row]
-    if col.type == COL_U8:
-        return (<const uint8_t*>col.data)[row]
-    return 0
 
 
 cdef inline int64_t narrow(int64_t v, int layout) noexcept nogil:
@@ -293,7 +251,7 @@ cdef class TableBuilder:
                 and f_columns.shape[0] == nf and (nf == 0 or f_columns.shape[1] == N_COLUMNS)):
             raise ValueError("TableBuilder.build: fired timer columns differ in length")
         for c in range(N_COLUMNS):
-            cols[c] = borrow_column(columns[c], COLUMN_LAYOUT[c], n_events)
+            cols[c] = as_column(columns[c], COLUMN_LAYOUT[c], n_events)
         for j in range(nb):
             if not 0 <= rows[j] < n_events:
                 raise IndexError(f"row {rows[j]} outside the batch")
