@@ -225,6 +225,8 @@ cdef class Kernel:
     cdef void prefetch_row(self, Py_ssize_t rule, int64_t sub) noexcept nogil
     cdef int filter_chunk(self, const Column* cols, Py_ssize_t base, Py_ssize_t m) except -1 nogil
     cdef int window_pass(self, Py_ssize_t rule, const Column* cols, Py_ssize_t base) except -1 nogil
+    cdef void stop_in_cooldown(self, Py_ssize_t r, int64_t sub, int64_t msisdn, int64_t ts) noexcept nogil
+    cdef void after_pass(self, Py_ssize_t r) noexcept nogil
     cdef Py_ssize_t link_pairs(self) noexcept nogil
     cdef void run_where(self, Py_ssize_t rule, const Column* cols, Py_ssize_t base,
                         const int32_t* sel, Py_ssize_t n) noexcept nogil

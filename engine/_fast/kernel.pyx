@@ -67,6 +67,8 @@ cdef enum:
     PREFETCH_DISTANCE = 16
     # Candidates ahead that a window condition's pass prefetches rows for.
     WINDOW_PREFETCH = 16
+    # Candidates of a followed rule in one chunk up to which after_pass looks for a subscriber among them.
+    AFTER_SCAN_LIMIT = 64
     N_COLUMNS = 12
     KIND_COLUMN = 2
     TS_COLUMN = 0
@@ -1874,9 +1876,22 @@ cdef class Kernel:
         cdef Py_ssize_t cnt = self.cand_len[r], j, c = 0, k, g
         cdef int32_t cnd = self.cond[r], w = self.width[r], i
         cdef const int64_t* ts_col = <const int64_t*>cols[TS_COLUMN].data
+        cdef const int64_t* msisdn_col = <const int64_t*>cols[MSISDN_COLUMN].data
         cdef int64_t ts, lo, v, last, sub, window = self.cond_window[r], n_at_least = self.cond_n[r]
-        cdef int64_t* row
-        cdef bint match
+        cdef int64_t no_row = NO_TS
+        cdef int64_t* row = &no_row
+        cdef bint match, cooled
+        # A match that the rule's cooldown stops is counted here and goes no further, unless the row-order
+        # phase could still see it otherwise: when the rule has followers (they are told of every match),
+        # or when a guardrail may pause the rule on an earlier row of this chunk (the stop would then be
+        # counted as paused).  The cooldown itself cannot lift in between: an instruction of this rule on
+        # an earlier row can only have come from an event newer than this one (docs/kernel.md, "One batch").
+        cdef bint stop_here = (self.cooldown[r] > 0 and self.dep_begin[r] == self.dep_end[r]
+                               and (self.max_per_hour[r] == 0 or self.paused[r]))
+        # Nothing but the cooldown can stop such a match, nor undo it: it is simply counted.
+        cdef bint plain = (not self.active[r] and not self.has_audience[r] and not self.paused[r]
+                           and self.n_prof == 0 and self.blocks.size == 0)
+        cdef int64_t n_cooled = 0
         for j in range(min(cnt, <Py_ssize_t>WINDOW_PREFETCH)):
             self.prefetch_row(r, self.row_sub[rows[j]])
         for j in range(cnt):
@@ -1931,10 +1946,71 @@ cdef class Kernel:
                 row = self.state_row(r, sub)
                 match = distinct_holds(row, n_at_least, ts, read(&cols[self.cond_column[r]], g),
                                        self.window_buckets[r], self.window_rest[r], self.cond_resolution[r])
+            # Without a branch on match, which is as likely as not: row is valid memory whatever the
+            # condition read (a changed condition reads no row when its value is 0, but does not match).
+            cooled = match & stop_here & (row[0] > ts - self.cooldown[r])
+            n_cooled += cooled
+            if cooled and not plain:
+                self.stop_in_cooldown(r, sub, msisdn_col[g], ts)
+            match &= not cooled
             rows[c] = i
             c += match
         self.cand_len[r] = <int32_t>c
+        if plain:
+            self.matched[r] += n_cooled
+            self.stopped_cooldown[r] += n_cooled
         return 0
+
+    cdef void stop_in_cooldown(self, Py_ssize_t r, int64_t sub, int64_t msisdn, int64_t ts) noexcept nogil:
+        """A match of rule r that its cooldown stops, dealt with where its window decided it.
+
+        The row-order phase would count it exactly so: the active period and
+        the audience decide whether it is a match at all, and admit() then
+        counts the first of paused, opted out, blocked and cooldown that stops
+        it (cooldown at the latest).  Nothing it reads can change before the
+        row-order phase would reach it (window_pass says when this holds).
+        """
+        cdef int32_t prow = self.profile_row(sub, msisdn) if self.n_prof else -1
+        if self.active[r] and not self.in_period(r, ts):
+            return
+        if self.has_audience[r] and not self.audience_holds(r, prow):
+            return
+        self.matched[r] += 1
+        self.admit(r, sub, prow, ts)
+
+    cdef void after_pass(self, Py_ssize_t r) noexcept nogil:
+        """Drop rule r's `after` candidates that cannot match: the subscriber's followed rule never matched.
+
+        An `after` rule gets its row for a subscriber when the rule it follows
+        first matches for them (tell_followers), so a candidate without a row
+        matches only if that rule matches on an earlier row of this chunk.  It
+        can only do so on one of its own candidates, which are final once the
+        window passes have run: a candidate is kept when one of those has its
+        subscriber.  A followed rule that matches when its timer fires
+        (absence) or that is itself an `after` rule is not known that early,
+        and nor are the followed rule's candidates worth scanning when there
+        are many: then every candidate stays.
+        """
+        cdef int32_t* rows = self.cand_rows + self.cand_begin[r]
+        cdef Py_ssize_t a = self.after_rule[r], cnt = self.cand_len[r], j, t, c = 0
+        cdef const int32_t* followed = self.cand_rows + self.cand_begin[a]
+        cdef Py_ssize_t n_followed = self.cand_len[a]
+        cdef int32_t i
+        cdef int64_t sub
+        cdef bint keep
+        if self.cond[a] == COND_ABSENCE or self.cond[a] == COND_AFTER or n_followed > AFTER_SCAN_LIMIT:
+            return
+        for j in range(cnt):
+            i = rows[j]
+            sub = self.row_sub[i]
+            keep = self.slots[sub * self.n_stateful + self.stateful_index[r]] > 0
+            t = 0
+            while not keep and t < n_followed and followed[t] < i:
+                keep = self.row_sub[followed[t]] == sub
+                t += 1
+            rows[c] = i
+            c += keep
+        self.cand_len[r] = <int32_t>c
 
     cdef Py_ssize_t link_pairs(self) noexcept nogil:
         """Each chunk row's (row, rule) pairs for the decide phase, in filter_order; returns their number."""
@@ -1973,7 +2049,6 @@ cdef class Kernel:
         while base < n:
             m = min(<Py_ssize_t>CHUNK, n - base)
             # Phase 1: each rule's candidates.
-            # Phase 1: each rule's candidates.
             self.filter_chunk(cols, base, m)
             # Phase 2: subscribers; then the window conditions, rule by rule;
             # then, in row order, the other conditions and the contact policy.
@@ -1981,6 +2056,9 @@ cdef class Kernel:
             for r in range(self.n_rules):
                 if COND_COUNT <= self.cond[r] <= COND_DISTINCT and self.cand_len[r]:
                     self.window_pass(r, cols, base)
+            for r in range(self.n_rules):
+                if self.cond[r] == COND_AFTER and self.cand_len[r]:
+                    self.after_pass(r)
             # No prefetching in row order: a window condition's match has just had its row read, and
             # prefetching the other pairs' rows ahead (a slot load per row) cost more than it saved, even
             # with a cooldown-only rule on every long call (bench/README.md, section 8).
