@@ -32,6 +32,7 @@ cdef class Kernel:
     cdef int64_t* cooldown        # per rule: ms, 0 = none
     cdef int32_t* priority        # per rule: higher wins arbitration
     cdef int32_t* width           # per rule: int64 words per state row; 0 = stateless
+    cdef int32_t* stride          # per rule: int64 words from one row of its pool to the next (row_stride)
     cdef int32_t* goal_of         # per rule: -1 for a campaign; for a goal filter, the campaign it serves
     cdef int32_t* cancel_of       # per rule: -1; for an absence cancel filter, the rule whose timer it cancels
     cdef int32_t* filter_order    # kernel rules in the order phase 1 lists a row's pairs: cancel filters first
