@@ -57,6 +57,7 @@ cdef extern from *:
     # __builtin_prefetch: GCC judges a function whose only effects are prefetches to have none, and
     # removes calls to it (prefetch_row) once they are direct calls.
     void prefetch "KAIROS_PREFETCH"(const void* p) noexcept nogil
+    int count_leading_zeros "__builtin_clzll"(uint64_t x) noexcept nogil
 
 # Rows per chunk: registers (CHUNK bytes each) and the gathered column
 # (CHUNK int64) of one rule stay in L1/L2 while its program runs.
@@ -148,10 +149,16 @@ cdef int32_t row_stride(int32_t width) noexcept:
 
 
 cdef inline int64_t digit_count(int64_t v) noexcept nogil:
-    cdef int64_t d = 1
-    while d < 19 and v >= POW10[d]:
-        d += 1
-    return d
+    """Decimal digits of v > 0, without a loop over them: floor(log10(v)) + 1 from the bit length.
+
+    With bits the bit length of v, t = bits * 1233 >> 12 (1233 / 4096 is
+    just above log10(2)) is floor(log10(v)) or one more, and comparing v
+    with 10^t settles which.  A prefix test makes this call on every row it
+    tests, and subscriber numbers have 11 to 13 digits, which a loop over
+    the powers of ten would walk one by one.
+    """
+    cdef int64_t t = (64 - count_leading_zeros(<uint64_t>v)) * 1233 >> 12
+    return t - (v < POW10[t]) + 1
 
 
 cdef inline bint in_sorted(const int64_t* values, int64_t n, int64_t v) noexcept nogil:
