@@ -2287,13 +2287,13 @@ cdef class Kernel:
         rules = self._copy_i32(self.fired_rule, n)
         channels = self._copy_i32(self.fired_channel, n)
         not_before = self._copy_i64(self.fired_not_before, n)
-        holdout = np.zeros(n, dtype=np.bool_)
+        holdout = np.empty(n, dtype=np.uint8)
+        cdef uint8_t[::1] holdout_view = holdout
+        if n:
+            memcpy(&holdout_view[0], self.fired_holdout, n * sizeof(uint8_t))
         columns = self._copy_i64(self.fired_cols, n * N_COLUMNS).reshape(n, N_COLUMNS)
-        cdef Py_ssize_t i
-        for i in range(n):
-            holdout[i] = self.fired_holdout[i]
         self.n_fired = 0
-        return before, rules, channels, not_before, holdout, columns
+        return before, rules, channels, not_before, holdout.view(np.bool_), columns
 
     def set_profiles(self, const int64_t[::1] msisdn, const uint64_t[::1] allowed, const uint8_t[::1] flags,
                      const uint8_t[::1] days, const int64_t[:, ::1] attrs):
