@@ -215,6 +215,7 @@ cdef class Kernel:
     cdef bint _op_is_valid(self, Op op, Py_ssize_t n_constants)
     cdef object _copy_i64(self, const int64_t* src, Py_ssize_t n)
     cdef object _copy_i32(self, const int32_t* src, Py_ssize_t n)
+    cdef object _copy_u8(self, const uint8_t* src, Py_ssize_t n)
     cdef _load_counter(self, dict state, str name, int64_t* dst)
     cdef _load_map(self, Map* m, object keys, object values, int64_t n_subs, int64_t per_sub)
     cdef int grow_subscribers(self) except -1 nogil

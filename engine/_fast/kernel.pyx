@@ -2287,13 +2287,10 @@ cdef class Kernel:
         rules = self._copy_i32(self.fired_rule, n)
         channels = self._copy_i32(self.fired_channel, n)
         not_before = self._copy_i64(self.fired_not_before, n)
-        holdout = np.empty(n, dtype=np.uint8)
-        cdef uint8_t[::1] holdout_view = holdout
-        if n:
-            memcpy(&holdout_view[0], self.fired_holdout, n * sizeof(uint8_t))
+        holdout = self._copy_u8(self.fired_holdout, n).view(np.bool_)
         columns = self._copy_i64(self.fired_cols, n * N_COLUMNS).reshape(n, N_COLUMNS)
         self.n_fired = 0
-        return before, rules, channels, not_before, holdout.view(np.bool_), columns
+        return before, rules, channels, not_before, holdout, columns
 
     def set_profiles(self, const int64_t[::1] msisdn, const uint64_t[::1] allowed, const uint8_t[::1] flags,
                      const uint8_t[::1] days, const int64_t[:, ::1] attrs):
@@ -2430,6 +2427,13 @@ cdef class Kernel:
         cdef int32_t[::1] dst = out
         if n:
             memcpy(&dst[0], src, n * sizeof(int32_t))
+        return out
+
+    cdef object _copy_u8(self, const uint8_t* src, Py_ssize_t n):
+        out = np.empty(n, dtype=np.uint8)
+        cdef uint8_t[::1] dst = out
+        if n:
+            memcpy(&dst[0], src, n * sizeof(uint8_t))
         return out
 
     def export_state(self):
