@@ -213,6 +213,7 @@ cdef class Kernel:
     cdef uint8_t* aud_regs        # n_regs registers of one byte: an audience program over one profile row
 
     cdef bint _op_is_valid(self, Op op, Py_ssize_t n_constants)
+    cdef object _copy(self, const void* src, Py_ssize_t n, object dtype)
     cdef object _copy_i64(self, const int64_t* src, Py_ssize_t n)
     cdef object _copy_i32(self, const int32_t* src, Py_ssize_t n)
     cdef object _copy_u8(self, const uint8_t* src, Py_ssize_t n)

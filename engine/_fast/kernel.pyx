@@ -2415,26 +2415,23 @@ cdef class Kernel:
             total += self.state_capacity[r] * self.stride[r] * sizeof(int64_t)
         return total
 
-    cdef object _copy_i64(self, const int64_t* src, Py_ssize_t n):
-        out = np.empty(n, dtype=np.int64)
-        cdef int64_t[::1] dst = out
+    cdef object _copy(self, const void* src, Py_ssize_t n, object dtype):
+        """A new numpy array of n items of dtype, copied from src."""
+        out = np.empty(n, dtype=dtype)
+        cdef uint8_t[::1] dst = out.view(np.uint8)
         if n:
-            memcpy(&dst[0], src, n * sizeof(int64_t))
+            memcpy(&dst[0], src, dst.shape[0])
         return out
+
+    # Typed, so that a call site cannot pair a buffer with the wrong dtype.
+    cdef object _copy_i64(self, const int64_t* src, Py_ssize_t n):
+        return self._copy(src, n, np.int64)
 
     cdef object _copy_i32(self, const int32_t* src, Py_ssize_t n):
-        out = np.empty(n, dtype=np.int32)
-        cdef int32_t[::1] dst = out
-        if n:
-            memcpy(&dst[0], src, n * sizeof(int32_t))
-        return out
+        return self._copy(src, n, np.int32)
 
     cdef object _copy_u8(self, const uint8_t* src, Py_ssize_t n):
-        out = np.empty(n, dtype=np.uint8)
-        cdef uint8_t[::1] dst = out
-        if n:
-            memcpy(&dst[0], src, n * sizeof(uint8_t))
-        return out
+        return self._copy(src, n, np.uint8)
 
     def export_state(self):
         """All subscriber state and counters as flat numpy arrays (copies).
