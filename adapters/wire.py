@@ -37,8 +37,10 @@ Row rules, the same in every format:
   optional value is 0).  Fields that are not event columns are ignored.
 - kind is an integer code (0..12) or a kind name ("call_out", ...).
 - Values that do not fit their column, or are not integers, reject the row
-  ("bad_value"); then msisdn <= 0, ts < 0 and unknown kinds reject it
-  ("msisdn", "ts", "kind"), as `engine.schema.validate_rows` checks.
+  ("bad_value"); a boolean is never an integer (JSON true/false, msgpack
+  true/false; an Arrow bool column rejects the message).  Then msisdn <= 0,
+  ts outside engine.schema.MIN_TS..MAX_TS (1970 to 2999) and unknown kinds
+  reject it ("msisdn", "ts", "kind"), as `engine.schema.validate_rows` checks.
 
 Field map: a feed whose field names or units differ from SPEC section 2 is
 mapped under its input in kairos.toml:
@@ -102,6 +104,8 @@ from engine.schema import (
     EVENT_COLUMNS,
     KIND_CODES,
     KINDS,
+    MAX_TS,
+    MIN_TS,
     REQUIRED_COLUMNS,
     BatchError,
     validate_rows,
@@ -114,7 +118,7 @@ REJECT_REASONS: tuple[str, ...] = (
     "missing_field",  # a required field is absent (or a required column, for an Arrow message)
     "bad_value",      # not an integer, null in a required field, or does not fit the column
     "msisdn",         # msisdn <= 0
-    "ts",             # ts < 0
+    "ts",             # ts outside MIN_TS..MAX_TS (engine.schema)
     "kind",           # kind is not a known code or name, or not in the field's value map
     "too_large",      # the message is over max_message_bytes
 )
@@ -242,7 +246,7 @@ class FieldMap:
                 if len(spec) != 1:
                     raise ValueError(f"{where}: 'value' is a constant and takes no from, scale or map")
                 constant = _code(column, spec["value"], f"{where}.value")
-                if (column == "msisdn" and constant <= 0) or (column == "ts" and constant < 0):
+                if (column == "msisdn" and constant <= 0) or (column == "ts" and not MIN_TS <= constant <= MAX_TS):
                     raise ValueError(f"{where}.value: {constant} is not a valid {column}")
                 sources[column] = FieldSource(column, None, constant=constant)
                 continue
@@ -611,6 +615,12 @@ def _json_column(
     try:
         array = pa.array(raw)
     except (pa.ArrowException, OverflowError, TypeError, ValueError):
+        array = None
+    # pyarrow reads [1.0, true] as doubles [1.0, 1.0]: a boolean would pass as
+    # an integer.  Its integer and string inference refuses booleans, and an
+    # all-boolean field infers bool (refused below), so only a float field
+    # needs the look; the value-by-value path rejects each boolean.
+    if array is not None and pa.types.is_floating(array.type) and bool in map(type, raw):
         array = None
     if array is not None and _arrow_type_problem(spec, array.type) is None:
         return _arrow_values(spec, array, faults, missing)

@@ -36,6 +36,22 @@ KINDS: tuple[str, ...] = (
     "portal",
 )
 KIND_CODES: dict[str, int] = {name: code for code, name in enumerate(KINDS)}
+
+# The accepted event time range (SPEC section 2): ms since the epoch, both
+# bounds included, 1970-01-01T00:00:00.000Z to 2999-12-31T23:59:59.999Z.
+# Events outside it are refused and Engine.advance refuses a ts outside it, so
+# nothing the engine derives from a ts overflows int64 or aliases: ts plus a
+# window, cooldown or timer (at most engine.rules.MAX_DURATION, 100 years),
+# quiet hours and contact days (at most 64 local days ahead), and the caps
+# keys, which pack a local day or month into 20 bits with a bias of 2^19 (a
+# day past 3405-06-14 would spill into the month flag and subscriber bits and
+# share another key's count).  Year 3000 keeps four centuries clear of that.
+# A caller that moves event time on by itself (the daemon's idle advance)
+# clamps to MAX_TS.
+MIN_TS = 0
+MAX_TS = 32_503_679_999_999
+TS_RANGE = f"{MIN_TS}..{MAX_TS} (1970-01-01T00:00:00.000Z to 2999-12-31T23:59:59.999Z)"
+
 # The fields each kind carries besides ts, msisdn and kind (SPEC section 2's
 # "typical fields"); any other field of that kind reads 0.  `kairos check`
 # warns about a filter on a field its kinds never carry.
@@ -201,8 +217,9 @@ def validate_events(batch) -> EventColumns:
 
     Raises BatchError naming the column and the first bad row for: a missing
     required column, a non-integer or null column, a value that does not fit
-    the column's type, ts < 0, msisdn <= 0, or an unknown kind code.  Columns that are
-    not in the schema are ignored (feeds may carry extra fields).
+    the column's type, ts outside MIN_TS..MAX_TS, msisdn <= 0, or an unknown
+    kind code.  Columns that are not in the schema are ignored (feeds may carry
+    extra fields).
 
     This is the embedding API's check: a batch is accepted whole or refused.
     `validate_rows` is its per-row counterpart for ingest, where the good rows
@@ -220,7 +237,7 @@ def validate_events(batch) -> EventColumns:
         columns.append(_cast(name, _to_numpy(name, sources[name])))
     if n:
         _check_range(columns, "msisdn", 1, None, "is not a subscriber number (must be > 0)")
-        _check_range(columns, "ts", 0, None, "is before the Unix epoch")
+        _check_range(columns, "ts", MIN_TS, MAX_TS, f"is outside the event time range {TS_RANGE}")
         _check_range(columns, "kind", None, len(KINDS) - 1, f"is not a kind code (0..{len(KINDS) - 1})")
     return EventColumns(n=n, columns=tuple(columns))
 
@@ -283,7 +300,7 @@ def validate_rows(
     - "bad_value": a value that does not fit its column's dtype (kind excepted)
     - "kind": a kind outside the code table (0..12)
     - "msisdn": msisdn <= 0
-    - "ts": ts < 0
+    - "ts": ts outside MIN_TS..MAX_TS
 
     These are the value checks of `validate_events`, which raises BatchError at
     the first bad row instead.  Problems of the batch as a whole are not row
@@ -327,6 +344,12 @@ def validate_rows(
             return None
         return array < low
 
+    def above(name: str, high: int) -> np.ndarray | None:
+        array = arrays[name]
+        if not n or array.max() <= high:
+            return None
+        return array > high
+
     for name, array in arrays.items():
         if name == "kind":
             continue
@@ -339,9 +362,12 @@ def validate_rows(
     bad = below("msisdn", 1)
     if bad is not None:
         fail(bad, "msisdn", "msisdn", "is not a subscriber number (must be > 0)")
-    bad = below("ts", 0)
+    bad = below("ts", MIN_TS)
     if bad is not None:
-        fail(bad, "ts", "ts", "is before the Unix epoch")
+        fail(bad, "ts", "ts", f"is before the event time range {TS_RANGE}")
+    bad = above("ts", MAX_TS)
+    if bad is not None:
+        fail(bad, "ts", "ts", f"is after the event time range {TS_RANGE}")
     if len(failures) > 1:
         failures.sort(key=lambda failure: failure[0])
     return ok, failures

@@ -6,8 +6,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from engine import EVENT_COLUMNS, KIND_CODES, BatchError, Engine, validate_events
-from engine.schema import COLUMN_DTYPES
+from engine import EVENT_COLUMNS, KIND_CODES, BatchError, Engine, parse_rules, validate_events
+from engine.reference import ReferenceEngine
+from engine.rules import MAX_DURATION
+from engine.schema import COLUMN_DTYPES, MAX_TS, MIN_TS
 
 RULES = """
 [[rule]]
@@ -89,6 +91,41 @@ def test_ts_zero_is_valid():
     batch = good()
     batch["ts"][:] = 0
     assert validate_events(batch).n == 6
+
+
+@pytest.mark.parametrize("form", ["numpy", "arrow"])
+@pytest.mark.parametrize("value", [MAX_TS + 1, 2**63 - 1])
+def test_ts_beyond_the_event_time_range(form, value):
+    batch = good()
+    batch["ts"][[3, 5]] = value
+    expect_error(batch if form == "numpy" else pa.RecordBatch.from_pydict(batch), "ts", 3, str(value))
+    expect_error(batch, "ts", 3, "event time range")
+
+
+def test_ts_range_bounds_are_valid():
+    batch = good()
+    batch["ts"][:] = [MIN_TS, 1, MAX_TS - 1, MAX_TS, 0, MAX_TS]
+    assert validate_events(batch)["ts"].tolist() == [0, 1, MAX_TS - 1, MAX_TS, 0, MAX_TS]
+
+
+# The idle clock (engine/daemon.py) advances to the last event's ts plus the
+# silence: after an event at 2^63 - 1 that sum overflowed int64 in advance().
+@pytest.mark.parametrize("ts", [-1, MAX_TS + 1, 2**63 - 1, 2**63 - 1 + 1_000, 2**64])
+def test_advance_outside_the_event_time_range_raises_value_error(ts):
+    engine = Engine.from_text(RULES)
+    engine.process(good())
+    before = (engine.watermark, engine.stats())
+    with pytest.raises(ValueError, match="event time range"):
+        engine.advance(ts)
+    assert (engine.watermark, engine.stats()) == before
+
+
+def test_advance_to_the_last_accepted_ts():
+    engine = Engine.from_text(RULES)
+    assert engine.process(good(6, start=MAX_TS - 5_000)).num_rows > 0
+    assert engine.watermark == MAX_TS - 4_950
+    engine.advance(min(engine.watermark + 10_000, MAX_TS))  # the idle clock, clamped
+    assert engine.watermark == MAX_TS
 
 
 def test_null_in_arrow_column_names_the_row():
@@ -190,6 +227,100 @@ def test_unknown_extra_columns_are_ignored():
     batch["imsi"] = np.arange(6)
     batch["note"] = np.array(["x"] * 6)
     assert validate_events(batch).n == 6
+
+
+def test_max_ts_keeps_local_days_inside_the_caps_keys():
+    """The kernel packs a subscriber's local day into 20 bits of a caps key with a bias
+    of 2^19 (engine/_fast/kernel.pyx caps_key): a later day spills into the month flag
+    and the subscriber bits and shares another key's count.  The latest day it may
+    count: that of MAX_TS plus a UTC offset (under a day) plus 64 days of quiet hours
+    and contact days."""
+    day = 86_400_000
+    assert (MAX_TS + day + 64 * day) // day < 2**19
+    assert MAX_TS + 2 * MAX_DURATION < 2**63 - 1  # ts plus a window plus a cooldown
+
+
+END_OF_RANGE_RULES = """
+[policy]
+timezone = "Pacific/Kiritimati"
+daily_cap = 2
+monthly_cap = 3
+quiet_hours = "21:00-09:00"
+contact_days = [1, 2, 3, 4, 5]
+cooldown = "0s"
+
+[[rule]]
+id = "count"
+on = "call_out"
+count = { at_least = 2, within = "36600d" }
+channels = ["sms"]
+params = ["peer"]
+cooldown = "36600d"
+
+[[rule]]
+id = "first"
+on = "call_in"
+first = { within = "36600d" }
+channels = ["sms", "crm"]
+
+[[rule]]
+id = "sum"
+on = "data"
+sum = { column = "volume", at_least = 10, within = "36600d" }
+channels = ["sms"]
+
+[[rule]]
+id = "distinct"
+on = "location"
+distinct = { column = "cell", at_least = 2, within = "36600d" }
+channels = ["sms"]
+active = { from = "2999-12-01", until = "3000-01-01", hours = "00:00-23:59" }
+
+[[rule]]
+id = "after"
+on = "sms_out"
+after = { rule = "count", within = "36600d" }
+channels = ["crm"]
+
+[[rule]]
+id = "absence"
+on = "balance"
+absence = { on = "recharge", within = "1d" }
+channels = ["sms"]
+params = ["balance"]
+
+[[rule]]
+id = "absence_long"
+on = "balance"
+absence = { on = "recharge", within = "36600d" }
+channels = ["sms"]
+"""
+
+
+def test_the_end_of_the_event_time_range_matches_the_reference():
+    """Events up to MAX_TS through every condition, the longest windows and cooldowns,
+    quiet hours, contact days and caps in the zone furthest ahead of UTC (+14:00, so
+    local time passes into the year 3000): the kernel's int64 arithmetic agrees with
+    the reference's unbounded Python integers."""
+    kinds = ["balance", "call_out", "call_out", "call_in", "data", "data", "location", "location", "sms_out",
+             "balance", "call_out"]
+    n = len(kinds)
+    ts = MAX_TS - 5 * 3_600_000 * np.arange(n - 1, -1, -1, dtype=np.int64)
+    batch = {"ts": ts, "msisdn": np.full(n, 86, np.int64),
+             "kind": np.array([KIND_CODES[k] for k in kinds], np.uint8),
+             "peer": np.full(n, 7, np.int64), "volume": np.full(n, 6, np.int64),
+             "cell": np.arange(1, n + 1, dtype=np.int64), "balance": np.full(n, 3, np.int64)}
+    kernel = Engine.from_text(END_OF_RANGE_RULES)
+    reference = ReferenceEngine(parse_rules(END_OF_RANGE_RULES))
+    out = kernel.process(batch)
+    assert out.to_pylist() == reference.process(batch).to_pylist()
+    assert kernel.advance(MAX_TS).to_pylist() == reference.advance(MAX_TS).to_pylist()
+    rules = kernel.stats()["rules"]
+    assert rules == reference.stats()["rules"]
+    # Not vacuous: every condition matched, and quiet hours, caps and cooldowns all acted.
+    assert {rule for rule, counts in rules.items() if counts["matched"]} == set(rules) - {"absence_long"}
+    assert any(row["not_before"] > row["ts"] for row in out.to_pylist())
+    assert rules["sum"]["stopped"]["capped"] and rules["count"]["stopped"]["cooldown"]
 
 
 # ---------------------------------------------------------------------------

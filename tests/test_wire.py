@@ -19,7 +19,16 @@ from hypothesis import strategies as st
 
 from adapters.wire import REJECT_REASONS, Decoded, FieldMap, make_decoder
 from engine import Engine
-from engine.schema import COLUMN_DTYPES, EVENT_COLUMNS, KIND_CODES, KINDS, BatchError, validate_rows
+from engine.schema import (
+    COLUMN_DTYPES,
+    EVENT_COLUMNS,
+    KIND_CODES,
+    KINDS,
+    MAX_TS,
+    BatchError,
+    validate_events,
+    validate_rows,
+)
 from engine.synth import TrafficGenerator
 
 FORMATS = ("arrow", "msgpack", "ndjson")
@@ -235,6 +244,8 @@ BAD_ROWS = [  # (row overrides, reason); None drops the field
     ({"msisdn": -5}, "msisdn"),
     ({"msisdn": 0}, "msisdn"),
     ({"ts": -1}, "ts"),
+    ({"ts": MAX_TS + 1}, "ts"),
+    ({"ts": 2**63 - 1}, "ts"),
     ({"kind": 13}, "kind"),
     ({"kind": "no_such_kind"}, "kind"),
     ({"duration": 2**31}, "bad_value"),
@@ -242,6 +253,8 @@ BAD_ROWS = [  # (row overrides, reason); None drops the field
     ({"ts": None}, "missing_field"),
     ({"peer": "text"}, "bad_value"),
     ({"msisdn": 2**63}, "bad_value"),
+    ({"kind": True}, "bad_value"),
+    ({"peer": False}, "bad_value"),
 ]
 
 
@@ -296,6 +309,70 @@ def test_arrow_bad_rows_rejected_one_by_one():
     assert decoded.batch["ts"].tolist() == [1, 7]
     assert decoded.batch["kind"].tolist() == [0, KIND_CODES["portal"]]
     assert [orjson.loads(r.record)["ts"] for r in decoded.rejects] == [2, None, 4, 5, 6]
+
+
+@pytest.mark.parametrize("fmt", ("arrow", "msgpack", "msgpack-array", "ndjson"))
+def test_ts_outside_the_event_time_range_rejects_the_row(fmt):
+    stamps = [0, MAX_TS, MAX_TS + 1, 2**63 - 1, -1, 1_000]
+    rows = [dict(GOOD, ts=ts) for ts in stamps]
+    if fmt == "msgpack-array":
+        message = msgpack.packb([list(row.values()) for row in rows])
+        decoder = make_decoder("msgpack", columns=list(GOOD))
+    else:
+        message = encode(fmt, rows)
+        decoder = make_decoder(fmt)
+    decoded = decoder.decode(message)
+    assert_valid(decoded)
+    assert [(r.row, r.reason) for r in decoded.rejects] == [(2, "ts"), (3, "ts"), (4, "ts")]
+    assert decoded.batch["ts"].tolist() == [0, MAX_TS, 1_000]
+    assert "after the event time range" in decoded.rejects[0].detail
+    assert "before the event time range" in decoded.rejects[2].detail
+
+
+def test_scaled_ts_beyond_the_event_time_range_rejects_the_row():
+    fields = FieldMap.from_config({"ts": {"from": "t", "scale": 1000}})
+    last = MAX_TS // 1000
+    decoded = make_decoder("ndjson", fields).decode(
+        b"\n".join(orjson.dumps({"t": t, "msisdn": 86, "kind": 0}) for t in (last, last + 1)))
+    assert decoded.batch["ts"].tolist() == [last * 1000]
+    assert [(r.row, r.reason) for r in decoded.rejects] == [(1, "ts")]
+
+
+BOOLEAN_FIELDS = {"ts": 1_000, "msisdn": 86, "kind": 1, "peer": 1, "mcc": 460}
+
+
+@pytest.mark.parametrize("fmt", ("msgpack", "msgpack-array", "ndjson"))
+@pytest.mark.parametrize("name", list(BOOLEAN_FIELDS))
+@pytest.mark.parametrize("others", ["float", "int", "none"])
+def test_a_boolean_is_never_an_integer(fmt, name, others):
+    """true and false reject their row (bad_value) in any field, whatever the other rows hold there:
+    pyarrow reads the JSON values [1.0, true] as the doubles [1.0, 1.0]."""
+    value = {"float": float(BOOLEAN_FIELDS[name]), "int": BOOLEAN_FIELDS[name], "none": True}[others]
+    rows = [dict(BOOLEAN_FIELDS, **{name: v}) for v in (value, True, value, False)]
+    if fmt == "msgpack-array":
+        message = msgpack.packb([list(row.values()) for row in rows])
+        decoder = make_decoder("msgpack", columns=list(BOOLEAN_FIELDS))
+    else:
+        message = encode(fmt, rows)
+        decoder = make_decoder(fmt)
+    decoded = decoder.decode(message)
+    assert_valid(decoded)
+    if others == "none":
+        assert decoded.n == 0 and [(r.row, r.reason) for r in decoded.rejects] == [(i, "bad_value") for i in range(4)]
+        return
+    assert [(r.row, r.reason) for r in decoded.rejects] == [(1, "bad_value"), (3, "bad_value")]
+    assert decoded.batch[name].tolist() == [BOOLEAN_FIELDS[name]] * 2
+    assert decoded.batch["ts"].tolist() == [rows[0]["ts"], rows[2]["ts"]]
+
+
+@pytest.mark.parametrize("name", list(BOOLEAN_FIELDS))
+def test_arrow_boolean_column_rejects_the_message(name):
+    columns = {field: pa.array([value, value]) for field, value in BOOLEAN_FIELDS.items()}
+    columns[name] = pa.array([True, False])
+    decoded = make_decoder("arrow").decode(arrow_message(pa.table(columns)))
+    assert decoded.n == 0
+    assert [(r.row, r.reason) for r in decoded.rejects] == [(None, "bad_value")]
+    assert "bool" in decoded.rejects[0].detail
 
 
 def test_msgpack_row_shapes_and_values():
@@ -489,6 +566,9 @@ def test_read_only_buffers(fmt, events):
     ({"mcc": {"value": 460, "from": "x"}}, "constant"),
     ({"mcc": {"value": "460"}}, "integer"),
     ({"msisdn": {"value": 0}}, "not a valid msisdn"),
+    ({"ts": {"value": -1}}, "not a valid ts"),
+    ({"ts": {"value": MAX_TS + 1}}, "not a valid ts"),
+    ({"ts": {"value": True}}, "integer"),
     ({"msisdn": "a", "peer": "a"}, "both read"),
     ({"peer": "msisdn"}, "reads no field"),
 ])
@@ -524,6 +604,22 @@ def test_validate_rows_keeps_good_rows():
     assert "mcc" in failures[0][2]
     valid, failures = validate_rows(columns, 6, valid=np.array([True, True, False, True, True, True]))
     assert 2 not in [row for row, _, _ in failures] and not valid[2]
+
+
+def test_validate_rows_ts_range():
+    columns = {"ts": np.array([0, MAX_TS, MAX_TS + 1, -1, 2**63 - 1], np.int64),
+               "msisdn": np.full(5, 86, np.int64), "kind": np.zeros(5, np.uint8)}
+    valid, failures = validate_rows(columns, 5)
+    assert valid.tolist() == [True, True, False, False, False]
+    assert [(row, reason) for row, reason, _ in failures] == [(2, "ts"), (3, "ts"), (4, "ts")]
+    assert str(MAX_TS + 1) in failures[0][2] and "after" in failures[0][2] and "before" in failures[1][2]
+    # Beyond int64 is a value that does not fit, reported once, not also as out of range.
+    unsigned = np.array([1, 2**63, MAX_TS + 1, 3, 4], np.uint64)
+    valid, failures = validate_rows({**columns, "ts": unsigned}, 5)
+    assert [(row, reason) for row, reason, _ in failures] == [(1, "bad_value"), (2, "ts")]
+    with pytest.raises(BatchError) as info:  # the whole-batch check refuses the same first row
+        validate_events(columns)
+    assert (info.value.column, info.value.row) == ("ts", 2)
 
 
 def test_validate_rows_and_validate_events_agree():
