@@ -12,7 +12,7 @@ import pytest
 from channel_testing import ScriptedChannel, hex_id, instruction_table, wait_until
 
 from adapters.channels import channel_kinds, load_channel_class, make_channel
-from adapters.channels.base import Channel, Instruction
+from adapters.channels.base import Channel, Instruction, Retry
 from adapters.channels.files import FileChannel, StdoutChannel
 from adapters.channels.outbox import DeliveryPolicy, DeliveryWorker, Outbox, OutboxOutput, TokenBucket
 from adapters.outputs import Backpressure, make_output
@@ -62,8 +62,9 @@ def test_outbox_output_refuses_bad_config_and_bad_tables(tmp_path):
         assert out.stats()["instructions"] == 0
 
 
-def run_worker(tmp_path, channel: Channel, policy: DeliveryPolicy = FAST, name: str = "sms"):
-    worker = DeliveryWorker(tmp_path / "o.db", {name: (channel, policy)}, seed=1)
+def run_worker(tmp_path, channel: Channel, policy: DeliveryPolicy = FAST, name: str = "sms", clock=None):
+    options = {} if clock is None else {"clock": clock}
+    worker = DeliveryWorker(tmp_path / "o.db", {name: (channel, policy)}, seed=1, **options)
     reports: list[tuple[str, str, str, int]] = []
     worker.start(lambda channel_name: lambda i, o, t: reports.append((channel_name, i, o, t)))
     return worker, reports
@@ -73,7 +74,8 @@ def test_worker_delivers_retries_with_backoff_and_parks(tmp_path):
     box = Outbox(tmp_path / "o.db")
     script = {hex_id(1): ["retry", "retry"], hex_id(2): ["reject"], hex_id(3): ["retry"] * 10}
     channel = ScriptedChannel("sms", script)
-    policy = DeliveryPolicy(concurrency=2, max_attempts=4, backoff_initial=0.05, backoff_max=0.2)
+    # max_attempts, when set, parks a row that is still valid (max_age is an hour away).
+    policy = DeliveryPolicy(concurrency=2, max_attempts=4, backoff_initial=0.05, backoff_max=0.2, max_age=3600)
     box.enqueue(instruction_table([hex_id(k) for k in range(1, 5)], holdout=[False, False, False, False]))
     box.enqueue(instruction_table([hex_id(9)], holdout=[True]))
     worker, _ = run_worker(tmp_path, channel, policy)
@@ -95,6 +97,156 @@ def test_worker_delivers_retries_with_backoff_and_parks(tmp_path):
     assert all(b - a < 0.2 + 1.0 for a, b in zip(times, times[1:], strict=False))
     stats = worker.stats()["sms"]
     assert stats["delivered"] == 2 and stats["parked"] == 2 and stats["rejected"] == 1 and stats["retries"] == 5
+    assert stats["expired"] == 0
+
+
+class FakeClock:
+    """ms since the epoch, moved on by the test only: an hour of retries takes milliseconds."""
+
+    def __init__(self, now: int):
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+class DownUntil(Channel):
+    """A peer that answers Retry until the clock reaches `back_at` (None: never), then accepts."""
+
+    kind = "down"
+
+    def __init__(self, clock: FakeClock, back_at: int | None):
+        self.name = "sms"
+        self.clock = clock
+        self.back_at = back_at
+        self.attempts: list[int] = []  # the clock at each attempt
+        self.delivered: list[str] = []
+
+    @classmethod
+    def from_config(cls, name, options):
+        raise NotImplementedError
+
+    def deliver(self, instruction: Instruction) -> None:
+        self.attempts.append(self.clock())
+        if self.back_at is None or self.clock() < self.back_at:
+            raise Retry("HTTP 503 from Kannel")
+        self.delivered.append(instruction.id)
+
+
+def run_until_settled(box: Outbox, worker: DeliveryWorker, clock: FakeClock, row_id: str) -> dict:
+    """Move the clock to each retry's due time as soon as the row waits for it, until it is delivered or
+    parked; the row then."""
+    deadline = time.monotonic() + 20
+    while (row := box.row(row_id))["status"] not in ("delivered", "parked"):
+        assert time.monotonic() < deadline, row
+        due = box.next_due("sms")
+        if due is not None and due > clock.now:
+            clock.now = due
+            worker.wake()
+        time.sleep(0.002)
+    return row
+
+
+MINUTE = 60_000
+HOUR = 60 * MINUTE
+DAY = 24 * HOUR
+
+
+def test_a_gateway_down_for_an_hour_is_retried_until_it_is_back(tmp_path):
+    # The default backoff (1 s doubling to 5 min) with the old ten attempts parked after about seven
+    # minutes; retried by time, an hour down parks nothing.
+    start = int(time.time() * 1000)
+    clock = FakeClock(start)
+    box = Outbox(tmp_path / "o.db")
+    box.enqueue(instruction_table([hex_id(1)], not_before=[start], ts=start))
+    channel = DownUntil(clock, back_at=start + HOUR)
+    worker, _ = run_worker(tmp_path, channel, DeliveryPolicy(concurrency=1, max_age=6 * 3600), clock=clock)
+    try:
+        row = run_until_settled(box, worker, clock, hex_id(1))
+    finally:
+        worker.stop()
+    assert row["status"] == "delivered", row["reason"]
+    assert channel.delivered == [hex_id(1)]
+    assert len(channel.attempts) > 10 and row["attempts"] == len(channel.attempts)
+    assert channel.attempts[-2] < start + HOUR <= channel.attempts[-1] < start + HOUR + 5 * MINUTE
+    stats = worker.stats()["sms"]
+    assert (stats["delivered"], stats["retries"], stats["parked"], stats["expired"]) == (
+        1, len(channel.attempts) - 1, 0, 0)
+
+
+def test_retries_end_when_the_next_would_come_after_the_validity(tmp_path):
+    start = int(time.time() * 1000)
+    clock = FakeClock(start)
+    box = Outbox(tmp_path / "o.db")
+    box.enqueue(instruction_table([hex_id(1)], not_before=[start], ts=start))
+    channel = DownUntil(clock, back_at=None)
+    worker, _ = run_worker(tmp_path, channel, DeliveryPolicy(concurrency=1, max_age=2 * 3600), clock=clock)
+    try:
+        row = run_until_settled(box, worker, clock, hex_id(1))
+    finally:
+        worker.stop()
+    valid_until = start + 2 * HOUR
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(valid_until // 1000))
+    assert row["status"] == "parked"
+    attempts = len(channel.attempts)
+    assert row["reason"] == f"expired: valid until {stamp}, after {attempts} attempts: HTTP 503 from Kannel"
+    # Tried for most of the two hours (a retry waits at most backoff_max), never at or after their end.
+    assert valid_until - 5 * MINUTE <= channel.attempts[-1] < valid_until
+    stats = worker.stats()["sms"]
+    assert (stats["parked"], stats["expired"], stats["rejected"], stats["retries"]) == (1, 1, 0, attempts - 1)
+
+
+def test_a_row_claimed_after_its_validity_is_parked_expired_without_an_attempt(tmp_path):
+    # The daemon was stopped for two days: what was pending then is not sent now.
+    now = int(time.time() * 1000)
+    box = Outbox(tmp_path / "o.db")
+    box.enqueue(instruction_table([hex_id(1), hex_id(2)], not_before=[now - 2 * DAY, now - 2 * DAY], ts=now - 2 * DAY))
+    box.enqueue(instruction_table([hex_id(3)], not_before=[now], ts=now))
+    # Before the stop a worker had claimed all three: hex_id(2) failed once and waited for its retry, the
+    # others went back unattempted.
+    for instruction, _ in box.claim("sms", 10):
+        if instruction.id == hex_id(2):
+            box.mark_retry(instruction.id, now - 2 * DAY + MINUTE, "HTTP 503 from Kannel")
+        else:
+            box.release(instruction.id)
+    channel = ScriptedChannel("sms")
+    worker, _ = run_worker(tmp_path, channel, DeliveryPolicy(concurrency=1, max_age=86_400))
+    try:
+        wait_until(lambda: channel.delivered == [hex_id(3)] and statuses(box)[hex_id(1)] == "parked"
+                   and statuses(box)[hex_id(2)] == "parked")
+    finally:
+        worker.stop()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime((now - DAY) // 1000))
+    assert box.row(hex_id(1))["reason"] == f"expired: valid until {stamp}, not attempted"
+    assert box.row(hex_id(1))["attempts"] == 0
+    assert box.row(hex_id(2))["reason"] == f"expired: valid until {stamp}, after 1 attempt: HTTP 503 from Kannel"
+    assert box.row(hex_id(2))["attempts"] == 1
+    assert [i for i, _ in channel.attempts] == [hex_id(3)]
+    stats = worker.stats()["sms"]
+    assert (stats["delivered"], stats["parked"], stats["expired"], stats["rejected"]) == (1, 2, 2, 0)
+
+
+def test_without_max_age_and_max_attempts_nothing_expires(tmp_path):
+    # DeliveryPolicy's own defaults (no validity, no cap): an in-process caller replaying old event time
+    # still delivers.
+    assert (DeliveryPolicy().max_age, DeliveryPolicy().max_attempts) == (None, 0)
+    now = int(time.time() * 1000)
+    box = Outbox(tmp_path / "o.db")
+    box.enqueue(instruction_table([hex_id(1)], not_before=[now - 30 * DAY], ts=now - 30 * DAY))
+    channel = ScriptedChannel("sms", {hex_id(1): ["retry"] * 12})
+    worker, _ = run_worker(tmp_path, channel, DeliveryPolicy(concurrency=1, backoff_initial=0.001, backoff_max=0.005))
+    try:
+        wait_until(lambda: channel.delivered == [hex_id(1)])
+    finally:
+        worker.stop()
+    assert box.row(hex_id(1))["attempts"] == 13
+
+
+def test_delivery_policy_refuses_a_validity_of_nothing():
+    with pytest.raises(ValueError, match="max_age"):
+        DeliveryPolicy(max_age=0)
+    with pytest.raises(ValueError, match="max_attempts"):
+        DeliveryPolicy(max_attempts=-1)
 
 
 def test_backoff_is_full_jitter_up_to_the_cap():

@@ -15,7 +15,8 @@ A row's `status`:
   the instruction's `not_before` and moves on with each retry;
 - ``in-flight``: claimed by the worker, being delivered;
 - ``delivered``: the peer accepted it (what became of it later comes back as feedback);
-- ``parked``: given up, `reason` says why (the peer rejected it, or every attempt failed);
+- ``parked``: given up, `reason` says why (the peer rejected it, its validity ended, or it ran out of
+  attempts);
 - ``holdout``: the control group (SPEC section 4): recorded, never delivered.
 
 A crash leaves rows `in-flight`; the next worker to open the outbox sets them back to `pending`,
@@ -23,9 +24,13 @@ and delivers them again.  Channels are idempotent by instruction id, which makes
 
 Retries: `Retry` from a channel waits a random time between 0 and
 ``min(backoff_max, backoff_initial * 2 ** (attempt - 1))`` ("full jitter", so retries from many rows
-do not come back in step), or at least as long as the peer asked for; after `max_attempts` the row is
-parked with the last reason.  `Rejected` parks at once.  Each channel has `concurrency` threads and,
-when `rate` is set, a token bucket of `rate` messages per second (bursts of up to `burst`).
+do not come back in step), or at least as long as the peer asked for.  Retries end by time, not by
+count: an instruction is valid until its `not_before` plus the channel's `max_age`, so a peer that is
+down for minutes or hours parks nothing.  A retry that would come at or after that moment parks the
+row ``expired: ...`` with the last reason, and a row claimed after it is parked ``expired: ...``
+without an attempt (old marketing is not sent late).  `max_attempts`, when set, also parks after that
+many attempts.  `Rejected` parks at once.  Each channel has `concurrency` threads and, when `rate` is
+set, a token bucket of `rate` messages per second (bursts of up to `burst`).
 
 Delivered and holdout rows are deleted once older than the output's `keep`; that is also how long a
 replayed id is recognised.  Parked rows stay until someone looks at them.
@@ -90,6 +95,20 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
 _COLUMNS = "id, channel, ts, msisdn, rule, template, priority, holdout, not_before, params, attempts"
+
+# The reason of a row parked at claim because its validity ended (SQL over the row before the update); the
+# same words as `_expired_reason` below, so an operator finds both kinds with reason LIKE 'expired:%'.
+_EXPIRED_REASON = (
+    "'expired: valid until ' || strftime('%Y-%m-%dT%H:%M:%SZ', (not_before + :max_age) / 1000, 'unixepoch') || "
+    "CASE WHEN attempts = 0 THEN ', not attempted' "
+    "ELSE ', after ' || attempts || CASE WHEN attempts = 1 THEN ' attempt' ELSE ' attempts' END "
+    "|| COALESCE(': ' || reason, '') END"
+)
+
+
+def _expired_reason(valid_until_ms: int, attempts: int, last: str) -> str:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(valid_until_ms // 1000))
+    return f"expired: valid until {stamp}, after {attempts} attempt{'' if attempts == 1 else 's'}: {last}"
 
 
 def _now_ms() -> int:
@@ -166,19 +185,38 @@ class Outbox:
 
     def claim(self, channel: str, limit: int) -> list[tuple[Instruction, int]]:
         """Up to `limit` due rows of `channel`, oldest due first, now in flight; with each its attempt number."""
+        return self.take(channel, limit, None)[0]
+
+    def take(self, channel: str, limit: int, max_age_ms: int | None) -> tuple[list[tuple[Instruction, int]],
+                                                                            list[tuple[str, str]]]:
+        """Up to `limit` due rows of `channel`, oldest due first: those still valid now in flight, each with
+        its attempt number; those whose validity (`not_before + max_age_ms`) has ended parked ``expired``,
+        not attempted, as (id, reason).  `max_age_ms` None: every row is valid.
+
+        One statement judges and moves the same head of the due index: a backlog that expired while the
+        worker was down is parked `limit` rows at a time without scanning past them, and no row judged
+        expired can be handed out."""
         now = self._clock()
+        # Valid while now < not_before + max_age, i.e. expired when not_before <= now - max_age; no limit is a
+        # bound no row is below (not_before is ms since the epoch).
+        expired_upto = -(1 << 63) if max_age_ms is None else now - max_age_ms
         with self._lock:
             rows = self._db.execute(
-                f"UPDATE instructions SET status = 'in-flight', attempts = attempts + 1, updated_at = ? "
-                f"WHERE seq IN (SELECT seq FROM instructions WHERE status = 'pending' AND channel = ? AND due_at <= ? "
-                f"ORDER BY due_at LIMIT ?) RETURNING {_COLUMNS}",
-                (now, channel, now, limit),
+                f"UPDATE instructions SET "
+                f"status = CASE WHEN not_before <= :upto THEN 'parked' ELSE 'in-flight' END, "
+                f"attempts = attempts + (not_before > :upto), "
+                f"reason = CASE WHEN not_before <= :upto THEN {_EXPIRED_REASON} ELSE reason END, "
+                f"updated_at = :now "
+                f"WHERE seq IN (SELECT seq FROM instructions WHERE status = 'pending' AND channel = :channel "
+                f"AND due_at <= :now ORDER BY due_at LIMIT :limit) RETURNING status, reason, {_COLUMNS}",
+                {"upto": expired_upto, "max_age": max_age_ms or 0, "now": now, "channel": channel, "limit": limit},
             ).fetchall()
-        return [
-            (Instruction(id=r[0], channel=r[1], ts=r[2], msisdn=r[3], rule=r[4], template=r[5], priority=r[6],
-                         holdout=bool(r[7]), not_before=r[8], params=orjson.loads(r[9])), r[10])
-            for r in rows
+        claimed = [
+            (Instruction(id=r[2], channel=r[3], ts=r[4], msisdn=r[5], rule=r[6], template=r[7], priority=r[8],
+                         holdout=bool(r[9]), not_before=r[10], params=orjson.loads(r[11])), r[12])
+            for r in rows if r[0] == "in-flight"
         ]  # fmt: skip
+        return claimed, [(r[2], r[1]) for r in rows if r[0] == "parked"]
 
     def next_due(self, channel: str) -> int | None:
         """When the earliest pending row of `channel` falls due (ms), or None when none is pending."""
@@ -393,9 +431,23 @@ class DeliveryPolicy:
     concurrency: int = 4  # deliveries in progress at once (threads)
     rate: float | None = None  # messages per second, None for no limit
     burst: int = 1  # tokens the bucket holds: messages that may go at once after a quiet spell
-    max_attempts: int = 10  # then the row is parked
+    max_attempts: int = 0  # then the row is parked; 0: no limit, retries end with max_age
     backoff_initial: float = 1.0  # seconds: the cap of the first retry's random wait
     backoff_max: float = 300.0  # seconds: the cap of any retry's random wait
+    # Seconds an instruction stays valid after its not_before: no attempt is made from then on.  None: no
+    # limit.  The daemon always passes [channels.NAME] max_age (default a day); None here keeps in-process
+    # callers such as the demo, whose event time is synthetic days in the past, delivering.
+    max_age: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 0:
+            raise ValueError(f"max_attempts must be 0 (no limit) or more, got {self.max_attempts}")
+        if self.max_age is not None and not self.max_age > 0:
+            raise ValueError(f"max_age must be longer than 0 seconds, got {self.max_age}")
+
+    @property
+    def max_age_ms(self) -> int | None:
+        return None if self.max_age is None else max(1, round(self.max_age * 1000))
 
     def backoff(self, attempt: int, after: float | None, rng: random.Random) -> float:
         """Seconds to wait before attempt `attempt + 1` (full jitter), at least `after` when the peer said so."""
@@ -435,8 +487,9 @@ class ChannelCounters:
     def __init__(self) -> None:
         self.delivered = 0  # accepted by the peer
         self.retries = 0  # attempts that failed with Retry and were rescheduled
-        self.parked = 0  # given up: rejected, or out of attempts
+        self.parked = 0  # given up: rejected, expired, or out of attempts
         self.rejected = 0  # of those, refused by the peer for good
+        self.expired = 0  # of those, past their validity (not_before + max_age): retried until then, or claimed late
         self.in_flight = 0  # deliveries in progress now
 
     def as_dict(self) -> dict[str, int]:
@@ -461,13 +514,16 @@ class DeliveryWorker:
         *,
         keep_ms: int = 7 * 86_400_000,
         seed: int | None = None,
+        clock: Callable[[], int] = _now_ms,
     ):
         self.path = Path(path)
         self.channels = channels
         self.keep_ms = keep_ms
-        self.outbox = Outbox(path, fsync=False)
+        # ms since the epoch: what due times, validity and retries are measured against (tests move it on).
+        self._clock = clock
+        self.outbox = Outbox(path, fsync=False, clock=clock)
         # Metrics read on a connection of their own, so a scrape never waits for, or holds up, a delivery.
-        self.metrics_outbox = Outbox(path, fsync=False)
+        self.metrics_outbox = Outbox(path, fsync=False, clock=clock)
         self.counters = {name: ChannelCounters() for name in channels}
         self.buckets = {
             name: TokenBucket(policy.rate, policy.burst) for name, (_, policy) in channels.items() if policy.rate
@@ -538,13 +594,17 @@ class DeliveryWorker:
         # A rate-limited thread claims no more than it may send at once, so rows do not sit in flight
         # waiting for tokens.
         claim = self.CLAIM if bucket is None else max(1, min(self.CLAIM, policy.burst))
+        max_age_ms = policy.max_age_ms
         while not self._stopping.is_set():
             with self._lock:
                 woken = self._woken
-            claimed = self.outbox.claim(name, claim)
+            claimed, expired = self.outbox.take(name, claim, max_age_ms)
+            if expired:
+                self._expired_unattempted(name, expired)
             if not claimed:
-                self._maybe_purge()
-                self._idle(name, woken)
+                if not expired:  # rows past their validity took the claim: more may be due at once
+                    self._maybe_purge()
+                    self._idle(name, woken)
                 continue
             for k, (instruction, attempt) in enumerate(claimed):
                 if self._stopping.is_set() or (bucket is not None and not bucket.take(self._stopping)):
@@ -557,7 +617,7 @@ class DeliveryWorker:
         due = self.outbox.next_due(name)
         wait = self.POLL_SECONDS
         if due is not None:
-            wait = min(wait, max(0.0, (due - _now_ms()) / 1000))
+            wait = min(wait, max(0.0, (due - self._clock()) / 1000))
         with self._wake:
             if self._woken == woken and not self._stopping.is_set():
                 self._wake.wait(wait)
@@ -587,20 +647,40 @@ class DeliveryWorker:
 
     def _retry(self, name: str, policy: DeliveryPolicy, instruction: Instruction, attempt: int, reason: str,
                after: float | None) -> None:
-        if attempt >= policy.max_attempts:
-            self._park(name, instruction, f"gave up after {attempt} attempts: {reason}", rejected=False)
+        if policy.max_attempts and attempt >= policy.max_attempts:
+            self._park(name, instruction, f"gave up after {attempt} attempts: {reason}")
             return
         with self._lock:
             wait = policy.backoff(attempt, after, self._rng)
+        due_at = self._clock() + int(wait * 1000)
+        max_age_ms = policy.max_age_ms
+        if max_age_ms is not None and due_at >= instruction.not_before + max_age_ms:
+            # The next attempt would come when the instruction is no longer worth sending: park it now rather
+            # than hold it pending until a claim finds it expired.
+            valid_until = instruction.not_before + max_age_ms
+            self._park(name, instruction, _expired_reason(valid_until, attempt, reason), expired=True)
+            return
+        with self._lock:
             self.counters[name].retries += 1
-        self.outbox.mark_retry(instruction.id, _now_ms() + int(wait * 1000), reason)
+        self.outbox.mark_retry(instruction.id, due_at, reason)
 
-    def _park(self, name: str, instruction: Instruction, reason: str, *, rejected: bool) -> None:
+    def _park(self, name: str, instruction: Instruction, reason: str, *, rejected: bool = False,
+              expired: bool = False) -> None:
         self.outbox.mark_parked(instruction.id, reason)
         log.warning("instruction parked", extra={"fields": {"channel": name, "id": instruction.id, "reason": reason}})
         with self._lock:
             self.counters[name].parked += 1
             self.counters[name].rejected += rejected
+            self.counters[name].expired += expired
+
+    def _expired_unattempted(self, name: str, expired: list[tuple[str, str]]) -> None:
+        """Rows the claim found past their validity, already parked.  One log line per claim, not per row: after
+        a long stop a backlog expires by the thousand."""
+        log.warning("instructions expired before they were delivered", extra={"fields": {
+            "channel": name, "instructions": len(expired), "ids": [i for i, _ in expired], "reason": expired[0][1]}})
+        with self._lock:
+            self.counters[name].parked += len(expired)
+            self.counters[name].expired += len(expired)
 
     def _maybe_purge(self) -> None:
         now = time.monotonic()
@@ -608,4 +688,4 @@ class DeliveryWorker:
             if now - self._purged_at < self.PURGE_SECONDS:
                 return
             self._purged_at = now
-        self.outbox.purge(_now_ms() - self.keep_ms)
+        self.outbox.purge(self._clock() - self.keep_ms)
