@@ -128,6 +128,27 @@ class IssuedInstructions:
             runs.append(run)
         self._runs = [run for run in runs if len(run["h1"])]
 
+    def drop_subscribers(self, msisdns: np.ndarray) -> int:
+        """Remove every entry whose msisdn is in `msisdns` (erasure); return how many of them were answerable.
+
+        Entries already past the count or age bound go too (they are still
+        stored until their run is merged), but only answerable ones are
+        counted, so len() drops by exactly the returned number.  Filtering
+        keeps each run sorted; the others' seq and the bounds do not move.
+        """
+        self._flush()
+        msisdns = np.asarray(msisdns, np.int64)
+        removed = 0
+        runs = []
+        for run in self._runs:
+            gone = np.isin(run["msisdn"], msisdns)
+            if gone.any():
+                removed += int(np.count_nonzero(gone & self._valid(run)))
+                run = {name: values[~gone] for name, values in run.items()}
+            runs.append(run)
+        self._runs = [run for run in runs if len(run["h1"])]
+        return removed
+
     def lookup(self, ids: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """(found, fields): for each id whether it is held, and its rule, msisdn, ts, holdout where it is."""
         self._flush()

@@ -166,6 +166,19 @@ class ProfileStore:
         found[found] = self.msisdn[at[found]] == msisdn[found]
         return np.where(found, at, -1)
 
+    def without(self, msisdns: np.ndarray) -> tuple[ProfileStore, int]:
+        """A store without the profiles of `msisdns` (erasure), and how many rows it dropped.
+
+        The store is immutable, so the rows go with a new table (a filtered
+        copy, sorted and checked as any store); when none of them has a
+        profile the store itself comes back.
+        """
+        gone = np.isin(self.msisdn, np.asarray(msisdns, np.int64))
+        dropped = int(np.count_nonzero(gone))
+        if not dropped:
+            return self, 0
+        return ProfileStore(self.table.filter(pa.array(~gone)), self.source), dropped
+
     def get(self, msisdn: int) -> dict:
         """One subscriber's profile as Python values, null fields left out; {} when unknown."""
         if not len(self.msisdn):
