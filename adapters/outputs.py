@@ -80,8 +80,14 @@ class Output(abc.ABC):
         """An output named `name` from its config table without `type`."""
 
     @abc.abstractmethod
-    def send(self, instructions: pa.Table) -> None:
-        """Hand off one table of instructions, or raise `Backpressure` having taken none."""
+    def send(self, instructions: pa.Table, position: int | None = None) -> None:
+        """Hand off one table of instructions, or raise `Backpressure` having taken none.
+
+        `position` is the journal position (engine/journal.py) of the last
+        entry whose instructions the table holds, when the daemon journals:
+        an output that remembers how far it got (the outbox) stores it with
+        the instructions, so a recovery knows what it already has.
+        """
 
     def flush(self) -> None:  # noqa: B027 -- outputs with nothing buffered need no flush
         """Make everything sent so far durable or visible."""
@@ -373,7 +379,7 @@ class FileOutput(Output):
                 found.append((int(match.group(1)), entry))
         return [entry for _, entry in sorted(found)]
 
-    def send(self, instructions: pa.Table) -> None:
+    def send(self, instructions: pa.Table, position: int | None = None) -> None:
         if self._closed:
             raise ValueError(f"output {self.name!r} is closed")
         _check_instructions(instructions)
@@ -633,7 +639,7 @@ class ZmqOutput(Output):
         read.finish()
         return cls(name, endpoint, **made)
 
-    def send(self, instructions: pa.Table) -> None:
+    def send(self, instructions: pa.Table, position: int | None = None) -> None:
         if self._closed:
             raise ValueError(f"output {self.name!r} is closed")
         _check_instructions(instructions)

@@ -9,15 +9,29 @@ stream, a msgpack array or NDJSON lines).  A feeder that wants loss
 accounting puts a 20-byte sequence header frame right before the payload:
 `SEQUENCE_HEADER.pack(b"KSEQ", sender, seq)` (little-endian: magic, sender id
 as uint64, sequence number as uint64, starting anywhere and going up by one
-per message).  Earlier frames, such as a PUB topic, are ignored.
+per message).  On a SUB socket the first of several frames may be the PUB
+topic.  Any other frame before the payload is junk: the payload is still
+read, and the junk frame is counted and handed back for the dead-letter file.
+
+Sequence modes (`sequence` in the input's config):
+
+- "count" (default): every message is taken; a jump forward counts a gap and
+  the messages missing, a step back or a repeat counts a regression.
+- "exact": each sender's messages are taken once and in order, for senders
+  that keep what they sent and resend it (adapters/sender.py): a message at
+  or below the sender's last accepted sequence is a duplicate and dropped; one
+  past a gap is dropped too, until the sender resends the missing ones.  The
+  daemon acknowledges the last durable sequence per sender (GET /acks).
 
 Loss and backpressure (measured on this kind of machine, see docs/daemon.md):
 a PULL socket lets at most `rcvhwm` messages wait, after which the sender's
 PUSH blocks: nothing is lost, the feeder slows down.  A SUB socket drops
 messages silently once `rcvhwm` are waiting; only sequence gaps show it.
-Messages over `max_message_bytes` are refused by ZeroMQ itself, which closes
-that sender's connection (ZMQ_MAXMSGSIZE), so memory stays bounded; the
-socket monitor counts the disconnection.
+Sizes: a message over `max_message_bytes` but within twice that reaches
+Kairos and is dead-lettered as `too_large` (its first bytes kept).  ZeroMQ
+itself refuses one over twice the limit (ZMQ_MAXMSGSIZE) and closes that
+sender's connection, so memory stays bounded; the socket monitor counts the
+disconnection, and nothing of the message reaches Kairos to dead-letter.
 """
 
 from __future__ import annotations
@@ -51,7 +65,26 @@ class InputCounters:
     regressions: int = 0  # a sender's sequence went back or repeated (restart, duplicate, reorder)
     connections: int = 0  # peers connected or accepted, ever
     disconnections: int = 0  # peers gone, among them those cut off for a message over max_message_bytes
-    senders: dict[int, int] = field(default_factory=dict)  # sender id -> last sequence number seen
+    duplicates: int = 0  # "exact": resent messages already taken, dropped
+    out_of_order: int = 0  # "exact": messages past a gap, dropped until the sender resends the missing ones
+    junk_frames: int = 0  # frames before the payload that are neither a topic nor a sequence header
+    senders: dict[int, int] = field(default_factory=dict)  # sender id -> last sequence number taken
+
+
+@dataclass(frozen=True)
+class Received:
+    """One message taken: its payload (zero-copy, read-only), its sender and sequence when it carried a
+    header, and any junk frames that came before it."""
+
+    payload: memoryview
+    sender: int | None = None
+    seq: int | None = None
+    junk: tuple[bytes, ...] = ()
+
+
+# Frames ZeroMQ accepts before cutting the sender off, as a multiple of max_message_bytes: messages between the
+# two limits reach Kairos, so that they can be dead-lettered rather than vanish with the connection.
+HARD_LIMIT_FACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -74,7 +107,7 @@ class ZmqInput:
         self.socket = context.socket(socket_type)
         try:
             self.socket.setsockopt(zmq.RCVHWM, config.rcvhwm)
-            self.socket.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
+            self.socket.setsockopt(zmq.MAXMSGSIZE, HARD_LIMIT_FACTOR * config.max_message_bytes)
             self.socket.setsockopt(zmq.LINGER, 0)
             if socket_type == zmq.SUB:
                 for topic in config.subscribe:
@@ -97,14 +130,17 @@ class ZmqInput:
             self.socket.close(0)
             raise
 
-    def receive(self, max_messages: int) -> tuple[list[memoryview], list[SequenceEvent]]:
-        """Up to `max_messages` payloads waiting now (zero-copy, read-only), and sequence events.
+    def receive(self, max_messages: int) -> tuple[list[Received], list[SequenceEvent]]:
+        """Up to `max_messages` messages waiting now, and sequence events (gaps, regressions) to log.
 
-        Never blocks: returns what the socket holds, possibly nothing.
+        Never blocks: returns what the socket holds, possibly nothing.  In
+        "exact" mode, duplicates and messages past a gap are counted and left out.
         """
-        payloads: list[memoryview] = []
+        taken: list[Received] = []
         events: list[SequenceEvent] = []
         counters = self.counters
+        exact = self.config.sequence == "exact"
+        topic_allowed = self.config.socket == "sub"
         for _ in range(max_messages):
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -113,15 +149,41 @@ class ZmqInput:
             payload = frames[-1].buffer
             counters.messages += 1
             counters.bytes += len(payload)
-            payloads.append(payload)
-            if len(frames) >= 2:
-                header = frames[-2].bytes
+            sender = seq = None
+            before = frames[:-1]
+            if before:
+                header = before[-1].bytes
                 if len(header) == SEQUENCE_HEADER.size and header[:4] == SEQUENCE_MAGIC:
                     _, sender, seq = SEQUENCE_HEADER.unpack(header)
+                    before = before[:-1]
+            if topic_allowed and before:
+                before = before[1:]
+            junk = tuple(frame.bytes for frame in before)
+            counters.junk_frames += len(junk)
+            if sender is not None:
+                if exact:
+                    if not self._take_exactly(sender, seq):
+                        continue
+                else:
                     event = self._check_sequence(sender, seq)
                     if event is not None:
                         events.append(event)
-        return payloads, events
+            taken.append(Received(payload, sender, seq, junk))
+        return taken, events
+
+    def _take_exactly(self, sender: int, seq: int) -> bool:
+        """Whether an "exact" input takes message `seq` of `sender` (the next one, or a sender's first)."""
+        counters = self.counters
+        counters.sequenced += 1
+        last = counters.senders.get(sender)
+        if last is not None and seq <= last:
+            counters.duplicates += 1
+            return False
+        if last is not None and seq > last + 1:
+            counters.out_of_order += 1
+            return False
+        counters.senders[sender] = seq
+        return True
 
     def count_connections(self) -> None:
         """Take the socket monitor's connection events into the counters (never blocks)."""

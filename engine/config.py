@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.exposure import is_loopback_endpoint
+from engine.journal import parse_fsync
 from engine.rules import parse_duration
 
 FORMATS = ("arrow", "msgpack", "ndjson")
+SEQUENCE_MODES = ("count", "exact")
 SOCKET_TYPES = ("pull", "sub")
 ROLES = ("events", "feedback")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -54,6 +56,9 @@ class InputConfig:
     columns: tuple[str, ...] | None = None  # msgpack arrays of arrays: the field order (default SPEC order)
     fields: dict = field(default_factory=dict)  # field map (rename, scale, constant, value map)
     allow_remote: bool = False  # a non-loopback endpoint must be allowed explicitly (SPEC section 9)
+    # Sequence headers: "count" accepts every message and counts gaps and regressions; "exact" takes each
+    # sender's messages once and in order (duplicates and messages past a gap are dropped: the sender resends).
+    sequence: str = "count"
 
 
 @dataclass(frozen=True)
@@ -70,9 +75,30 @@ class ChannelConfig:
     concurrency: int = 4  # deliveries in progress at once
     rate: float | None = None  # messages per second (a token bucket); None: unlimited
     burst: int = 1  # messages that may go at once after a quiet spell
-    max_attempts: int = 10  # attempts before an instruction is parked
+    max_attempts: int = 0  # attempts before an instruction is parked; 0: no limit, max_age alone ends retries
     backoff_initial_ms: int = 1_000  # cap of the first retry's random wait (full jitter)
     backoff_max_ms: int = 300_000  # cap of every retry's random wait
+    max_age_ms: int = 86_400_000  # an instruction is valid until its not_before plus this; then parked expired
+
+
+@dataclass(frozen=True)
+class JournalConfig:
+    """`[journal]`: the input journal (engine/journal.py); on whenever `state_dir` is set, unless disabled."""
+
+    enabled: bool = True
+    path: Path | None = None  # default: state_dir/journal
+    fsync: str = "batch"  # "batch", an interval such as "100ms", or "off"
+    segment_bytes: int = 64 << 20
+    retain_ms: int = 0  # keep segments a checkpoint covers this long (audit); 0: delete them at once
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """`[checkpoint]`: when the daemon checkpoints (besides SIGTERM, POST /control/checkpoint and reloads)."""
+
+    every_ms: int = 60_000  # 0: not on a timer
+    every_events: int = 0  # 0: not by event count
+    keep: int = 2  # checkpoints kept: a damaged newest one falls back to the one before
 
 
 @dataclass(frozen=True)
@@ -99,6 +125,19 @@ class DaemonConfig:
     deadletter_rotate_bytes: int = 64 << 20
     log_level: str = "info"
     channels: dict[str, ChannelConfig] = field(default_factory=dict)  # delivered from the outbox output
+    journal: JournalConfig = field(default_factory=JournalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    shutdown_ms: int = 20_000  # SIGTERM: longest the drain waits for outputs that push back
+
+    @property
+    def journaled(self) -> bool:
+        return self.state_dir is not None and self.journal.enabled
+
+    @property
+    def journal_dir(self) -> Path | None:
+        if not self.journaled:
+            return None
+        return self.journal.path if self.journal.path is not None else self.state_dir / "journal"
 
 
 class _Table:
@@ -199,6 +238,7 @@ def _input(source: str, name: str, table: object) -> InputConfig:
         columns=tuple(columns) if columns is not None else None,
         fields=fields,
         allow_remote=allow_remote,
+        sequence=t.choice("sequence", SEQUENCE_MODES, "count"),
     )
     t.done()
     return config
@@ -222,12 +262,17 @@ def _channel(source: str, name: str, table: object, base: Path) -> ChannelConfig
         concurrency=t.positive("concurrency", 4),
         rate=None if rate is None else float(rate),
         burst=t.positive("burst", 1),
-        max_attempts=t.positive("max_attempts", 10),
+        max_attempts=t.get("max_attempts", int, 0),
         backoff_initial_ms=t.duration_ms("backoff_initial", 1_000),
         backoff_max_ms=t.duration_ms("backoff_max", 300_000),
+        max_age_ms=t.duration_ms("max_age", 86_400_000),
     )
+    if config.max_attempts < 0:
+        raise t.error("max_attempts", f"must be 0 (no limit) or more, got {config.max_attempts}")
     if config.backoff_initial_ms < 1 or config.backoff_max_ms < config.backoff_initial_ms:
         raise t.error("backoff_max", "must be at least backoff_initial, and both longer than 0ms")
+    if config.max_age_ms < 1:
+        raise t.error("max_age", "must be longer than 0ms: an instruction that is never valid is never sent")
     options = {key: value for key, value in t.table.items() if key not in t.used}
     for key in _CHANNEL_PATH_KEYS:
         if isinstance(options.get(key), str) and options[key]:
@@ -271,6 +316,7 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
     timezone = eng.get("timezone", str, None)
     initial_subscribers = eng.positive("initial_subscribers", 1 << 20)
     lateness_ms = eng.duration_ms("lateness", 0)
+    eng_shutdown_ms = eng.duration_ms("shutdown_timeout", 20_000)
     eng.done()
 
     batching = _Table(source, "batching", top.get("batching", dict, {}))
@@ -291,6 +337,37 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
     deadletter_dir = path(deadletter, "path", "deadletter")
     deadletter_rotate = deadletter.positive("rotate_bytes", 64 << 20)
     deadletter.done()
+
+    journal_table = _Table(source, "journal", top.get("journal", dict, {}))
+    fsync = journal_table.get("fsync", str, "batch")
+    try:
+        parse_fsync(fsync)
+    except ValueError as exc:
+        raise journal_table.error("fsync", f"{fsync!r}: {exc}; use \"batch\", an interval such as \"100ms\", "
+                                  "or \"off\"") from None
+    journal = JournalConfig(
+        enabled=journal_table.get("enabled", bool, True),
+        path=path(journal_table, "path", None),
+        fsync=fsync,
+        segment_bytes=journal_table.positive("segment_bytes", 64 << 20),
+        retain_ms=journal_table.duration_ms("retain", 0),
+    )
+    journal_table.done()
+    if state_dir is None and "journal" in doc and journal.enabled:
+        raise ConfigError(source, "journal", "the journal lives beside the checkpoints: set engine.state_dir")
+
+    checkpoint_table = _Table(source, "checkpoint", top.get("checkpoint", dict, {}))
+    checkpoint = CheckpointConfig(
+        every_ms=checkpoint_table.duration_ms("every", 60_000),
+        every_events=checkpoint_table.get("every_events", int, 0),
+        keep=checkpoint_table.positive("keep", 2),
+    )
+    if checkpoint.every_events < 0:
+        raise checkpoint_table.error("every_events", "must be 0 (off) or more")
+    checkpoint_table.done()
+    if state_dir is None and "checkpoint" in doc:
+        raise ConfigError(source, "checkpoint", "checkpoints are written to engine.state_dir: set it")
+    shutdown_ms = eng_shutdown_ms
 
     log = _Table(source, "log", top.get("log", dict, {}))
     log_level = log.choice("level", LOG_LEVELS, "info")
@@ -349,6 +426,9 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
         deadletter_rotate_bytes=deadletter_rotate,
         log_level=log_level,
         channels=channels,
+        journal=journal,
+        checkpoint=checkpoint,
+        shutdown_ms=shutdown_ms,
     )
 
 

@@ -20,9 +20,19 @@ instructions wait in a bounded queue and are retried.  While any output has
 `max_waiting_instructions` waiting, the loop stops reading the feeds, so
 PULL feeders block at their high-water mark instead of memory growing.
 
+Durability (SPEC section 10, engine/journal.py, engine/durability.py): with
+`state_dir` set, every accepted message, feedback report, idle advance and
+reload is appended to the journal before the engine applies it (synced per
+`[journal] fsync`), checkpoints are written on a schedule off the loop, and
+a start loads the newest good checkpoint and replays the journal after it,
+sending on only the instructions the outbox does not already hold.
+
 SIGTERM or SIGINT: stop accepting from the network, read what ZeroMQ already
-queued, process it, hand every instruction to the outputs, write a checkpoint
-to `state_dir` when one is configured, exit 0.
+queued, process it, hand every instruction to the outputs (for at most
+`shutdown_timeout`; a second signal cuts that short), write a checkpoint to
+`state_dir` when one is configured and every instruction was handed over,
+exit 0.  What an output did not take stays in the journal and is sent after
+the next start; without a journal it is lost, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -37,7 +47,6 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import Future
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -50,19 +59,22 @@ from adapters.deadletter import DeadLetterFile
 from adapters.feedback import DecodedFeedback, FeedbackDecoder
 from adapters.outputs import Backpressure, Output, make_output
 from adapters.wire import REJECT_REASONS, FieldMap, Reject, make_decoder
-from adapters.zmq_input import ZmqInput
+from adapters.zmq_input import Received, ZmqInput
+from engine import journal as journal_format
+from engine.checkpoint import CheckpointStore
 from engine.config import ConfigError, DaemonConfig
+from engine.durability import Checkpointer, DaemonState, newest_checkpoint
 from engine.engine import Engine
+from engine.journal import Journal, parse_fsync
 from engine.metrics import Histogram, MetricFamily, MetricsServer, Registry, counter, gauge, histogram
 from engine.profiles import ProfileError, ProfileStore
-from engine.rules import RulesError, RuleSet, load_rules
-from engine.schema import COLUMN_DTYPES, BatchError
+from engine.rules import RulesError, RuleSet, load_rules, parse_rules
+from engine.schema import COLUMN_DTYPES, MAX_TS, BatchError
 
 log = logging.getLogger("kairos.daemon")
 
 POLL_MS = 50  # longest the loop sleeps in poll: bounds how late a signal, reload or timer is seen
 RECEIVE_BURST = 64  # messages taken from one socket before looking at the others
-DRAIN_SECONDS = 30.0  # on shutdown, how long a backpressured output is retried before giving up
 HEARTBEAT_SECONDS = 10.0  # /healthz fails when the loop has not turned for this long
 STATS_SECONDS = 0.25  # how stale the engine figures in /metrics may be
 
@@ -94,8 +106,15 @@ class Batcher:
         self.parts: list[tuple[dict[str, np.ndarray], int]] = []
         self.n = 0
         self.oldest = 0.0  # monotonic arrival time of the first waiting message
+        self.position = 0  # journal position of the newest message added (0 without a journal)
+        self.sequences: dict[tuple[str, int], int] = {}  # (input, sender) -> sequence of the messages waiting
 
-    def add(self, batch: dict[str, np.ndarray], n: int, arrived: float) -> None:
+    def add(self, batch: dict[str, np.ndarray], n: int, arrived: float, position: int = 0,
+            sender: tuple[str, int] | None = None, seq: int | None = None) -> None:
+        """Add a decoded message's rows; a message without rows still moves the position and sequences."""
+        self.position = max(self.position, position)
+        if sender is not None:
+            self.sequences[sender] = seq
         if not n:
             return
         if not self.parts:
@@ -107,6 +126,8 @@ class Batcher:
         """The waiting rows as one batch (zero-copy when one message holds them all)."""
         parts, n, oldest = self.parts, self.n, self.oldest
         self.parts, self.n = [], 0
+        if not parts:
+            return {}, 0, oldest
         if len(parts) == 1:
             return parts[0][0], n, oldest
         names = [name for name in COLUMN_DTYPES if any(name in batch for batch, _ in parts)]
@@ -122,21 +143,21 @@ class OutputQueue:
 
     def __init__(self, output: Output):
         self.output = output
-        self.waiting: deque[pa.Table] = deque()
+        self.waiting: deque[tuple[pa.Table, int | None]] = deque()  # tables with their journal positions
         self.waiting_instructions = 0
         self.retry_at = 0.0
         self.backpressured = 0  # times the output refused a table
 
-    def hand_off(self, table: pa.Table, now: float) -> None:
-        self.waiting.append(table)
+    def hand_off(self, table: pa.Table, now: float, position: int | None = None) -> None:
+        self.waiting.append((table, position))
         self.waiting_instructions += table.num_rows
         self.retry(now)
 
     def retry(self, now: float) -> None:
         while self.waiting and now >= self.retry_at:
-            table = self.waiting[0]
+            table, position = self.waiting[0]
             try:
-                self.output.send(table)
+                self.output.send(table, position)
             except Backpressure as exc:
                 self.backpressured += 1
                 self.retry_at = now + max(exc.retry_after, 0.001)
@@ -153,42 +174,45 @@ class Daemon:
         self.config = config
         self.clock = clock
         self.wall = wall
-        self.engine = self._load_engine()
+        self.instance = f"{int(wall() * 1000):x}-{id(self) & 0xffff:04x}"  # tells a sender the daemon restarted
         self.context = zmq.Context()
         self.inputs: list[ZmqInput] = []
         self.outputs: list[OutputQueue] = []
         self.delivery: DeliveryWorker | None = None
+        self.journal: Journal | None = None
+        self.checkpointer: Checkpointer | None = None
         # (channel, id, outcome, ts) reported by channels on their own threads; the loop applies them.
         self.channel_feedback: deque[tuple[str, str, str, int]] = deque()
         self.channel_feedback_results = {(name, result): 0 for name in config.channels
                                          for result in ("applied", "unknown", "invalid")}
         self.metrics_server = None
         self.poller = zmq.Poller()
-        self.deadletter = DeadLetterFile(config.deadletter_dir, config.deadletter_rotate_bytes, clock=wall)
+        self.deadletter = None
         self.batcher = Batcher(config.max_batch_events)
         self.rejected = {(i.name, reason): 0 for i in config.inputs for reason in REJECT_REASONS}
         self.events_in = {i.name: 0 for i in config.inputs if i.role == "events"}
         self.feedback_results = {(i.name, result): 0 for i in config.inputs if i.role == "feedback"
                                  for result in ("applied", "unknown", "invalid")}
-        self.events_processed = self.engine.stats()["events"]
-        self.batches_processed = self.engine.stats()["batches"]
         self.instructions_out = 0
         self.idle_advances = 0
         self.reloads = {"ok": 0, "refused": 0}
         self.instructions_by_rule_channel: Counter[tuple[str, str]] = Counter()
         self.batch_latency = Histogram()
-        self.engine_stats = self.engine.stats()  # refreshed by the loop; the metrics thread reads it
         self._stats_at = 0.0
         self._stopping = threading.Event()
+        self._signals = 0  # SIGTERM/SIGINT received: a second one cuts the drain short
         self._draining = False
         self._reloads: deque[Future] = deque()
-        self._last_event_at = clock()
-        self._watermark_at_last_event = self.engine.watermark
+        # Durability: the journal position applied to the engine, and the sender sequences of those entries
+        # (what a checkpoint covers); replayed entries up to `_suppress_through` send nothing on.
+        self.applied_position = 0
+        self.applied_sequences: dict[tuple[str, int], int] = {}
+        self._suppress_through = 0
+        self.replayed = {"entries": 0, "events": 0, "suppressed_instructions": 0, "sent_instructions": 0}
+        self.undelivered = 0  # instructions no output took at shutdown
         self.heartbeat = clock()
         try:
-            for input_config in config.inputs:
-                self.inputs.append(ZmqInput(input_config, self.context))
-                self.poller.register(self.inputs[-1].socket, zmq.POLLIN)
+            self.deadletter = DeadLetterFile(config.deadletter_dir, config.deadletter_rotate_bytes, clock=wall)
             self.decoders = {
                 i.name: make_decoder(i.format, FieldMap.from_config(i.fields) if i.fields else None,
                                      columns=list(i.columns) if i.columns else None,
@@ -198,10 +222,25 @@ class Daemon:
             self.feedback_decoders = {
                 i.name: FeedbackDecoder(i.format, i.max_message_bytes) for i in config.inputs if i.role == "feedback"
             }
+            self.engine, restored = self._load_engine()
+            self.events_processed = self.engine.stats()["events"]
+            self.batches_processed = self.engine.stats()["batches"]
+            self.engine_stats = self.engine.stats()  # refreshed by the loop; the metrics thread reads it
             for name, table in config.outputs.items():
                 self.outputs.append(OutputQueue(make_output(name, table)))
             if config.channels:
                 self.delivery = self._start_delivery()
+            if self.journal is not None:
+                self._replay(restored)
+            self._apply_current_rules(restored)
+            self._last_event_at = clock()
+            self._watermark_at_last_event = self.engine.watermark
+            for input_config in config.inputs:
+                self.inputs.append(ZmqInput(input_config, self.context))
+                self.inputs[-1].counters.senders.update(
+                    {sender: seq for (name, sender), seq in self.applied_sequences.items()
+                     if name == input_config.name})
+                self.poller.register(self.inputs[-1].socket, zmq.POLLIN)
             if config.metrics_host is not None:
                 # Started here, not in run(): a port in use is a refusal to start, like a bad config.
                 registry = Registry()
@@ -209,7 +248,9 @@ class Daemon:
                 self.metrics_server = MetricsServer(
                     config.metrics_host, config.metrics_port, registry, health=self._health,
                     ready=lambda: (self.ready, "ok" if self.ready else "draining"),
-                    control={"reload": lambda: self.request_reload().result(timeout=120)},
+                    control={"reload": lambda: self.request_reload().result(timeout=120),
+                             "checkpoint": lambda: self.request_checkpoint().result(timeout=600)},
+                    reads={"acks": self.acks},
                     token=config.metrics_token,
                 )
                 self.metrics_server.start()
@@ -220,27 +261,122 @@ class Daemon:
     # -- start-up -----------------------------------------------------------
 
     def _rules(self) -> RuleSet:
-        ruleset = load_rules(self.config.rules)
+        return self._with_timezone(load_rules(self.config.rules))
+
+    def _with_timezone(self, ruleset: RuleSet) -> RuleSet:
         if self.config.timezone:
             ruleset = dataclasses.replace(
                 ruleset, policy=dataclasses.replace(ruleset.policy, timezone=self.config.timezone)
             )
         return ruleset
 
-    def _load_engine(self) -> Engine:
-        ruleset = self._rules()
+    def _load_engine(self) -> tuple[Engine, bool]:
+        """The engine a start begins from: the newest good checkpoint's, else a fresh one; and whether restored."""
+        options = {"initial_subscribers": self.config.initial_subscribers, "lateness": self.config.lateness_ms}
         state = self.config.state_dir
-        if state is not None and any(p.exists() for p in (state, _sibling(state, ".partial"), _sibling(state, ".old"))):
-            engine = Engine.restore(state, initial_subscribers=self.config.initial_subscribers,
-                                    lateness=self.config.lateness_ms)
-            fate = engine.reload_rules(ruleset)
-            if self.config.profiles is not None:
-                engine.load_profiles(self.config.profiles)  # the file may be newer than the checkpoint's copy
-            log.info("state restored", extra={"fields": {"state_dir": str(state), "subscribers": engine.stats()[
-                "subscribers"], **fate}})
-            return engine
-        return Engine(ruleset, profiles=self.config.profiles, initial_subscribers=self.config.initial_subscribers,
-                      lateness=self.config.lateness_ms)
+        if state is None:
+            return Engine(self._rules(), profiles=self.config.profiles, **options), False
+        store = CheckpointStore(state / "checkpoints", keep=self.config.checkpoint.keep)
+        self.checkpointer = Checkpointer(store, self.config.checkpoint.every_ms, self.config.checkpoint.every_events,
+                                         clock=self.clock)
+        if self.config.journaled:
+            journal = self.config.journal
+            self.journal = Journal(self.config.journal_dir, fsync=parse_fsync(journal.fsync),
+                                   segment_bytes=journal.segment_bytes, retain_seconds=journal.retain_ms / 1000)
+        path, daemon_state = newest_checkpoint(store, state)
+        if path is None:
+            if self.journal is not None and self.journal.first_position() > 1:
+                log.error("no checkpoint, and the journal does not start at its beginning: starting without the "
+                          "state of the events before it", extra={"fields": {
+                              "journal": str(self.config.journal_dir), "first": self.journal.first_position()}})
+                self.applied_position = self.journal.first_position() - 1
+            engine = Engine(self._rules(), profiles=self.config.profiles, **options)
+            if self.journal is not None and self.journal.next_position == 1:
+                self.engine = engine
+                self._journal_reload(engine.ruleset)  # a replay before the first checkpoint knows its rules
+            return engine, False
+        engine = Engine.restore(path, **options)
+        self.applied_position = daemon_state.position
+        self.applied_sequences = dict(daemon_state.sequences)
+        self.checkpointer.last_position = daemon_state.position
+        log.info("state restored", extra={"fields": {
+            "checkpoint": str(path), "position": daemon_state.position, "subscribers": engine.stats()["subscribers"]}})
+        return engine, True
+
+    def _apply_current_rules(self, restored: bool) -> None:
+        """After a restore or a replay, the rules (and profiles) files as they are now, as a reload would."""
+        ruleset = self._rules()
+        if ruleset.text == self.engine.ruleset.text and not (restored and self.config.profiles is not None):
+            return
+        self._journal_reload(ruleset)
+        fate = self.engine.reload_rules(ruleset, profiles=self.config.profiles)
+        if self.checkpointer is not None:
+            self.checkpointer.forced = True
+        log.info("rules applied to the restored state", extra={"fields": {"rules": str(self.config.rules), **fate}})
+
+    def _replay(self, restored: bool) -> None:
+        """Apply the journal's entries after the loaded checkpoint, as the engine first saw them.
+
+        Instructions of entries the outbox already holds (up to its recorded
+        position) are dropped; those of later entries go to the outputs, as
+        the crash stopped them from doing.
+        """
+        journal = self.journal
+        outbox = next((q.output for q in self.outputs if isinstance(q.output, OutboxOutput)), None)
+        self._suppress_through = outbox.outbox.journal_position() if outbox is not None else self.applied_position
+        started = time.perf_counter()
+        for entry in journal.entries(after=self.applied_position):
+            self.replayed["entries"] += 1
+            if entry.kind == journal_format.EVENTS:
+                key = (entry.input, entry.sender) if entry.sender is not None else None
+                self.batcher.add(entry.columns, entry.n, self.clock(), entry.position, key, entry.seq)
+                self.replayed["events"] += entry.n
+                if self.batcher.n >= self.batcher.max_events or entry.position == self._suppress_through:
+                    self._process_batch()
+                continue
+            self._process_batch()
+            if entry.kind == journal_format.FEEDBACK:
+                self._feedback_to_engine(entry.columns["id"], entry.columns["outcome"], entry.columns["ts"])
+            elif entry.kind == journal_format.ADVANCE:
+                self._emit(self.engine.advance(entry.ts), entry.position)
+            elif entry.kind == journal_format.RELOAD:
+                self._apply_reload_entry(entry.reload)
+            self.applied_position = entry.position
+        self._process_batch()
+        self._suppress_through = 0
+        if self.replayed["entries"]:
+            for queue in self.outputs:
+                queue.retry(self.clock())
+            seconds = round(time.perf_counter() - started, 3)
+            log.info("journal replayed", extra={"fields": {**self.replayed, "position": self.applied_position,
+                                                           "seconds": seconds}})
+            if self.checkpointer is not None:
+                self.checkpointer.forced = True
+        elif not restored and journal.next_position > 1:
+            log.info("journal empty after the checkpoint", extra={"fields": {"position": self.applied_position}})
+        journal.restore_sequences(self.applied_sequences)
+
+    def _apply_reload_entry(self, reload: dict) -> None:
+        ruleset = self._with_timezone(parse_rules(reload["rules_text"], reload["rules_source"],
+                                                  set_values=reload.get("set_values", {})))
+        profiles = reload.get("profiles")
+        try:
+            self.engine.reload_rules(ruleset, profiles=profiles)
+        except (ProfileError, OSError) as exc:
+            log.error("replayed reload: the profiles file cannot be read now; the rules are applied without it",
+                      extra={"fields": {"profiles": profiles, "error": str(exc)}})
+            self.engine.reload_rules(ruleset)
+
+    def _journal_reload(self, ruleset: RuleSet) -> None:
+        """Journal the rules about to be applied (a replay crossing this point applies them too)."""
+        if self.journal is None:
+            return
+        self.applied_position = self.journal.append_reload({
+            "rules_text": ruleset.text, "rules_source": ruleset.source,
+            "set_values": {name: list(ruleset.sets[name]) for name in ruleset.set_files},
+            "profiles": str(self.config.profiles) if self.config.profiles is not None else None,
+        })
+        self.journal.sync()
 
     def _start_delivery(self) -> DeliveryWorker:
         """The configured channels, and the worker that delivers to them from the outbox output."""
@@ -257,6 +393,7 @@ class Daemon:
                     max_attempts=channel_config.max_attempts,
                     backoff_initial=channel_config.backoff_initial_ms / 1000,
                     backoff_max=channel_config.backoff_max_ms / 1000,
+                    max_age=channel_config.max_age_ms / 1000,
                 ))
             worker = DeliveryWorker(outbox.path, channels, keep_ms=outbox.keep_ms)
         except BaseException:
@@ -275,7 +412,8 @@ class Daemon:
     # -- control from other threads -----------------------------------------
 
     def request_stop(self) -> None:
-        """Begin a clean shutdown (thread- and signal-safe)."""
+        """Begin a clean shutdown (thread- and signal-safe); a second request cuts the drain short."""
+        self._signals += 1
         self._stopping.set()
 
     def request_reload(self) -> Future:
@@ -284,6 +422,28 @@ class Daemon:
         self._reloads.append(future)
         return future
 
+    def request_checkpoint(self) -> Future:
+        """Ask the loop for a checkpoint now; the future gets (ok, message) once it is in place."""
+        future: Future = Future()
+        if self.checkpointer is None:
+            future.set_result((False, "no engine.state_dir is configured: there is nowhere to checkpoint to"))
+        else:
+            self.checkpointer.requested.append(future)  # list.append is atomic: the loop takes it on its turn
+        return future
+
+    def acks(self) -> dict:
+        """What GET /acks answers: per input and sender, the last sequence number that is durable.
+
+        A sender that resends (adapters/sender.py) may forget everything up to
+        it; `instance` changes with every start, so the sender knows to resend
+        what it sent since.
+        """
+        durable = self.journal.durable_sequences if self.journal is not None else {}
+        inputs: dict[str, dict[str, int]] = {i.name: {} for i in self.config.inputs}
+        for (name, sender), seq in list(durable.items()):
+            inputs.setdefault(name, {})[str(sender)] = seq
+        return {"instance": self.instance, "journal": self.journal is not None, "inputs": inputs}
+
     @property
     def ready(self) -> bool:
         return not self._draining and not self._stopping.is_set()
@@ -291,7 +451,7 @@ class Daemon:
     # -- the loop -------------------------------------------------------------
 
     def run(self) -> int:
-        """Serve until asked to stop; returns the exit status (0 after a clean drain)."""
+        """Serve until asked to stop; returns the exit status (0 after a drain that lost nothing)."""
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
             signal.signal(signal.SIGINT, lambda *_: self.request_stop())
@@ -307,6 +467,8 @@ class Daemon:
             "outputs": [q.output.name for q in self.outputs],
             "channels": {name: c.type for name, c in self.config.channels.items()},
             "rules": str(self.config.rules), "rule_count": len(self.engine.ruleset.rules),
+            "journal": str(self.config.journal_dir) if self.journal is not None else None,
+            "position": self.applied_position,
         }})
         try:
             while not self._stopping.is_set():
@@ -314,12 +476,14 @@ class Daemon:
             self.drain()
         finally:
             self._close()
+        lost = self.undelivered if self.journal is None else 0
         log.info("stopped", extra={"fields": {"events": self.engine.stats()["events"],
-                                              "instructions": self.instructions_out}})
-        return 0
+                                              "instructions": self.instructions_out, "undelivered": self.undelivered,
+                                              "lost": lost}})
+        return 1 if lost else 0
 
     def turn(self) -> None:
-        """One turn of the loop: read, batch, process, advance, reload."""
+        """One turn of the loop: read, batch, process, advance, reload, checkpoint."""
         now = self.clock()
         self.heartbeat = now
         timeout = POLL_MS
@@ -346,6 +510,9 @@ class Daemon:
             feed.count_connections()
         while self._reloads:
             self._reload(self._reloads.popleft())
+        if self.journal is not None:
+            self.journal.tick()
+        self._checkpoint_if_due()
         if now - self._stats_at >= STATS_SECONDS:
             self._refresh_stats(now)
 
@@ -364,27 +531,40 @@ class Daemon:
 
     def _read(self, feed: ZmqInput) -> int:
         """Take a burst of messages from one feed into the batcher; returns messages taken."""
-        payloads, sequence_events = feed.receive(RECEIVE_BURST)
+        messages, sequence_events = feed.receive(RECEIVE_BURST)
         for event in sequence_events:
             kind = "sequence gap" if event.got > event.expected else "sequence regression"
             log.warning(kind, extra={"fields": {"input": feed.name, "sender": event.sender,
                                                 "expected": event.expected, "got": event.got}})
+        for message in messages:
+            if message.junk:
+                self._dead_letter(feed.name, [Reject("extra_frames", f"frame {k} of {len(message.junk) + 1} before "
+                                                     "the payload is neither a topic nor a sequence header",
+                                                     None, frame) for k, frame in enumerate(message.junk)])
         if feed.name in self.feedback_decoders:
-            for payload in payloads:
-                self._apply_feedback(feed.name, self.feedback_decoders[feed.name].decode(payload))
-            return len(payloads)
+            for message in messages:
+                self._apply_feedback(feed.name, self.feedback_decoders[feed.name].decode(message.payload))
+            return len(messages)
         decoder = self.decoders[feed.name]
-        for payload in payloads:
-            decoded = decoder.decode(payload)
-            if decoded.rejects:
-                self._dead_letter(feed.name, decoded.rejects)
-            if decoded.n:
-                self.events_in[feed.name] += decoded.n
-                self.batcher.add(decoded.batch, decoded.n, self.clock())
-                self._last_event_at = self.clock()
-                if self.batcher.n >= self.batcher.max_events and not self._backlogged():
-                    self._process_batch()
-        return len(payloads)
+        for message in messages:
+            self._accept(feed.name, message, decoder.decode(message.payload))
+        return len(messages)
+
+    def _accept(self, input_name: str, message: Received, decoded) -> None:
+        """A decoded message: dead letters out, journaled (when on) before its rows join the batcher."""
+        if decoded.rejects:
+            self._dead_letter(input_name, decoded.rejects)
+        position = 0
+        if self.journal is not None and (decoded.n or message.sender is not None):
+            position = self.journal.append_events(decoded.batch if decoded.n else {}, input_name, message.sender,
+                                                  message.seq)
+        key = (input_name, message.sender) if message.sender is not None else None
+        self.batcher.add(decoded.batch, decoded.n, self.clock(), position, key, message.seq)
+        if decoded.n:
+            self.events_in[input_name] += decoded.n
+            self._last_event_at = self.clock()
+            if self.batcher.n >= self.batcher.max_events and not self._backlogged():
+                self._process_batch()
 
     def _apply_feedback(self, input_name: str, decoded: DecodedFeedback) -> None:
         """Channel outcomes: they affect only events processed after them, so the waiting batch goes first."""
@@ -392,12 +572,18 @@ class Daemon:
             self._dead_letter(input_name, decoded.rejects)
         if not decoded.n:
             return
-        if self.batcher.n:
-            self._process_batch()
-        result = self.engine.feedback(decoded.ids, decoded.outcomes, decoded.ts)
+        self._process_batch()
+        if self.journal is not None:
+            self.applied_position = self.journal.append_feedback(
+                list(decoded.ids), list(decoded.outcomes), [int(t) for t in decoded.ts], f"input:{input_name}")
+            self.journal.commit()
+        result = self._feedback_to_engine(decoded.ids, decoded.outcomes, decoded.ts)
         for outcome, n in result.items():
             key = (input_name, outcome)
             self.feedback_results[key] = self.feedback_results.get(key, 0) + n
+
+    def _feedback_to_engine(self, ids, outcomes, ts) -> dict[str, int]:
+        return self.engine.feedback(ids, outcomes, ts)
 
     def _apply_channel_feedback(self) -> None:
         """Outcomes the channels reported since the last turn, in the order they came, after the waiting batch."""
@@ -406,14 +592,17 @@ class Daemon:
         reports = []
         while self.channel_feedback:
             reports.append(self.channel_feedback.popleft())
-        if self.batcher.n:
-            self._process_batch()
+        self._process_batch()
         # One call per channel and run of its reports keeps the results per channel, and the order.
         start = 0
         for k in range(1, len(reports) + 1):
             if k == len(reports) or reports[k][0] != reports[start][0]:
                 run = reports[start:k]
-                result = self.engine.feedback([r[1] for r in run], [r[2] for r in run], [r[3] for r in run])
+                ids, outcomes, times = [r[1] for r in run], [r[2] for r in run], [int(r[3]) for r in run]
+                if self.journal is not None:
+                    self.applied_position = self.journal.append_feedback(ids, outcomes, times, f"channel:{run[0][0]}")
+                    self.journal.commit()
+                result = self._feedback_to_engine(ids, outcomes, times)
                 for outcome, n in result.items():
                     key = (run[0][0], outcome)
                     self.channel_feedback_results[key] = self.channel_feedback_results.get(key, 0) + n
@@ -426,30 +615,50 @@ class Daemon:
         self.deadletter.write(input_name, rejects)
 
     def _process_batch(self) -> None:
+        """Run the waiting rows through the engine (once the journal holds them durably, per its policy)."""
+        position, sequences = self.batcher.position, self.batcher.sequences
+        if position <= self.applied_position and not self.batcher.n:
+            return
+        if self.journal is not None:
+            self.journal.commit()
         batch, n, oldest = self.batcher.take()
-        try:
-            instructions = self.engine.process(batch)
-        except BatchError as exc:
-            # The decoders validate every row, so this is a defect; the batch is kept, not lost.
-            log.error("batch refused by the engine", extra={"fields": {"error": str(exc), "events": n}})
-            self._dead_letter("engine", [Reject("bad_value", str(exc), None, _batch_bytes(batch))])
+        self.batcher.sequences = {}
+        if n:
+            try:
+                instructions = self.engine.process(batch)
+            except BatchError as exc:
+                # The decoders validate every row, so this is a defect; the batch is kept, not lost.
+                log.error("batch refused by the engine", extra={"fields": {"error": str(exc), "events": n}})
+                self._dead_letter("engine", [Reject("bad_value", str(exc), None, _batch_bytes(batch))])
+                instructions = None
+        else:
+            instructions = None
+        self.applied_position = max(self.applied_position, position)
+        self.applied_sequences.update(sequences)
+        if instructions is None:
             return
         self._watermark_at_last_event = self.engine.watermark
         self.events_processed += n
         self.batches_processed += 1
-        self._emit(instructions)
+        self._emit(instructions, position)
         self.batch_latency.observe(self.clock() - oldest)
 
-    def _emit(self, instructions: pa.Table) -> None:
+    def _emit(self, instructions: pa.Table, position: int = 0) -> None:
         if not instructions.num_rows:
             return
+        if position and position <= self._suppress_through:
+            # A replayed entry whose instructions the outbox holds already: sending them again would repeat them.
+            self.replayed["suppressed_instructions"] += instructions.num_rows
+            return
+        if self._suppress_through:
+            self.replayed["sent_instructions"] += instructions.num_rows
         self.instructions_out += instructions.num_rows
         # A few hundred instructions per batch: a Counter beats Arrow's group_by and its fixed cost per call.
         self.instructions_by_rule_channel.update(
             zip(instructions.column("rule").to_pylist(), instructions.column("channel").to_pylist(), strict=True))
         now = self.clock()
         for queue in self.outputs:
-            queue.hand_off(instructions, now)
+            queue.hand_off(instructions, now, position or None)
 
     def _advance_if_idle(self, now: float) -> None:
         """After `idle_advance` without events, let event time follow the wall clock."""
@@ -458,10 +667,16 @@ class Daemon:
         idle_ms = int((now - self._last_event_at) * 1000)
         if idle_ms < self.config.idle_advance_ms:
             return
-        target = self._watermark_at_last_event + idle_ms
+        # Clamped: event time never leaves the accepted range, whatever the last event's ts was.
+        target = min(self._watermark_at_last_event + idle_ms, MAX_TS)
         if target > self.engine.watermark:
             self.idle_advances += 1
-            self._emit(self.engine.advance(target))
+            self._process_batch()  # a message without rows may have moved the position
+            position = 0
+            if self.journal is not None:
+                position = self.applied_position = self.journal.append_advance(target)
+                self.journal.commit()
+            self._emit(self.engine.advance(target), position)
 
     def _reload(self, future: Future) -> None:
         """Rules (and profiles, when configured) from their files; either refused leaves both as they were."""
@@ -473,8 +688,8 @@ class Daemon:
             log.error("reload refused; the old rules and profiles keep running", extra={"fields": {"error": str(exc)}})
             future.set_result((False, str(exc)))
             return
-        if self.batcher.n:
-            self._process_batch()  # events that arrived before the reload run under the old rules
+        self._process_batch()  # events that arrived before the reload run under the old rules
+        old_text = self.engine.ruleset.text
         try:
             # One step: the new rules are checked against the profiles they will run with.
             fate = self.engine.reload_rules(ruleset, profiles=profiles)
@@ -483,16 +698,62 @@ class Daemon:
             log.error("reload refused; the old rules and profiles keep running", extra={"fields": {"error": str(exc)}})
             future.set_result((False, str(exc)))
             return
+        if ruleset.text != old_text or profiles is not None:
+            self._journal_reload(ruleset)
+            if self.checkpointer is not None:
+                self.checkpointer.forced = True  # a replay then rarely has to cross a reload
         self.reloads["ok"] += 1
         log.info("rules reloaded", extra={"fields": {
             "rules": str(self.config.rules), "profiles": len(self.engine.profiles), **fate}})
         future.set_result((True, f"kept {len(fate['kept'])}, fresh {len(fate['fresh'])}, "
                                  f"removed {len(fate['removed'])} rules"))
 
+    # -- checkpoints ------------------------------------------------------------
+
+    def _checkpoint_if_due(self) -> None:
+        checkpointer = self.checkpointer
+        if checkpointer is None:
+            return
+        self._checkpoint_finished(checkpointer.poll())
+        if checkpointer.writing or not checkpointer.due(self.events_processed):
+            return
+        if any(q.waiting for q in self.outputs):
+            return  # an output has not taken everything yet: a checkpoint now would cover instructions it lacks
+        self.checkpoint_now(wait=False)
+
+    def checkpoint_now(self, wait: bool) -> bool:
+        """Flush the outputs, copy the state and write it (on the writer thread; `wait` for it to finish).
+
+        Returns False when an output still holds instructions back (no checkpoint is taken then).
+        """
+        checkpointer = self.checkpointer
+        if checkpointer.writing:
+            self._checkpoint_finished(checkpointer.poll(wait=True))
+        started = time.perf_counter()
+        for queue in self.outputs:
+            queue.retry(self.clock())
+        if any(q.waiting for q in self.outputs):
+            return False
+        for queue in self.outputs:
+            queue.output.flush()  # the outbox commits what it was sent: the checkpoint may cover it
+        if self.journal is not None:
+            self.journal.sync()
+        snapshot = self.engine.snapshot()
+        state = DaemonState(self.applied_position, dict(self.applied_sequences))
+        checkpointer.start(snapshot, state, self.events_processed, time.perf_counter() - started)
+        if wait:
+            self._checkpoint_finished(checkpointer.poll(wait=True))
+        return True
+
+    def _checkpoint_finished(self, result) -> None:
+        """A checkpoint is in place: the journal segments no kept checkpoint needs can go."""
+        if result is not None and self.journal is not None:
+            self.journal.release(self.checkpointer.store.oldest_position())
+
     # -- shutdown -------------------------------------------------------------
 
     def drain(self) -> None:
-        """Stop accepting, process what was queued, hand everything off, checkpoint."""
+        """Stop accepting, process what was queued, hand everything off (within the deadline), checkpoint."""
         self._draining = True
         log.info("draining")
         for feed in self.inputs:
@@ -500,31 +761,40 @@ class Daemon:
         for feed in self.inputs:
             while self._read(feed):
                 pass
-        if self.batcher.n:
-            self._process_batch()
-        deadline = self.clock() + DRAIN_SECONDS
-        while any(q.waiting for q in self.outputs) and self.clock() < deadline:
+        self._process_batch()
+        deadline = self.clock() + self.config.shutdown_ms / 1000
+        while any(q.waiting for q in self.outputs) and self.clock() < deadline and self._signals < 2:
             time.sleep(0.01)
             for queue in self.outputs:
                 queue.retry(self.clock())
         for queue in self.outputs:
             if queue.waiting_instructions:
+                self.undelivered += queue.waiting_instructions
                 log.error("output did not take every instruction before shutdown", extra={"fields": {
-                    "output": queue.output.name, "instructions": queue.waiting_instructions}})
+                    "output": queue.output.name, "instructions": queue.waiting_instructions,
+                    "kept": "in the journal: sent after the next start" if self.journal is not None else "no: lost"}})
             queue.output.flush()
         while self._reloads:
             self._reloads.popleft().set_result((False, "shutting down"))
         if self.delivery is not None:
             # Deliveries in progress finish; what is still pending stays in the outbox for the next start.
-            self.delivery.stop()
+            self.delivery.stop(timeout=max(1.0, deadline - self.clock()) if self._signals < 2 else 1.0)
             self.delivery = None
             self._apply_channel_feedback()
-        if self.config.state_dir is not None:
-            self.engine.checkpoint(self.config.state_dir)
-            log.info("checkpoint written", extra={"fields": {"state_dir": str(self.config.state_dir)}})
+        if self.checkpointer is not None and self.journal is None:
+            for queue in self.outputs:  # no journal to keep them: counted as lost, and the state saved without them
+                queue.waiting.clear()
+                queue.waiting_instructions = 0
+        if self.checkpointer is not None:
+            if self.undelivered and self.journal is not None:
+                # The journal after the last checkpoint holds what the outputs lack: a new one must not cover it.
+                self._checkpoint_finished(self.checkpointer.poll(wait=True))
+                log.warning("no checkpoint at shutdown: the next start replays the journal to send what is left")
+            elif self.checkpoint_now(wait=True):
+                log.info("checkpoint written at shutdown", extra={"fields": {"state_dir": str(self.config.state_dir)}})
+        for future in self.checkpointer.requested if self.checkpointer is not None else []:
+            future.set_result((False, "shutting down"))
         self._refresh_stats(self.clock())
-
-    # -- metrics and health (called on the metrics server's threads) ----------
 
     def _health(self) -> tuple[bool, str]:
         stalled = self.clock() - self.heartbeat
@@ -551,6 +821,15 @@ class Daemon:
                     [({"input": f.name}, f.counters.missing) for f in feeds]),
             counter("kairos_input_sequence_regressions", "Sequence numbers that went back or repeated, per input.",
                     [({"input": f.name}, f.counters.regressions) for f in feeds]),
+            counter("kairos_input_duplicates", "Messages dropped as resends of ones already taken "
+                    "(sequence = \"exact\"), per input.",
+                    [({"input": f.name}, f.counters.duplicates) for f in feeds]),
+            counter("kairos_input_out_of_order", "Messages dropped for arriving past a gap, until the sender "
+                    "resends the missing ones (sequence = \"exact\"), per input.",
+                    [({"input": f.name}, f.counters.out_of_order) for f in feeds]),
+            counter("kairos_input_junk_frames", "Frames before a payload that are neither a topic nor a sequence "
+                    "header (dead-lettered as extra_frames), per input.",
+                    [({"input": f.name}, f.counters.junk_frames) for f in feeds]),
             counter("kairos_input_connections", "Peers connected, per input.",
                     [({"input": f.name}, f.counters.connections) for f in feeds]),
             counter("kairos_input_disconnections",
@@ -602,7 +881,42 @@ class Daemon:
                     self.idle_advances),
             counter("kairos_rules_reloads", "Rules reloads, per result.",
                     [({"result": result}, n) for result, n in self.reloads.items()]),
+            *self._durability_metric_families(),
         ]
+
+    def _durability_metric_families(self) -> list[MetricFamily]:
+        families = []
+        journal = self.journal
+        if journal is not None:
+            families += [
+                gauge("kairos_journal_position", "Position of the newest journal entry.", journal.next_position - 1),
+                gauge("kairos_journal_durable_position", "Newest journal position made durable (per fsync policy).",
+                      journal.durable_position),
+                counter("kairos_journal_bytes", "Bytes appended to the journal.", journal.bytes_written),
+                counter("kairos_journal_syncs", "fdatasync calls on the journal.", journal.syncs),
+                gauge("kairos_journal_torn_bytes", "Bytes cut from a torn journal tail at the last start.",
+                      journal.torn_bytes),
+                counter("kairos_recovery_replayed_entries", "Journal entries replayed at the last start.",
+                        self.replayed["entries"]),
+                counter("kairos_recovery_suppressed_instructions",
+                        "Replayed instructions the outbox already held, not sent again, at the last start.",
+                        self.replayed["suppressed_instructions"]),
+            ]
+        checkpointer = self.checkpointer
+        if checkpointer is not None:
+            last = checkpointer.last
+            families += [
+                counter("kairos_checkpoints", "Checkpoints written, per result.",
+                        [({"result": "ok"}, checkpointer.completed), ({"result": "failed"}, checkpointer.failed)]),
+                gauge("kairos_checkpoint_position", "Journal position the newest checkpoint covers.",
+                      checkpointer.last_position),
+                gauge("kairos_checkpoint_pause_seconds", "The loop's pause for the newest checkpoint "
+                      "(flush the outputs, copy the state).", last.pause_s if last else 0.0),
+                gauge("kairos_checkpoint_write_seconds", "The writer thread's time for the newest checkpoint.",
+                      last.write_s if last else 0.0),
+                gauge("kairos_checkpoint_bytes", "Size of the newest checkpoint.", last.bytes if last else 0),
+            ]
+        return families
 
     def _channel_metric_families(self) -> list[MetricFamily]:
         delivery = self.delivery  # the loop sets it to None when it stops the worker at shutdown
@@ -632,6 +946,10 @@ class Daemon:
     def _close(self) -> None:
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        if self.checkpointer is not None and self.checkpointer.writing:
+            self.checkpointer.poll(wait=True)
+        if self.journal is not None:
+            self.journal.close()
         if getattr(self, "delivery", None) is not None:
             self.delivery.stop()
         for queue in self.outputs:
@@ -645,10 +963,6 @@ class Daemon:
 
 def _mode(rule_stats: dict) -> str:
     return "shadow" if rule_stats["shadow"] else "live"
-
-
-def _sibling(path: Path, suffix: str) -> Path:
-    return path.with_name(path.name + suffix)
 
 
 def _batch_bytes(batch: dict[str, np.ndarray]) -> bytes:

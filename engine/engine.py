@@ -7,7 +7,6 @@ in an Engine is global.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -16,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
 
 from engine._fast.kernel import Kernel
+from engine.checkpoint import CheckpointError, Snapshot
+from engine.checkpoint import read as read_checkpoint
+from engine.checkpoint import write as write_checkpoint
 from engine.compiler import compile_program
 from engine.feedback import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES, IssuedInstructions
 from engine.instructions import InstructionBuilder
@@ -29,7 +30,6 @@ from engine.schema import EVENT_COLUMNS, EventColumns, validate_events
 
 log = logging.getLogger("kairos.engine")
 
-_CHECKPOINT_FORMAT = 2
 _KERNEL_COUNTERS = (
     "matched", "emitted", "holdout", "stopped_paused", "stopped_opt_out", "stopped_suppressed",
     "stopped_decline_cooldown", "stopped_cooldown", "stopped_arbitrated", "stopped_no_channel", "stopped_capped",
@@ -159,6 +159,38 @@ class Engine:
         self._kernel.resume(ids.index(rule_id))
         self._paused = self._kernel.paused_rules()
 
+    def forget(self, msisdns) -> dict[str, int]:
+        """Erase subscribers: nothing of them stays in the engine, nor in a checkpoint written after this.
+
+        Their kernel state goes (index entry, condition rows and so pending
+        absence timers, opt-outs, suppressions, decline cooldowns, caps, open
+        goal windows: engine.erasure), with their profile row and the
+        instructions remembered for feedback (feedback to those now counts as
+        unknown).  One who comes back is a new subscriber.  Counters per rule
+        stay: they are aggregates.  Checkpoints already on disk are not
+        touched.  msisdns the engine does not know are ignored, so every shard
+        can be asked.  The state moves as whole arrays into a new kernel, as
+        in reload_rules, only when some subscriber had state.
+
+        Returns {"subscribers": found in the kernel, "profiles": rows dropped, "issued": instructions dropped}.
+        """
+        from engine.erasure import as_msisdns, forget_state
+
+        gone = as_msisdns(msisdns)
+        state = forget_state(self._kernel.export_state(), gone)
+        found = self._kernel.n_subs - len(state["msisdn"])
+        store, profiles = self.profiles.without(gone)
+        if found:
+            kernel = Kernel(compile_program(self.ruleset), max(self._kernel.n_subs, self._initial_subscribers),
+                            self._lateness)
+            kernel.import_state(state)
+            kernel.set_clock(self._kernel.max_ts)
+            self._kernel = kernel
+        if found or profiles:
+            _set_profiles(self._kernel, store, self.ruleset, store.attribute_matrix(self._attributes))
+            self.profiles = store
+        return {"subscribers": found, "profiles": profiles, "issued": self._issued.drop_subscribers(gone)}
+
     def feedback(self, ids: str | Sequence[str] | pa.Array, outcomes: str | Sequence[str] | pa.Array,
                  ts: int | Sequence[int] | np.ndarray) -> dict[str, int]:
         """Apply channel feedback (SPEC section 6): one report, or a batch of equal-length columns.
@@ -215,10 +247,17 @@ class Engine:
 
         Returns the instructions of `absence` timers that fall due: those due
         at or before ts - lateness (SPEC section 8), in firing order.  The
-        watermark moves forward and never back.
+        watermark moves forward and never back.  `ts` must lie in the event
+        time range, engine.schema.MIN_TS..MAX_TS (ValueError otherwise, and
+        nothing changes): a caller that adds idle time clamps to MAX_TS.
         """
-        self._watermark = max(self._watermark, int(ts))
-        self._kernel.advance(int(ts))
+        from engine.schema import MAX_TS, MIN_TS, TS_RANGE
+
+        ts = int(ts)
+        if not MIN_TS <= ts <= MAX_TS:
+            raise ValueError(f"advance: ts {ts} is outside the event time range {TS_RANGE}")
+        self._watermark = max(self._watermark, ts)
+        self._kernel.advance(ts)
         return self._issue(_NO_EVENTS, _NO_OUTPUT)
 
     def reload_rules(self, rules: str | os.PathLike | RuleSet,
@@ -377,28 +416,15 @@ class Engine:
             "rules": rules,
         }
 
-    def checkpoint(self, directory: str | os.PathLike) -> None:
-        """Write rules, subscriber state and counters to `directory`, atomically.
+    def snapshot(self) -> Snapshot:
+        """Rules, subscriber state and counters copied out of the engine (engine.checkpoint.Snapshot).
 
-        The state goes out as whole arrays (no per-subscriber loop).  The new
-        checkpoint is written complete beside its final name (`NAME.partial`,
-        meta.json last, everything fsynced), then renamed into place, the old
-        one moving aside to `NAME.old` for the instant between the two
-        renames.  Whenever a crash strikes, `restore(directory)` finds the new
-        checkpoint or the old one.
+        Whole-array copies (no per-subscriber loop): the engine may go on
+        at once while another thread writes the snapshot with
+        `engine.checkpoint.write`.
         """
-        final = Path(directory)
-        staging, previous = _staging(final), _previous(final)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        with open(staging / "state.npz", "wb") as f:
-            np.savez(f, **self._kernel.export_state(), outcomes=self._outcomes, paused_seen=self._paused)
-        (staging / "rules.toml").write_text(self.ruleset.text, encoding="utf-8")
-        for name, table in (("profiles.arrow", self.profiles.table), ("issued.arrow", self._issued.to_table())):
-            with ipc.new_file(str(staging / name), table.schema) as writer:
-                writer.write_table(table)
+        arrays = {**self._kernel.export_state(), "outcomes": self._outcomes.copy(), "paused_seen": self._paused.copy()}
         meta = {
-            "format": _CHECKPOINT_FORMAT,
             "rules_source": self.ruleset.source,
             # Values of the sets read from files: a restore does not read those files again.
             "set_values": {name: list(self.ruleset.sets[name]) for name in self.ruleset.set_files},
@@ -406,18 +432,31 @@ class Engine:
             "events": self._events,
             "batches": self._batches,
             "instructions": self._instructions,
-            "feedback": self._feedback,
+            "feedback": dict(self._feedback),
             "guardrail_pauses": self._pauses,
             "watermark": self._watermark,
             "timer_clock": self._kernel.max_ts,
             "issued_max_entries": self._issued.max_entries,
             "issued_max_age": self._issued.max_age,
-            "issued": self._issued.state,
+            "issued": dict(self._issued.state),
         }
-        (staging / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        for name in ("state.npz", "rules.toml", "profiles.arrow", "issued.arrow", "meta.json"):
-            _fsync(staging / name)
-        _fsync(staging)
+        return Snapshot(arrays, self.ruleset.text, {"profiles": self.profiles.table, "issued": self._issued.to_table()},
+                        meta)
+
+    def checkpoint(self, directory: str | os.PathLike) -> None:
+        """Write rules, subscriber state and counters to `directory`, atomically (engine/checkpoint.py).
+
+        The state goes out as whole arrays (no per-subscriber loop), with a
+        CRC-32C of every file.  The new checkpoint is written complete beside
+        its final name (`NAME.partial`, meta.json last, everything fsynced),
+        then renamed into place, the old one moving aside to `NAME.old` for
+        the instant between the two renames.  Whenever a crash strikes,
+        `restore(directory)` finds the new checkpoint or the old one.
+        """
+        final = Path(directory)
+        staging, previous = _staging(final), _previous(final)
+        shutil.rmtree(staging, ignore_errors=True)
+        write_checkpoint(self.snapshot(), staging)
         if final.exists():
             shutil.rmtree(previous, ignore_errors=True)
             final.rename(previous)
@@ -431,31 +470,22 @@ class Engine:
 
         If a crash struck between checkpoint()'s two renames, the complete new
         checkpoint (`NAME.partial`) or else the old one (`NAME.old`) is used.
+        A torn or corrupt checkpoint, or one of a format this version does not
+        read, raises engine.checkpoint.CheckpointError naming what is wrong.
         """
         directory = _complete_checkpoint(Path(directory))
-        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
-        if meta.get("format") != _CHECKPOINT_FORMAT:
-            raise ValueError(f"{directory}: checkpoint format {meta.get('format')!r} is not {_CHECKPOINT_FORMAT}")
-        text = (directory / "rules.toml").read_text(encoding="utf-8")
+        meta, state, text, tables = read_checkpoint(directory)
         options.setdefault("issued_max_entries", meta["issued_max_entries"])
         options.setdefault("issued_max_age", meta["issued_max_age"])
         ruleset = parse_rules(text, meta["rules_source"], set_values=meta.get("set_values", {}))
         engine = cls(ruleset, **options)
-        tables = {}
-        for name in ("profiles", "issued"):
-            with pa.memory_map(str(directory / f"{name}.arrow")) as source:
-                tables[name] = ipc.open_file(source).read_all()
         engine.load_profiles(ProfileStore(tables["profiles"], meta["profiles_source"]))
-        # np.load given a path leaks the file when the archive is damaged;
-        # owning the file object closes it on every path.
-        with open(directory / "state.npz", "rb") as f, np.load(f) as arrays:
-            state = {name: arrays[name] for name in arrays.files}
         try:
             engine._kernel.import_state(state)
             engine._outcomes[:] = state["outcomes"]
             engine._paused = state["paused_seen"].astype(np.uint8)
         except KeyError as exc:
-            raise ValueError(f"{directory}: checkpoint state lacks array {exc.args[0]!r}") from None
+            raise CheckpointError(f"{directory}: checkpoint state lacks array {exc.args[0]!r}") from None
         engine._issued.load(tables["issued"], meta["issued"]["added"], meta["issued"]["newest"])
         engine._events = meta["events"]
         engine._batches = meta["batches"]

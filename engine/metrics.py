@@ -13,9 +13,12 @@ latency: it takes a whole array of observations at once.
 - ``GET /metrics``: the registry, ``text/plain; version=0.0.4``.
 - ``GET /healthz``: 200 ``ok`` while the process works, else 503 and why.
 - ``GET /readyz``: 200 ``ok`` while it takes traffic, else 503 and why.
+- ``GET /NAME`` for each of `reads` (e.g. ``acks``): ``reads[NAME]()`` as
+  JSON, readable without a token like the metrics.
 - ``POST /control/ACTION``: runs ``control[ACTION]()`` (e.g. ``reload``),
   which returns ``(ok, message)``; answers 200 or 400 with
-  ``{"ok": ..., "message": ...}`` as JSON.  Actions run one at a time.
+  ``{"ok": ..., "message": ...}`` as JSON.  Actions run one at a time.  An
+  action that takes an argument is called with the request body (bytes).
 
 Exposure (SPEC section 9): the server binds to loopback unless told
 otherwise, and refuses to bind anywhere else without a token.  With a token
@@ -27,6 +30,7 @@ it, for scrapers and probes.
 from __future__ import annotations
 
 import hmac
+import inspect
 import logging
 import math
 import re
@@ -293,6 +297,7 @@ class MetricsServer:
         health: Check | None = None,
         ready: Check | None = None,
         control: Mapping[str, Action] | None = None,
+        reads: Mapping[str, Callable[[], object]] | None = None,
         token: str | None = None,
         max_body: int = DEFAULT_MAX_BODY,
     ):
@@ -312,6 +317,7 @@ class MetricsServer:
         self.health = health or _ok
         self.ready = ready or _ok
         self.control = dict(control or {})
+        self.reads = dict(reads or {})
         self.max_body = max_body
         self._token = token.encode() if token is not None else None
         self._control_lock = threading.Lock()
@@ -362,10 +368,18 @@ class MetricsServer:
         # http.server decodes header bytes as Latin-1: encoding back gives the bytes sent.
         return hmac.compare_digest(credentials.strip().encode("latin-1", "replace"), self._token)
 
-    def run_action(self, action: str) -> tuple[bool, str]:
+    def run_action(self, action: str, body: bytes = b"") -> tuple[bool, str]:
+        handler = self.control[action]
         with self._control_lock:
-            ok, message = self.control[action]()
+            ok, message = handler(body) if _takes_argument(handler) else handler()
         return bool(ok), str(message)
+
+
+def _takes_argument(handler: Callable) -> bool:
+    try:
+        return len(inspect.signature(handler).parameters) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 class _Server6(ThreadingHTTPServer):
@@ -423,6 +437,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._check(self.metrics.health if path == "/healthz" else self.metrics.ready)
         elif path.startswith("/control/"):
             self._reply(HTTPStatus.METHOD_NOT_ALLOWED, "use POST\n", headers={"Allow": "POST"})
+        elif path.removeprefix("/") in self.metrics.reads:
+            self._reply(HTTPStatus.OK, orjson.dumps(self.metrics.reads[path.removeprefix("/")]()), "application/json")
         else:
             self._reply(HTTPStatus.NOT_FOUND, "not found\n")
 
@@ -445,7 +461,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not path.startswith("/control/"):
             self._reply(HTTPStatus.NOT_FOUND, "not found\n")
             return
-        if not self._read_body():
+        body = self._read_body()
+        if body is None:
             return
         # Authorization before the action is looked up, so that no one learns the actions without the token.
         if not self.metrics.authorized(self.headers.get("Authorization")):
@@ -457,7 +474,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(HTTPStatus.NOT_FOUND, False, f"no control action {action!r}")
             return
         try:
-            ok, message = self.metrics.run_action(action)
+            ok, message = self.metrics.run_action(action, body)
         except Exception as error:
             log.exception("metrics server: control action %r failed", action)
             self._json(HTTPStatus.INTERNAL_SERVER_ERROR, False, f"{action} failed: {type(error).__name__}: {error}")
@@ -465,21 +482,20 @@ class _Handler(BaseHTTPRequestHandler):
         log.info("control %s: ok=%s %s", action, ok, message)
         self._json(HTTPStatus.OK if ok else HTTPStatus.BAD_REQUEST, ok, message)
 
-    def _read_body(self) -> bool:
-        """Read and drop the request body within the size limit; False when refused (the reply is sent)."""
+    def _read_body(self) -> bytes | None:
+        """The request body within the size limit; None when refused (the reply is sent)."""
         if self.headers.get("Transfer-Encoding"):
             self._reply(HTTPStatus.LENGTH_REQUIRED, "a Content-Length is required\n")
-            return False
+            return None
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = -1
         if length < 0:
             self._reply(HTTPStatus.BAD_REQUEST, "bad Content-Length\n")
-            return False
+            return None
         if length > self.metrics.max_body:
             self.close_connection = True
             self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {self.metrics.max_body} bytes\n")
-            return False
-        self.rfile.read(length)
-        return True
+            return None
+        return self.rfile.read(length)

@@ -103,7 +103,8 @@ def test_an_installed_plugin_channel_receives_instructions_from_the_daemon(tmp_p
     loft = tmp_path / "loft.jsonl"
     inputs = f'[inputs.switch]\nendpoint = "ipc://{tmp_path}/switch"\n'
     outputs = '[outputs.box]\ntype = "outbox"\npath = "outbox.db"\n'
-    channels = f'[channels.carrier]\ntype = "pigeon"\nloft = "{loft}"\n'
+    # The events are dated 1970 (ts 1_000): a long max_age keeps their instructions valid (default: a day).
+    channels = f'[channels.carrier]\ntype = "pigeon"\nloft = "{loft}"\nmax_age = "36500d"\n'
     daemon = DaemonProcess(tmp_path, config_text(tmp_path, inputs, outputs) + channels, RULES)
     sockets = Sockets()
     try:

@@ -62,7 +62,7 @@ type = "stdout"
     assert (sms.type, sms.concurrency, sms.rate, sms.burst, sms.max_attempts) == ("file", 2, 12.5, 5, 3)
     assert (sms.backoff_initial_ms, sms.backoff_max_ms) == (200, 60_000)
     assert sms.options == {"path": str(tmp_path / "sent.jsonl"), "report": "delivered"}
-    assert (note.concurrency, note.rate, note.max_attempts, note.options) == (4, None, 10, {})
+    assert (note.concurrency, note.rate, note.max_attempts, note.options) == (4, None, 0, {})
 
 
 @pytest.mark.parametrize(("extra", "key", "reason"), [
@@ -107,7 +107,9 @@ def test_unknown_channel_type_and_unknown_channel_key_refuse_to_start(tmp_path):
 def daemon_with_file_channel(tmp_path, report: str = "accepted") -> DaemonProcess:
     inputs = f'[inputs.switch]\nendpoint = "ipc://{tmp_path}/switch"\n'
     outputs = '[outputs.box]\ntype = "outbox"\npath = "outbox.db"\n'
-    channels = f'[channels.sms]\ntype = "file"\npath = "sent.jsonl"\nreport = "{report}"\nrate = 100\n'
+    # The events are dated 1970 (ts 1_000): a long max_age keeps their instructions valid (default: a day).
+    channels = (f'[channels.sms]\ntype = "file"\npath = "sent.jsonl"\nreport = "{report}"\nrate = 100\n'
+                'max_age = "36500d"\n')
     return DaemonProcess(tmp_path, config_text(tmp_path, inputs, outputs) + channels, HOTLINE)
 
 

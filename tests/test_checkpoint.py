@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from engine import KIND_CODES, Engine, parse_rules
+from engine import KIND_CODES, Engine, checkpoint, parse_rules
+from engine.checkpoint import CheckpointError
 from engine.reference import ReferenceEngine
 
 RULES = """
@@ -206,9 +207,25 @@ def load_arrays(directory: pathlib.Path) -> dict[str, np.ndarray]:
         return {name: arrays[name] for name in arrays.files}
 
 
+def reseal(directory: pathlib.Path) -> None:
+    """Recompute a checkpoint's checksums after a test changed a file on purpose.
+
+    The tests below check what the kernel refuses in a file whose bytes
+    arrived intact but say something impossible (a writer's defect, not
+    corruption): without resealing, the checksum would refuse it first.
+    """
+    meta = json.loads((directory / "meta.json").read_text())
+    for name, entry in meta["files"].items():
+        entry["bytes"] = (directory / name).stat().st_size
+        entry["crc32c"] = checkpoint.file_crc(directory / name)
+    meta["checksum"] = checkpoint._meta_checksum(meta)
+    (directory / "meta.json").write_text(json.dumps(meta))
+
+
 def save_arrays(directory: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
     with open(directory / "state.npz", "wb") as f:
         np.savez(f, **arrays)
+    reseal(directory)
 
 
 def test_restore_refuses_another_format(written):
@@ -233,10 +250,10 @@ def test_restore_refuses_meta_that_is_not_json(written):
         Engine.restore(written)
 
 
-@pytest.mark.parametrize("name", ["meta.json", "rules.toml", "state.npz"])
+@pytest.mark.parametrize("name", ["meta.json", "rules.toml", "state.npz", "profiles.arrow", "issued.arrow"])
 def test_restore_refuses_a_checkpoint_missing_a_file(written, name):
     (written / name).unlink()
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="meta.json" if name == "meta.json" else f"{name} is missing"):
         Engine.restore(written)
 
 
@@ -295,7 +312,48 @@ def test_restore_refuses_counters_of_the_wrong_length(written, counter):
 def test_restore_refuses_state_of_other_rules(written):
     other = RULES.replace("at_least = 3", "at_least = 4")  # a count rule keeps one more word per subscriber
     (written / "rules.toml").write_text(other)
+    reseal(written)
     with pytest.raises(ValueError, match="rules"):
+        Engine.restore(written)
+
+
+@pytest.mark.parametrize("name", ["state.npz", "rules.toml", "profiles.arrow", "issued.arrow", "meta.json"])
+def test_restore_detects_a_flipped_byte_in_any_file(written, name):
+    path = written / name
+    data = bytearray(path.read_bytes())
+    position = len(data) // 2
+    data[position] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum|CRC|unreadable"):
+        Engine.restore(written)
+
+
+@pytest.mark.parametrize("name", ["state.npz", "issued.arrow"])
+def test_restore_detects_a_torn_file(written, name):
+    path = written / name
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(CheckpointError, match="torn"):
+        Engine.restore(written)
+
+
+def test_a_format_2_checkpoint_is_read_without_checksums(written, caplog):
+    """Checkpoints written before checksums existed (format 2) still restore, and the log says unverified."""
+    reference = Engine.restore(written)
+    meta = json.loads((written / "meta.json").read_text())
+    meta["format"] = 2
+    del meta["files"], meta["checksum"]
+    (written / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="kairos.checkpoint"):
+        restored = Engine.restore(written)
+    assert "no checksums" in caplog.text
+    assert restored.stats() == reference.stats()
+
+
+def test_a_format_1_checkpoint_is_refused_clearly(written):
+    meta = json.loads((written / "meta.json").read_text())
+    meta["format"] = 1
+    (written / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="format 1 is older"):
         Engine.restore(written)
 
 
@@ -327,6 +385,7 @@ def test_restore_of_a_damaged_state_file_closes_it(written):
 
 def test_restore_refuses_broken_rules_in_the_checkpoint(written):
     (written / "rules.toml").write_text(RULES.replace('on = "device"', 'on = "devise"'))
+    reseal(written)
     with pytest.raises(ValueError, match="devise"):
         Engine.restore(written)
 

@@ -141,3 +141,31 @@ def test_remote_endpoint_needs_allow_remote(tmp_path):
     text = MINIMAL.replace("127.0.0.1:5555", "0.0.0.0:5555").replace(
         "[inputs.switch]", "[inputs.switch]\nallow_remote = true")
     assert parse_config(text, "k.toml", tmp_path).inputs[0].allow_remote
+
+
+WITH_CHANNEL = MINIMAL.replace('[outputs.file]\ntype = "file"\npath = "out"',
+                               '[outputs.box]\ntype = "outbox"\npath = "o.db"') + """
+[channels.sms]
+type = "file"
+"""
+
+
+def test_channel_retries_end_by_max_age_by_default_with_no_attempt_cap(tmp_path):
+    sms = parse_config(WITH_CHANNEL, "k.toml", tmp_path).channels["sms"]
+    assert (sms.max_age_ms, sms.max_attempts) == (86_400_000, 0)
+    sms = parse_config(WITH_CHANNEL + 'max_age = "6h"\nmax_attempts = 25\n', "k.toml", tmp_path).channels["sms"]
+    assert (sms.max_age_ms, sms.max_attempts) == (6 * 3_600_000, 25)
+    assert "max_age" not in sms.options and "max_attempts" not in sms.options  # the worker's keys, not the channel's
+
+
+@pytest.mark.parametrize(("extra", "reason"), [
+    ('max_age = "0s"\n', "longer than 0ms"),
+    ('max_age = "a while"\n', "duration"),
+    ("max_age = 3600\n", "expected a string"),
+    ("max_attempts = -1\n", "0 (no limit) or more"),
+])  # fmt: skip
+def test_channel_max_age_and_max_attempts_refusals_name_the_key(tmp_path, extra, reason):
+    with pytest.raises(ConfigError) as err:
+        parse_config(WITH_CHANNEL + extra, "k.toml", tmp_path)
+    assert err.value.key == f"channels.sms.{extra.split(' =')[0]}"
+    assert reason in err.value.reason

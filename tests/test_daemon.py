@@ -388,9 +388,9 @@ template = "t"
     feeder.send(arrow_message(event))
     first.wait_for_metric("kairos_events_total", 1)
     assert first.stop() == 0
-    assert (tmp_path / "state" / "meta.json").exists()
+    assert list((tmp_path / "state" / "checkpoints").glob("*/meta.json"))
     second = daemons(tmp_path, config, rules)
-    assert next(e for e in second.logs() if e["msg"] == "state restored")["kept"] == ["hotline"]
+    assert next(e for e in second.logs() if e["msg"] == "state restored")["subscribers"] == 1
     feeder = sockets.push(endpoint)
     second_event = batch([{"ts": 2_000, "msisdn": 8613800000001, "kind": 0, "peer": 12122}])
     feeder.send(arrow_message(pa.RecordBatch.from_pydict(second_event)))

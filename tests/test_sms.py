@@ -300,6 +300,7 @@ type = "sms"
 backoff_initial = "100ms"
 backoff_max = "500ms"
 max_attempts = 1000
+max_age = "36500d"
 url = "{kannel_gateway.sendsms_url}"
 username = "{USERNAME}"
 password = "{PASSWORD}"

@@ -85,6 +85,9 @@ CREATE TABLE IF NOT EXISTS instructions (
 CREATE INDEX IF NOT EXISTS instructions_due ON instructions (channel, due_at) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS instructions_parked ON instructions (channel) WHERE status = 'parked';
 CREATE INDEX IF NOT EXISTS instructions_finished ON instructions (updated_at) WHERE status IN ('delivered', 'holdout');
+-- journal_position: the journal position (engine/journal.py) of the newest entry whose instructions are written
+-- here, set in the same transaction as them; a recovery replays the entries up to it without sending again.
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 _INSERT = """
@@ -144,9 +147,13 @@ class Outbox:
 
     # -- writing (the daemon) ------------------------------------------------
 
-    def enqueue(self, table: pa.Table) -> int:
-        """All rows of an instruction table in one transaction; returns how many ids were new."""
-        if not table.num_rows:
+    def enqueue(self, table: pa.Table, position: int | None = None) -> int:
+        """All rows of an instruction table in one transaction; returns how many ids were new.
+
+        `position`, when given, is recorded as the journal position the outbox has reached, in the same
+        transaction.
+        """
+        if not table.num_rows and position is None:
             return 0
         # orjson per row beats Arrow compute here: tables are a few hundred rows, and each compute call has a
         # fixed cost larger than that.
@@ -167,11 +174,37 @@ class Outbox:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(_INSERT, rows)
+                if position is not None:
+                    self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('journal_position', ?)",
+                                     (position,))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             return self._db.total_changes - before
+
+    def journal_position(self) -> int:
+        """The journal position of the newest entry whose instructions are in the outbox (0 for none)."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'journal_position'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def forget(self, msisdns: list[int]) -> int:
+        """Delete every row of these subscribers, whatever its status (erasure); returns how many."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                removed = sum(self._db.execute("DELETE FROM instructions WHERE msisdn = ?", (int(m),)).rowcount
+                              for m in msisdns)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            # Deleted rows leave their bytes in free pages and the WAL until these run.
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return removed
 
     # -- delivering (the worker) -----------------------------------------------
 
@@ -314,7 +347,7 @@ class OutboxOutput(Output):
         self.outbox = Outbox(path, fsync=fsync)
         # Called after each write; the daemon points it at the worker's wake().
         self.on_enqueue: Callable[[], None] = lambda: None
-        self._waiting: list[pa.Table] = []
+        self._waiting: list[tuple[pa.Table, int | None]] = []  # tables sent, with their journal positions
         self._writing = False
         self._changed = threading.Condition()
         self._closed = False
@@ -343,7 +376,7 @@ class OutboxOutput(Output):
             raise read.error("keep", str(exc)) from None
         return cls(name, path, fsync=fsync, keep_ms=keep_ms, max_waiting=max_waiting)
 
-    def send(self, instructions: pa.Table) -> None:
+    def send(self, instructions: pa.Table, position: int | None = None) -> None:
         if self._closed:
             raise ValueError(f"output {self.name!r} is closed")
         _check_instructions(instructions)
@@ -353,7 +386,7 @@ class OutboxOutput(Output):
             if len(self._waiting) >= self.max_waiting:
                 raise Backpressure(f"output {self.name!r}: {len(self._waiting)} tables wait to be written to "
                                    f"{self.path}", self.RETRY_SECONDS)
-            self._waiting.append(instructions)
+            self._waiting.append((instructions, position))
             self._batches += 1
             self._changed.notify_all()
 
@@ -396,9 +429,10 @@ class OutboxOutput(Output):
                     return  # closed, and everything written
                 tables = list(self._waiting)
                 self._writing = True
-            table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+            table = tables[0][0] if len(tables) == 1 else pa.concat_tables([t for t, _ in tables])
+            positions = [p for _, p in tables if p is not None]
             try:
-                new = self.outbox.enqueue(table)
+                new = self.outbox.enqueue(table, max(positions) if positions else None)
             except Exception:
                 with self._changed:
                     self._write_errors += 1
