@@ -4,6 +4,7 @@
     kairos check RULES
     kairos run -c kairos.toml
     kairos replay CAPTURE... --to ENDPOINT --input NAME --sender ID [--acks URL] [--rows N]
+    kairos forget -c kairos.toml MSISDN... [--by NAME]
 
 `main(argv)` returns the exit status instead of exiting, so tests call it
 directly: 0 success, 2 bad input (a rules file that does not compile, a bad
@@ -317,6 +318,49 @@ def run_replay(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
+# kairos forget
+
+
+def run_forget(args: argparse.Namespace) -> int:
+    """Ask the running daemon of a config to erase subscribers (POST /control/forget)."""
+    import getpass
+    import http.client
+
+    import orjson
+
+    from engine.config import load_config
+
+    try:
+        config = load_config(args.config)
+    except ValueError as exc:
+        print(f"kairos forget: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if config.metrics_host is None:
+        print(f"kairos forget: {args.config}: metrics.listen is off: the daemon has no control endpoint",
+              file=sys.stderr)
+        return EXIT_USAGE
+    token = config.metrics_token or os.environ.get("KAIROS_TOKEN")
+    body = orjson.dumps({"msisdns": args.msisdns, "by": args.by or getpass.getuser()})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    host = "127.0.0.1" if config.metrics_host in ("0.0.0.0", "::") else config.metrics_host
+    connection = http.client.HTTPConnection(host, config.metrics_port, timeout=600)
+    try:
+        connection.request("POST", "/control/forget", body=body, headers=headers)
+        response = connection.getresponse()
+        answer = orjson.loads(response.read())
+    except (OSError, http.client.HTTPException, orjson.JSONDecodeError) as exc:
+        print(f"kairos forget: no daemon answers on {host}:{config.metrics_port}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        connection.close()
+    if not answer.get("ok"):
+        print(f"kairos forget: {answer.get('message')}", file=sys.stderr)
+        return 1
+    print(f"erased {len(args.msisdns)} subscriber(s): {answer['message']}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -378,6 +422,19 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--rate", type=float, default=None, metavar="EVENTS_PER_S",
                         help="pace the sending (default: as fast as the daemon takes it)")
     replay.set_defaults(run=run_replay)
+
+    forget = commands.add_parser(
+        "forget",
+        help="erase subscribers from a running daemon: state, checkpoints, journal, outbox, offers",
+        description="Ask the daemon of a config to erase subscribers from its live state, its checkpoints (a new "
+        "one is written and the older ones deleted), its journal (segments kept for audit are rewritten without "
+        "their rows), its outbox and its channels' offer stores; state_dir/erasures.jsonl records who, when and "
+        "how many rows, never the numbers. The token comes from the config or KAIROS_TOKEN.",
+    )
+    forget.add_argument("-c", "--config", metavar="PATH", required=True, help="the daemon's configuration")
+    forget.add_argument("msisdns", nargs="+", type=_positive_int, metavar="MSISDN", help="subscriber numbers")
+    forget.add_argument("--by", metavar="NAME", help="who asks, for the record (default: the user name)")
+    forget.set_defaults(run=run_forget)
     return parser
 
 

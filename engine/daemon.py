@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import datetime
 import gc
 import logging
+import os
 import signal
 import sqlite3
 import threading
@@ -49,6 +51,7 @@ from collections import Counter, deque
 from concurrent.futures import Future
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import zmq
 
@@ -203,6 +206,7 @@ class Daemon:
         self._signals = 0  # SIGTERM/SIGINT received: a second one cuts the drain short
         self._draining = False
         self._reloads: deque[Future] = deque()
+        self._forgets: deque[tuple[list[int], str, Future]] = deque()
         # Durability: the journal position applied to the engine, and the sender sequences of those entries
         # (what a checkpoint covers); replayed entries up to `_suppress_through` send nothing on.
         self.applied_position = 0
@@ -249,7 +253,8 @@ class Daemon:
                     config.metrics_host, config.metrics_port, registry, health=self._health,
                     ready=lambda: (self.ready, "ok" if self.ready else "draining"),
                     control={"reload": lambda: self.request_reload().result(timeout=120),
-                             "checkpoint": lambda: self.request_checkpoint().result(timeout=600)},
+                             "checkpoint": lambda: self.request_checkpoint().result(timeout=600),
+                             "forget": lambda body: self.request_forget(body).result(timeout=600)},
                     reads={"acks": self.acks},
                     token=config.metrics_token,
                 )
@@ -431,6 +436,22 @@ class Daemon:
             self.checkpointer.requested.append(future)  # list.append is atomic: the loop takes it on its turn
         return future
 
+    def request_forget(self, body: bytes) -> Future:
+        """POST /control/forget with {"msisdns": [...], "by": "who asks"}: erase them (see `_forget`)."""
+        future: Future = Future()
+        try:
+            request = orjson.loads(body or b"{}")
+            msisdns = request["msisdns"]
+            by = str(request.get("by") or "unknown")
+            if not isinstance(msisdns, list) or not msisdns or not all(
+                    isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in msisdns):
+                raise ValueError
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            future.set_result((False, 'the body must be {"msisdns": [positive integers, ...], "by": "who asks"}'))
+            return future
+        self._forgets.append((msisdns, by, future))
+        return future
+
     def acks(self) -> dict:
         """What GET /acks answers: per input and sender, the last sequence number that is durable.
 
@@ -510,6 +531,9 @@ class Daemon:
             feed.count_connections()
         while self._reloads:
             self._reload(self._reloads.popleft())
+        while self._forgets:
+            msisdns, by, future = self._forgets.popleft()
+            future.set_result(self._forget(msisdns, by))
         if self.journal is not None:
             self.journal.tick()
         self._checkpoint_if_due()
@@ -707,6 +731,51 @@ class Daemon:
             "rules": str(self.config.rules), "profiles": len(self.engine.profiles), **fate}})
         future.set_result((True, f"kept {len(fate['kept'])}, fresh {len(fate['fresh'])}, "
                                  f"removed {len(fate['removed'])} rules"))
+
+    def _forget(self, msisdns: list[int], by: str) -> tuple[bool, str]:
+        """Erase subscribers from everything the daemon keeps (SPEC section 10); (ok, what was removed).
+
+        In order: the events waiting are processed, the outputs drained (so
+        the outbox holds every instruction there is), the engine forgets them
+        (live state, profile, remembered instructions), the outbox and every
+        channel delete their rows (pending instructions, offers), a checkpoint
+        is written at once and every older one deleted, and the journal is
+        rotated and released up to it, the segments kept for audit rewritten
+        without their rows.  Then one line goes to erasures.jsonl: when, who,
+        how many rows where, never the numbers themselves.  Instruction files
+        an output wrote for downstream systems are theirs to erase.
+        """
+        self._process_batch()
+        for queue in self.outputs:
+            queue.retry(self.clock())
+        if any(q.waiting for q in self.outputs):
+            return False, "an output is holding instructions back; try again once it has taken them"
+        for queue in self.outputs:
+            queue.output.flush()
+        gone = np.array(sorted(set(msisdns)), np.int64)
+        removed = {f"engine_{k}": v for k, v in self.engine.forget(gone).items()}
+        outbox = next((q.output for q in self.outputs if isinstance(q.output, OutboxOutput)), None)
+        if outbox is not None:
+            removed["outbox_rows"] = outbox.outbox.forget(gone.tolist())
+        for name, (channel, _) in (self.delivery.channels.items() if self.delivery is not None else ()):
+            removed[f"channel_{name}"] = channel.forget(gone.tolist())
+        if self.checkpointer is not None:
+            if not self.checkpoint_now(wait=True) or self.checkpointer.last_position != self.applied_position:
+                return False, "erased from the live state, but the checkpoint after it failed: see the log; try again"
+            self.checkpointer.store.remove_all_but(self.checkpointer.last_position)
+        if self.journal is not None:
+            self.journal.rotate()
+            self.journal.release(self.applied_position)
+            removed["journal_rows"] = self.journal.mask(gone)
+        record = {"at": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"), "by": by,
+                  "subscribers_asked": len(gone), **removed}
+        if self.config.state_dir is not None:
+            with open(self.config.state_dir / "erasures.jsonl", "ab") as f:
+                f.write(orjson.dumps(record) + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+        log.info("subscribers erased", extra={"fields": record})
+        return True, ", ".join(f"{k} {v}" for k, v in removed.items())
 
     # -- checkpoints ------------------------------------------------------------
 

@@ -82,6 +82,14 @@ class Channel(abc.ABC):
     def close(self) -> None:  # noqa: B027 -- channels holding nothing need no close
         """Stop receivers and release connections; idempotent."""
 
+    def forget(self, msisdns: list[int]) -> int:
+        """Erase what the channel keeps of these subscribers (offers, say); returns how many records went.
+
+        `kairos forget` calls it on every configured channel.  A channel that keeps nothing per subscriber
+        needs not override it.
+        """
+        return 0
+
     def stats(self) -> dict[str, int]:
         """Counters since the channel was made, for metrics."""
         return {}

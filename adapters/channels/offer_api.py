@@ -252,6 +252,10 @@ class OfferChannel(Channel):
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.store.close()
 
+    def forget(self, msisdns: list[int]) -> int:
+        """Erase the offers of these subscribers, and their answers, from the offer store."""
+        return self.store.forget(msisdns)
+
     def stats(self) -> dict[str, int]:
         return self.counts.snapshot()
 

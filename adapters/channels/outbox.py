@@ -196,6 +196,14 @@ class Outbox:
             try:
                 removed = sum(self._db.execute("DELETE FROM instructions WHERE msisdn = ?", (int(m),)).rowcount
                               for m in msisdns)
+                # Another subscriber's instruction may carry the number as a param (the peer of a call): blanked.
+                for m in msisdns:
+                    text = str(int(m))
+                    for seq, params in self._db.execute("SELECT seq, params FROM instructions WHERE instr(params, ?)",
+                                                        (f'"{text}"'.encode(),)).fetchall():
+                        values = {k: ("" if v == text else v) for k, v in orjson.loads(params).items()}
+                        self._db.execute("UPDATE instructions SET params = ? WHERE seq = ?",
+                                         (orjson.dumps(values), seq))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

@@ -403,6 +403,32 @@ class OfferStore:
             now,
         ).rowcount)
 
+    def forget(self, msisdns: list[int]) -> int:
+        """Delete every offer of these subscribers and its responses (erasure); how many offers."""
+
+        def work(execute):
+            removed = 0
+            for msisdn in msisdns:
+                execute("DELETE FROM responses WHERE offer_id IN (SELECT id FROM offers WHERE msisdn = ?)", int(msisdn))
+                removed += execute("DELETE FROM offers WHERE msisdn = ?", int(msisdn)).rowcount
+                # Another subscriber's offer may carry the number as a param (the peer of a call): blanked.
+                text = str(int(msisdn))
+                for offer_id, params in execute("SELECT id, params FROM offers WHERE params LIKE ?",
+                                                f'%"{text}"%').fetchall():
+                    values = {k: ("" if v == text else v) for k, v in json.loads(params).items()}
+                    execute("UPDATE offers SET params = ? WHERE id = ?", json.dumps(values), offer_id)
+            return removed
+
+        removed = self._transaction(work)
+        if self.kind == "sqlite":
+            # Deleted rows stay in free pages (and the WAL) until these run.
+            with self._lock:
+                if self._conn is not None:
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    self._conn.execute("VACUUM")
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return removed
+
     def count(self, channel: str | None = None) -> int:
         """How many offers are stored (all channels when `channel` is None)."""
 
