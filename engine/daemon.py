@@ -297,7 +297,6 @@ class Daemon:
                 self.applied_position = self.journal.first_position() - 1
             engine = Engine(self._rules(), profiles=self.config.profiles, **options)
             if self.journal is not None and self.journal.next_position == 1:
-                self.engine = engine
                 self._journal_reload(engine.ruleset)  # a replay before the first checkpoint knows its rules
             return engine, False
         engine = Engine.restore(path, **options)
