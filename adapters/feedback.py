@@ -27,7 +27,7 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from adapters.wire import Reject
+from adapters.wire import TOO_LARGE_KEPT, Reject
 
 FEEDBACK_FIELDS = ("id", "outcome", "ts")
 
@@ -58,7 +58,8 @@ class FeedbackDecoder:
     def decode(self, message: bytes | memoryview) -> DecodedFeedback:
         data = bytes(message)
         if len(data) > self.max_message_bytes:
-            return DecodedFeedback(rejects=[Reject("too_large", f"{len(data)} bytes", None, data)])
+            return DecodedFeedback(rejects=[Reject("too_large", f"{len(data)} bytes (the record keeps the first "
+                                                   f"{min(len(data), TOO_LARGE_KEPT)})", None, data[:TOO_LARGE_KEPT])])
         if not data:
             return DecodedFeedback(rejects=[Reject("undecodable", "empty message", None, data)])
         if self.format == "arrow":

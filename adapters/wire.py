@@ -70,9 +70,10 @@ mapped under its input in kairos.toml:
 
 Rejects: one per rejected row, in row order, plus at most one for the message:
 
-- the whole message (`row` None, `record` the message as received): too large,
-  empty, unparseable, not records, or an Arrow message lacking a required
-  column or carrying a column of an unusable type;
+- the whole message (`row` None, `record` the message as received, or its
+  first `TOO_LARGE_KEPT` bytes when too large): too large, empty,
+  unparseable, not records, or an Arrow message lacking a required column or
+  carrying a column of an unusable type;
 - one row (`row` its index, `record` the row as JSON: the ndjson line itself, a
   msgpack record re-encoded, an Arrow row as an object of its columns);
 - msgpack only: the rest of a message whose bytes run out or hold the
@@ -120,8 +121,11 @@ REJECT_REASONS: tuple[str, ...] = (
     "msisdn",         # msisdn <= 0
     "ts",             # ts outside MIN_TS..MAX_TS (engine.schema)
     "kind",           # kind is not a known code or name, or not in the field's value map
-    "too_large",      # the message is over max_message_bytes
+    "too_large",      # the message is over max_message_bytes (the record: its first TOO_LARGE_KEPT bytes)
+    "extra_frames",   # a ZeroMQ frame before the payload that is neither a topic nor a sequence header
 )
+
+TOO_LARGE_KEPT = 64 << 10  # bytes of a too_large message kept in its dead letter: a sample, not a second copy
 
 FORMATS: tuple[str, ...] = ("arrow", "msgpack", "ndjson")
 
@@ -397,7 +401,8 @@ class Decoder(abc.ABC):
         view = memoryview(message).cast("B") if not isinstance(message, bytes) else message
         size = len(view)
         if size > self.max_message_bytes:
-            return self._whole("too_large", f"{size} bytes, over the limit of {self.max_message_bytes}", view)
+            return self._whole("too_large", f"{size} bytes, over the limit of {self.max_message_bytes} (the record "
+                               f"keeps the first {min(size, TOO_LARGE_KEPT)})", view[:TOO_LARGE_KEPT])
         if size == 0:
             return self._whole("undecodable", "empty message", view)
         return self._decode(view)

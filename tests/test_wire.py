@@ -17,7 +17,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapters.wire import REJECT_REASONS, Decoded, FieldMap, make_decoder
+from adapters.feedback import FeedbackDecoder
+from adapters.wire import REJECT_REASONS, TOO_LARGE_KEPT, Decoded, FieldMap, make_decoder
 from engine import Engine
 from engine.schema import (
     COLUMN_DTYPES,
@@ -496,6 +497,36 @@ def test_too_large():
         decoded = make_decoder(fmt, max_message_bytes=len(message) - 1).decode(message)
         assert [(r.row, r.reason) for r in decoded.rejects] == [(None, "too_large")]
         assert decoded.rejects[0].record == message
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_too_large_message_is_dead_lettered_by_its_first_64_kib_with_its_size(fmt):
+    message = encode(fmt, [GOOD] * 10_000)
+    assert len(message) > 3 * TOO_LARGE_KEPT and TOO_LARGE_KEPT == 64 << 10
+    limit = len(message) // 2
+    for received in (message, memoryview(message), bytearray(message)):
+        (reject,) = make_decoder(fmt, max_message_bytes=limit).decode(received).rejects
+        assert (reject.reason, reject.row) == ("too_large", None)
+        assert reject.record == message[:TOO_LARGE_KEPT] and type(reject.record) is bytes
+        assert f"{len(message)} bytes" in reject.detail and str(limit) in reject.detail
+    # Just over the limit and under 64 KiB: the record is the whole message.
+    small = encode(fmt, [GOOD] * 3)
+    (reject,) = make_decoder(fmt, max_message_bytes=len(small) - 1).decode(small).rejects
+    assert reject.record == small
+
+
+def test_a_too_large_feedback_message_is_dead_lettered_by_its_first_64_kib_with_its_size():
+    message = b"\n".join(orjson.dumps({"id": f"r:{k}", "outcome": "delivered", "ts": k}) for k in range(10_000))
+    assert len(message) > 3 * TOO_LARGE_KEPT
+    (reject,) = FeedbackDecoder("ndjson", max_message_bytes=len(message) - 1).decode(message).rejects
+    assert reject.reason == "too_large" and reject.record == message[:TOO_LARGE_KEPT]
+    assert f"{len(message)} bytes" in reject.detail
+
+
+def test_every_reason_the_daemon_dead_letters_is_a_reject_reason():
+    # The daemon makes a counter per input and reason from REJECT_REASONS; a reason outside it has none at start.
+    assert {"too_large", "extra_frames", "undecodable"} <= set(REJECT_REASONS)
+    assert len(set(REJECT_REASONS)) == len(REJECT_REASONS)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
