@@ -24,7 +24,8 @@ MiB) can run on another thread while the engine goes on.
 
 `CheckpointStore` is the daemon's directory of checkpoints, one per journal
 position (`00000000000000012345/`), the newest `keep` kept, so that a damaged
-newest one falls back to the one before it (whose journal is kept too).
+newest one falls back to the one before it (whose journal is kept too); the
+damaged one is set aside as `<position>.damaged`, out of the count.
 """
 
 from __future__ import annotations
@@ -207,13 +208,24 @@ class CheckpointStore:
         return size
 
     def newest_good(self) -> StoredCheckpoint | None:
-        """The newest checkpoint that verifies, skipping (and logging) damaged ones; None when there is none."""
+        """The newest checkpoint that verifies, skipping (and logging) damaged ones; None when there is none.
+
+        A damaged one is renamed `<position>.damaged` (kept for a look, no longer one of the checkpoints).
+        """
         for position in self.positions():
             path = self.path(position)
             try:
                 meta = verify(path)
             except CheckpointError as exc:
-                log.error("checkpoint damaged; trying the one before it", extra={"fields": {"error": str(exc)}})
+                # Set aside, out of the `keep` kept: left among them, it would push out the good one used instead.
+                aside = path.with_name(path.name + ".damaged")
+                try:
+                    shutil.rmtree(aside, ignore_errors=True)
+                    path.rename(aside)
+                except OSError:
+                    aside = path
+                log.error("checkpoint damaged; trying the one before it", extra={"fields": {
+                    "error": str(exc), "moved_to": str(aside)}})
                 continue
             return StoredCheckpoint(path, position, meta)
         return None
