@@ -300,6 +300,8 @@ class Daemon:
                 self._journal_reload(engine.ruleset)  # a replay before the first checkpoint knows its rules
             return engine, False
         engine = Engine.restore(path, **options)
+        if self.journal is not None:
+            self.journal.continue_after(daemon_state.position)
         self.applied_position = daemon_state.position
         self.applied_sequences = dict(daemon_state.sequences)
         self.checkpointer.last_position = daemon_state.position

@@ -331,7 +331,7 @@ class Journal:
             self.sync()
 
     def sync(self) -> None:
-        """Make everything appended durable now (fdatasync), whatever the policy."""
+        """Make everything appended durable now (fdatasync), unless the policy is "off"."""
         if self._fd is not None and self.durable_position < self.next_position - 1:
             os.fdatasync(self._fd)
             self.syncs += 1
@@ -342,6 +342,25 @@ class Journal:
     def _rotate(self) -> None:
         self.sync()
         os.close(self._fd)
+        self._start_segment(self.next_position)
+
+    def continue_after(self, position: int) -> None:
+        """Number the next entry after `position` when the journal ends before it.
+
+        A checkpoint covers `position`, so the journal held it once; if it ends
+        earlier now (a tail lost to a power cut with fsync "off", a damaged last
+        segment cut back), new entries must not take positions the checkpoint
+        claims to cover, or a later replay would skip them.  They go to a new
+        segment named after `position` + 1, and replay after `position` reads it.
+        """
+        if self.next_position > position + 1:
+            return
+        log.error("journal ends before the checkpoint's position; continuing after it", extra={"fields": {
+            "journal_ends": self.next_position - 1, "checkpoint": position}})
+        self.sync()
+        os.close(self._fd)
+        self.next_position = position + 1
+        self.durable_position = position
         self._start_segment(self.next_position)
 
     def restore_sequences(self, sequences: dict[tuple[str, int], int]) -> None:

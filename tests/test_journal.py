@@ -411,3 +411,20 @@ def test_the_record_format_is_as_documented(tmp_path):
     import crc32c
     assert crc == crc32c.crc32c(data[40:48], crc32c.crc32c(data[16:36]))
     assert struct.unpack("<q", data[40:48]) == (-5,)
+
+
+def test_a_journal_that_ends_before_the_checkpoint_continues_after_its_position(tmp_path, caplog):
+    """Entries after a checkpoint must never take positions it covers: a replay after it would skip them."""
+    journal = Journal(tmp_path)
+    for k in range(1, 4):
+        journal.append_events(events(k), "switch")
+    journal.close()
+    reopened = Journal(tmp_path)  # as if a power cut had lost entries 4..9, which a checkpoint at 9 covers
+    reopened.continue_after(9)
+    assert "ends before the checkpoint" in caplog.text
+    assert reopened.append_events(events(10), "switch") == 10
+    reopened.close()
+    assert [e.position for e in Journal(tmp_path).entries(after=9)] == [10]
+    untouched = Journal(tmp_path)
+    untouched.continue_after(5)  # the journal reaches past 5: nothing changes
+    assert untouched.next_position == 11
