@@ -21,12 +21,13 @@ from engine.checkpoint import CheckpointError, Snapshot
 from engine.checkpoint import read as read_checkpoint
 from engine.checkpoint import write as write_checkpoint
 from engine.compiler import compile_program
+from engine.erasure import as_msisdns, forget_state
 from engine.feedback import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES, IssuedInstructions
 from engine.instructions import InstructionBuilder
 from engine.policy import FOREVER, OUTCOME_CODES, OUTCOMES, rule_report
 from engine.profiles import ProfileStore
 from engine.rules import Absence, Rule, RuleSet, load_rules, parse_rules
-from engine.schema import EVENT_COLUMNS, EventColumns, validate_events
+from engine.schema import EVENT_COLUMNS, MAX_TS, MIN_TS, TS_RANGE, EventColumns, validate_events
 
 log = logging.getLogger("kairos.engine")
 
@@ -174,8 +175,6 @@ class Engine:
 
         Returns {"subscribers": found in the kernel, "profiles": rows dropped, "issued": instructions dropped}.
         """
-        from engine.erasure import as_msisdns, forget_state
-
         gone = as_msisdns(msisdns)
         state = forget_state(self._kernel.export_state(), gone)
         found = self._kernel.n_subs - len(state["msisdn"])
@@ -251,8 +250,6 @@ class Engine:
         time range, engine.schema.MIN_TS..MAX_TS (ValueError otherwise, and
         nothing changes): a caller that adds idle time clamps to MAX_TS.
         """
-        from engine.schema import MAX_TS, MIN_TS, TS_RANGE
-
         ts = int(ts)
         if not MIN_TS <= ts <= MAX_TS:
             raise ValueError(f"advance: ts {ts} is outside the event time range {TS_RANGE}")

@@ -63,6 +63,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from engine.rules import parse_duration
+
 log = logging.getLogger("kairos.journal")
 
 FORMAT = 1
@@ -111,8 +113,6 @@ def _segment_name(first: int) -> str:
 
 def parse_fsync(value: str) -> float | None:
     """"batch" -> 0.0 (sync before every batch), "off" -> None, a duration ("100ms") -> seconds."""
-    from engine.rules import parse_duration
-
     if value == "batch":
         return 0.0
     if value == "off":
