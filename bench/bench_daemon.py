@@ -70,18 +70,24 @@ def msgpack_message(batch: pa.RecordBatch) -> bytes:
 class Daemon:
     """The daemon under test, in a subprocess with its own config."""
 
-    def __init__(self, directory: Path, input_format: str, output: str, linger: str = "5ms"):
+    def __init__(self, directory: Path, input_format: str, output: str, linger: str = "5ms",
+                 journal: str | None = None):
         self.endpoint = f"ipc://{directory}/feed"
         self.output_endpoint = f"ipc://{directory}/instructions"
         outputs = {
             "file": '[outputs.file]\ntype = "file"\npath = "out"\nformat = "arrow"\n',
             "zmq": f'[outputs.downstream]\ntype = "zmq"\nendpoint = "{self.output_endpoint}"\nsndhwm = 100000\n',
         }[output]
+        # With a journal: state_dir, the journal synced per `journal`, and no checkpoint during the run (only the
+        # one at shutdown), so that the figure is the journal's cost alone.
+        durability = (f'state_dir = "state"\n[journal]\nfsync = "{journal}"\n[checkpoint]\nevery = "1h"\n'
+                      if journal else "")
         config = directory / "kairos.toml"
         config.write_text(f"""
 [engine]
 rules = "{RULES}"
 initial_subscribers = 2_097_152
+{durability}
 [batching]
 max_events = 65536
 linger = "{linger}"
@@ -182,33 +188,51 @@ def in_process_rate(fmt: str, messages: list[bytes], events: int) -> float:
     return events / (time.perf_counter() - start)
 
 
-def throughput(fmt: str, batches: list[pa.RecordBatch], directory: Path, repeat: int) -> dict:
-    """Median over `repeat` runs, each with a fresh daemon, of end-to-end events/s, with the bare baseline."""
+def daemon_rate(fmt: str, messages: list[bytes], events: int, directory: Path, journal: str | None) -> float:
+    """End-to-end events/s of one fresh daemon fed `messages` over PUSH."""
+    daemon = Daemon(directory, fmt, "file", journal=journal)
+    try:
+        context = zmq.Context()
+        socket = context.socket(zmq.PUSH)
+        socket.connect(daemon.endpoint)
+        start = time.perf_counter()
+        for message in messages:
+            socket.send(message, copy=False)
+        end = daemon.wait_events(events)
+        socket.close()
+        context.term()
+    finally:
+        daemon.stop()
+    return events / (end - start)
+
+
+def throughput(fmt: str, batches: list[pa.RecordBatch], directory: Path, repeat: int,
+               journal: str | None = None) -> dict:
+    """Median over `repeat` runs, each with a fresh daemon, of end-to-end events/s, with the bare baseline.
+
+    With `journal` (an fsync policy), each run also feeds a daemon that journals, right after the one that
+    does not, and the median of their ratios is reported.
+    """
     encode = arrow_message if fmt == "arrow" else msgpack_message
     messages = [encode(b) for b in batches]
     events = sum(b.num_rows for b in batches)
-    rates, baselines, in_process = [], [], []
+    rates, baselines, in_process, journaled = [], [], [], []
     for run in range(repeat):
         in_process.append(in_process_rate(fmt, messages, events))
         run_directory = directory / str(run)
         run_directory.mkdir(parents=True)
         baselines.append(raw_transfer_rate(messages, events, run_directory))
-        daemon = Daemon(run_directory, fmt, "file")
-        try:
-            context = zmq.Context()
-            socket = context.socket(zmq.PUSH)
-            socket.connect(daemon.endpoint)
-            start = time.perf_counter()
-            for message in messages:
-                socket.send(message, copy=False)
-            end = daemon.wait_events(events)
-            socket.close()
-            context.term()
-        finally:
-            daemon.stop()
-        rates.append(events / (end - start))
+        rates.append(daemon_rate(fmt, messages, events, run_directory, None))
+        if journal:
+            (run_directory / "journaled").mkdir()
+            journaled.append(daemon_rate(fmt, messages, events, run_directory / "journaled", journal))
     rate, baseline = float(np.median(rates)), float(np.median(baselines))
-    return {"format": fmt, "events": events, "events_per_s": rate, "runs_events_per_s": rates,
+    extra = {}
+    if journal:
+        extra = {"journal_fsync": journal, "journal_events_per_s": float(np.median(journaled)),
+                 "journal_runs_events_per_s": journaled,
+                 "journal_ratio": float(np.median([j / r for j, r in zip(journaled, rates, strict=True)]))}
+    return {**extra, "format": fmt, "events": events, "events_per_s": rate, "runs_events_per_s": rates,
             "in_process_events_per_s": float(np.median(in_process)),
             "bare_transfer_events_per_s": baseline, "share_of_bare_transfer": rate / baseline,
             "message_bytes": int(np.median([len(m) for m in messages]))}
@@ -297,6 +321,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the latency run")
     parser.add_argument("--repeat", type=int, default=3, help="throughput runs per format (median reported)")
     parser.add_argument("--only", choices=["arrow", "msgpack", "latency"])
+    parser.add_argument("--journal", metavar="FSYNC", help="also run the Arrow throughput with a journaling daemon "
+                        "(state_dir, [journal] fsync = FSYNC: batch, 100ms, off), alternating with one that does not")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args()
     tune_allocator()  # as the daemon does, so that the in-process baseline is the same work
@@ -307,7 +333,7 @@ def main() -> None:
         directory = Path(tmp)
         if args.only in (None, "arrow"):
             batches = list(generator.batches(args.events, args.batch_size))
-            results["arrow"] = throughput("arrow", batches, directory / "arrow", args.repeat)
+            results["arrow"] = throughput("arrow", batches, directory / "arrow", args.repeat, args.journal)
         if args.only in (None, "msgpack"):
             batches = list(generator.batches(args.msgpack_events, args.batch_size))
             results["msgpack"] = throughput("msgpack", batches, directory / "msgpack", args.repeat)
@@ -327,6 +353,9 @@ def main() -> None:
                   f"{r['in_process_events_per_s'] / 1e6:.2f} M/s; a bare PULL receiver "
                   f"{r['bare_transfer_events_per_s'] / 1e6:.1f} M/s ({r['events']:,} events, "
                   f"{r['message_bytes']:,} B messages)")
+            if "journal_ratio" in r:
+                print(f"{'':8s} {r['journal_events_per_s'] / 1e6:6.2f} M events/s with the journal (fsync "
+                      f"{r['journal_fsync']}): {r['journal_ratio']:.2f}x the daemon without it, median of rounds")
     if "latency" in results:
         r = results["latency"]
         print(f"latency  at {r['achieved_events_per_s'] / 1e6:.2f} M events/s offered "
