@@ -24,25 +24,36 @@ Sequence modes (`sequence` in the input's config):
   daemon acknowledges the last durable sequence per sender (GET /acks).
 
 Loss and backpressure (measured on this kind of machine, see docs/daemon.md):
-a PULL socket lets at most `rcvhwm` messages wait, after which the sender's
-PUSH blocks: nothing is lost, the feeder slows down.  A SUB socket drops
-messages silently once `rcvhwm` are waiting; only sequence gaps show it.
+a socket lets at most `rcvhwm` messages wait per connected peer, and ZeroMQ
+reads one more from each peer's connection; then it stops reading that
+connection.  A PULL socket's sender then blocks in its PUSH: nothing is lost,
+the feeder slows down.  A SUB socket's publisher drops what it cannot send,
+in its own process and silently: only sequence gaps show it here.
 Sizes: a message over `max_message_bytes` but within twice that reaches
 Kairos and is dead-lettered as `too_large` (its first bytes kept).  ZeroMQ
 itself refuses one over twice the limit (ZMQ_MAXMSGSIZE) and closes that
 sender's connection, so memory stays bounded; the socket monitor counts the
 disconnection, and nothing of the message reaches Kairos to dead-letter.
+
+Memory: the daemon gives each input a share of `[ingest] memory`
+(engine.config.plan_ingest) and the rcvhwm that keeps its queue, and the one
+message being read, within it at messages of twice `max_message_bytes`.
+When more peers connect, the rcvhwm of every connection is lowered so that
+all of them together still fit (never below 1).
 """
 
 from __future__ import annotations
 
+import logging
 import struct
 from dataclasses import dataclass, field
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from engine.config import InputConfig
+from engine.config import HARD_LIMIT_FACTOR, InputConfig
+
+log = logging.getLogger("kairos.input")
 
 SEQUENCE_HEADER = struct.Struct("<4sQQ")
 SEQUENCE_MAGIC = b"KSEQ"
@@ -82,11 +93,6 @@ class Received:
     junk: tuple[bytes, ...] = ()
 
 
-# Frames ZeroMQ accepts before cutting the sender off, as a multiple of max_message_bytes: messages between the
-# two limits reach Kairos, so that they can be dead-lettered rather than vanish with the connection.
-HARD_LIMIT_FACTOR = 2
-
-
 @dataclass(frozen=True)
 class SequenceEvent:
     """A gap or regression in one sender's sequence, for the daemon to log."""
@@ -99,15 +105,24 @@ class SequenceEvent:
 class ZmqInput:
     """One feed's socket.  Not thread-safe: the daemon's loop owns it."""
 
-    def __init__(self, config: InputConfig, context: zmq.Context):
+    def __init__(self, config: InputConfig, context: zmq.Context, rcvhwm: int | None = None,
+                 share: int | None = None):
+        """`rcvhwm`: the high-water mark for one peer (default: the configured one); `share`: the bytes this
+        input's queues may hold, by which the high-water mark is lowered when more peers connect (None: not)."""
         self.config = config
         self.name = config.name
         self.counters = InputCounters()
+        self.hard_limit = HARD_LIMIT_FACTOR * config.max_message_bytes  # the largest message ZeroMQ lets in
+        self.share = share
+        self.base_rcvhwm = rcvhwm if rcvhwm is not None else config.rcvhwm
+        self.rcvhwm = self.base_rcvhwm  # now, for every connection: lowered while several peers are connected
+        self.peers = 0
+        self.over_share = False  # more peers than even an rcvhwm of 1 keeps within the share
         socket_type = zmq.PULL if config.socket == "pull" else zmq.SUB
         self.socket = context.socket(socket_type)
         try:
-            self.socket.setsockopt(zmq.RCVHWM, config.rcvhwm)
-            self.socket.setsockopt(zmq.MAXMSGSIZE, HARD_LIMIT_FACTOR * config.max_message_bytes)
+            self.socket.setsockopt(zmq.RCVHWM, self.rcvhwm)
+            self.socket.setsockopt(zmq.MAXMSGSIZE, self.hard_limit)
             self.socket.setsockopt(zmq.LINGER, 0)
             if socket_type == zmq.SUB:
                 for topic in config.subscribe:
@@ -130,23 +145,29 @@ class ZmqInput:
             self.socket.close(0)
             raise
 
-    def receive(self, max_messages: int) -> tuple[list[Received], list[SequenceEvent]]:
+    def receive(self, max_messages: int, max_bytes: int | None = None) -> tuple[list[Received], list[SequenceEvent]]:
         """Up to `max_messages` messages waiting now, and sequence events (gaps, regressions) to log.
 
-        Never blocks: returns what the socket holds, possibly nothing.  In
-        "exact" mode, duplicates and messages past a gap are counted and left out.
+        Never blocks: returns what the socket holds, possibly nothing.  With
+        `max_bytes`, takes no more once the messages taken hold that many bytes
+        (the last one may pass it).  In "exact" mode, duplicates and messages
+        past a gap are counted and left out.
         """
         taken: list[Received] = []
         events: list[SequenceEvent] = []
         counters = self.counters
         exact = self.config.sequence == "exact"
         topic_allowed = self.config.socket == "sub"
+        held = 0
         for _ in range(max_messages):
+            if max_bytes is not None and held >= max_bytes:
+                break
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
             payload = frames[-1].buffer
+            held += sum(len(frame) for frame in frames)
             counters.messages += 1
             counters.bytes += len(payload)
             sender = seq = None
@@ -186,16 +207,39 @@ class ZmqInput:
         return True
 
     def count_connections(self) -> None:
-        """Take the socket monitor's connection events into the counters (never blocks)."""
+        """Take the socket monitor's connection events into the counters, and the high-water mark to the
+        peers connected now (never blocks)."""
+        changed = False
         while True:
             try:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
+            changed = True
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 self.counters.disconnections += 1
             else:
                 self.counters.connections += 1
+        if changed:
+            self.peers = max(0, self.counters.connections - self.counters.disconnections)
+            self._fit_rcvhwm()
+
+    def _fit_rcvhwm(self) -> None:
+        """Each peer's connection has a queue of its own: with p peers, each may hold share / p."""
+        if self.share is None:
+            return
+        peers = max(1, self.peers)
+        fits = self.share // (peers * self.hard_limit) - 1  # less the message ZeroMQ reads from each
+        rcvhwm = max(1, min(self.base_rcvhwm, fits))
+        if fits < 1 and not self.over_share:
+            log.warning("input queues may hold more than their share of ingest memory: too many peers", extra={
+                "fields": {"input": self.name, "peers": peers, "share": self.share,
+                           "holds": peers * 2 * self.hard_limit}})
+        self.over_share = fits < 1
+        if rcvhwm != self.rcvhwm:
+            # ZeroMQ (4.2 and later) applies a changed RCVHWM to the connections already made, too.
+            self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
+            self.rcvhwm = rcvhwm
 
     def _check_sequence(self, sender: int, seq: int) -> SequenceEvent | None:
         counters = self.counters

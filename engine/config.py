@@ -15,6 +15,7 @@ are errors (a misspelt key must not silently fall back to a default).
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,13 @@ SEQUENCE_MODES = ("count", "exact")
 SOCKET_TYPES = ("pull", "sub")
 ROLES = ("events", "feedback")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Frames ZeroMQ accepts before cutting the sender off, as a multiple of max_message_bytes: messages between the
+# two limits reach Kairos, so that they can be dead-lettered rather than vanish with the connection.
+HARD_LIMIT_FACTOR = 2
+DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
+DEFAULT_INGEST_MEMORY = 256 << 20
+_SIZE_UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 
 
 class ConfigError(ValueError):
@@ -51,7 +59,7 @@ class InputConfig:
     format: str = "arrow"  # wire format: arrow | msgpack | ndjson
     role: str = "events"  # "events" for switch and signalling feeds, "feedback" for channel outcomes
     rcvhwm: int = 1000  # messages queued in the socket before backpressure (pull) or drops (sub)
-    max_message_bytes: int = 64 << 20  # larger messages are refused by ZeroMQ and counted (SPEC section 9)
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # larger ones are dead-lettered, over twice this refused
     subscribe: tuple[str, ...] = ("",)  # sub only: topic prefixes; "" is everything
     columns: tuple[str, ...] | None = None  # msgpack arrays of arrays: the field order (default SPEC order)
     fields: dict = field(default_factory=dict)  # field map (rename, scale, constant, value map)
@@ -102,6 +110,63 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class IngestPlan:
+    """How `[ingest] memory` bounds what the feeds hold (docs/daemon.md, "Loss and backpressure").
+
+    Every message is counted at the most ZeroMQ lets in, HARD_LIMIT_FACTOR x
+    max_message_bytes (its input's "hard limit").  The daemon keeps room for
+    twice the largest hard limit: it takes messages from the feeds while those
+    it holds unprocessed are under `hold_bytes` (one hard limit), so the last
+    one taken leaves it under twice that.  Each input is given room for one
+    queued message and the one ZeroMQ is reading (two hard limits), and what
+    is left is split equally between the inputs; an input's rcvhwm is its
+    share in hard limits less the one being read, never more than configured.
+    """
+
+    memory: int
+    hold_bytes: int  # the daemon takes messages while those it holds unprocessed are fewer bytes than this
+    shares: dict[str, int]  # input -> bytes for its ZeroMQ queue and the message ZeroMQ is reading into it
+    rcvhwm: dict[str, int]  # input -> the RCVHWM that keeps its queue within its share (one peer)
+    hard_limits: dict[str, int]  # input -> the largest message ZeroMQ lets in
+
+
+def plan_ingest(memory: int, inputs: tuple[InputConfig, ...]) -> IngestPlan:
+    """The shares and rcvhwm that keep the inputs within `memory`; ValueError when even one message cannot fit."""
+    hard = {i.name: HARD_LIMIT_FACTOR * i.max_message_bytes for i in inputs}
+    largest = max(hard.values(), default=0)
+    least = 2 * largest + sum(2 * h for h in hard.values())
+    if memory < least:
+        raise ValueError(
+            f"{format_size(memory)} cannot hold one message per input: at least {format_size(least)} "
+            f"({least} bytes) is needed: room for two messages of {HARD_LIMIT_FACTOR} x max_message_bytes per "
+            "input (one queued, one being read) and two of the largest for what the daemon holds unprocessed; "
+            "raise it or lower max_message_bytes")
+    extra = (memory - least) // max(len(hard), 1)
+    shares = {name: 2 * h + extra for name, h in hard.items()}
+    rcvhwm = {i.name: max(1, min(i.rcvhwm, shares[i.name] // hard[i.name] - 1)) for i in inputs}
+    return IngestPlan(memory, largest, shares, rcvhwm, hard)
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an integer or a string such as "256MiB" (KiB, MiB, GiB); ValueError for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = re.fullmatch(r"\s*(\d+)\s*(KiB|MiB|GiB)\s*", value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"{value!r} is not a size: an integer of bytes, or a string such as \"256MiB\" "
+                         "(units KiB, MiB, GiB)")
+    return int(match[1]) * _SIZE_UNITS[match[2]]
+
+
+def format_size(n: int) -> str:
+    """`n` bytes for a person: in GiB, MiB or KiB, with at most one decimal."""
+    for unit in ("GiB", "MiB", "KiB"):
+        if n >= _SIZE_UNITS[unit]:
+            return f"{n / _SIZE_UNITS[unit]:.1f}".removesuffix(".0") + f" {unit}"
+    return f"{n} bytes"
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     """Everything `kairos run` needs, with defaults filled in and paths made absolute."""
 
@@ -128,6 +193,11 @@ class DaemonConfig:
     journal: JournalConfig = field(default_factory=JournalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     shutdown_ms: int = 20_000  # SIGTERM: longest the drain waits for outputs that push back
+    ingest_memory: int = DEFAULT_INGEST_MEMORY  # the most the feeds' messages may hold, queued or unprocessed
+
+    @property
+    def ingest(self) -> IngestPlan:
+        return plan_ingest(self.ingest_memory, self.inputs)
 
     @property
     def journaled(self) -> bool:
@@ -233,7 +303,7 @@ def _input(source: str, name: str, table: object) -> InputConfig:
         format=t.choice("format", FORMATS, "arrow"),
         role=role,
         rcvhwm=t.positive("rcvhwm", 1000),
-        max_message_bytes=t.positive("max_message_bytes", 64 << 20),
+        max_message_bytes=t.positive("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES),
         subscribe=tuple(subscribe),
         columns=tuple(columns) if columns is not None else None,
         fields=fields,
@@ -369,6 +439,16 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
         raise ConfigError(source, "checkpoint", "checkpoints are written to engine.state_dir: set it")
     shutdown_ms = eng_shutdown_ms
 
+    ingest = _Table(source, "ingest", top.get("ingest", dict, {}))
+    ingest_memory = ingest.get("memory", (int, str), DEFAULT_INGEST_MEMORY)
+    try:
+        ingest_memory = parse_size(ingest_memory)
+    except ValueError as exc:
+        raise ingest.error("memory", str(exc)) from None
+    if ingest_memory < 1:
+        raise ingest.error("memory", f"must be at least 1 byte, got {ingest_memory}")
+    ingest.done()
+
     log = _Table(source, "log", top.get("log", dict, {}))
     log_level = log.choice("level", LOG_LEVELS, "info")
     log.done()
@@ -380,6 +460,10 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
     endpoints = [i.endpoint for i in inputs]
     if len(set(endpoints)) != len(endpoints):
         raise ConfigError(source, "inputs", "two inputs share an endpoint")
+    try:
+        plan_ingest(ingest_memory, inputs)
+    except ValueError as exc:
+        raise ConfigError(source, "ingest.memory", str(exc)) from None
 
     outputs_table = _Table(source, "outputs", top.get("outputs", dict, {}))
     outputs = {}
@@ -429,6 +513,7 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
         journal=journal,
         checkpoint=checkpoint,
         shutdown_ms=shutdown_ms,
+        ingest_memory=ingest_memory,
     )
 
 

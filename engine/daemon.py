@@ -111,6 +111,7 @@ class Batcher:
         self.oldest = 0.0  # monotonic arrival time of the first waiting message
         self.position = 0  # journal position of the newest message added (0 without a journal)
         self.sequences: dict[tuple[str, int], int] = {}  # (input, sender) -> sequence of the messages waiting
+        self.held_bytes = 0  # payload bytes of the messages taken since the last take (their rows may be views)
 
     def add(self, batch: dict[str, np.ndarray], n: int, arrived: float, position: int = 0,
             sender: tuple[str, int] | None = None, seq: int | None = None) -> None:
@@ -128,7 +129,7 @@ class Batcher:
     def take(self) -> tuple[dict[str, np.ndarray], int, float]:
         """The waiting rows as one batch (zero-copy when one message holds them all)."""
         parts, n, oldest = self.parts, self.n, self.oldest
-        self.parts, self.n = [], 0
+        self.parts, self.n, self.held_bytes = [], 0, 0
         if not parts:
             return {}, 0, oldest
         if len(parts) == 1:
@@ -239,12 +240,19 @@ class Daemon:
             self._apply_current_rules(restored)
             self._last_event_at = clock()
             self._watermark_at_last_event = self.engine.watermark
+            self.ingest = config.ingest
             for input_config in config.inputs:
-                self.inputs.append(ZmqInput(input_config, self.context))
+                self.inputs.append(ZmqInput(input_config, self.context, rcvhwm=self.ingest.rcvhwm[input_config.name],
+                                            share=self.ingest.shares[input_config.name]))
                 self.inputs[-1].counters.senders.update(
                     {sender: seq for (name, sender), seq in self.applied_sequences.items()
                      if name == input_config.name})
                 self.poller.register(self.inputs[-1].socket, zmq.POLLIN)
+            log.info("ingest memory", extra={"fields": {
+                "memory": self.ingest.memory, "hold_bytes": self.ingest.hold_bytes,
+                "inputs": {feed.name: {"rcvhwm": feed.rcvhwm, "configured_rcvhwm": feed.config.rcvhwm,
+                                       "share": feed.share, "max_message_bytes": feed.config.max_message_bytes}
+                           for feed in self.inputs}}})
             if config.metrics_host is not None:
                 # Started here, not in run(): a port in use is a refusal to start, like a bad config.
                 registry = Registry()
@@ -555,8 +563,19 @@ class Daemon:
         return any(q.waiting_instructions >= self.config.max_waiting_instructions for q in self.outputs)
 
     def _read(self, feed: ZmqInput) -> int:
-        """Take a burst of messages from one feed into the batcher; returns messages taken."""
-        messages, sequence_events = feed.receive(RECEIVE_BURST)
+        """Take a burst of messages from one feed into the batcher; returns messages taken.
+
+        What the daemon holds of the feeds' messages, unprocessed, stays under twice `ingest.hold_bytes`
+        (engine.config.IngestPlan): no burst starts at `hold_bytes` or more (the waiting batch runs first)
+        and a burst ends there.
+        """
+        room = self.ingest.hold_bytes - self.batcher.held_bytes
+        if room <= 0:
+            if self._backlogged() and not self._draining:
+                return 0  # the messages wait in ZeroMQ until the outputs take more
+            self._process_batch()
+            room = self.ingest.hold_bytes
+        messages, sequence_events = feed.receive(RECEIVE_BURST, room)
         for event in sequence_events:
             kind = "sequence gap" if event.got > event.expected else "sequence regression"
             log.warning(kind, extra={"fields": {"input": feed.name, "sender": event.sender,
@@ -572,6 +591,7 @@ class Daemon:
             return len(messages)
         decoder = self.decoders[feed.name]
         for message in messages:
+            self.batcher.held_bytes += len(message.payload)  # the decoded columns may be views of it
             self._accept(feed.name, message, decoder.decode(message.payload))
         return len(messages)
 
@@ -905,6 +925,11 @@ class Daemon:
             counter("kairos_input_disconnections",
                     "Peers gone, per input; ZeroMQ also cuts a peer off for a message over max_message_bytes.",
                     [({"input": f.name}, f.counters.disconnections) for f in feeds]),
+            gauge("kairos_input_rcvhwm", "Messages ZeroMQ queues per peer of an input, as derived from "
+                  "[ingest] memory (at most the configured rcvhwm).",
+                  [({"input": f.name}, f.rcvhwm) for f in feeds]),
+            gauge("kairos_ingest_memory_bytes", "The [ingest] memory budget the inputs' queues are derived from.",
+                  self.ingest.memory),
             counter("kairos_feedback_reports", "Feedback reports per input: applied, unknown id, invalid outcome.",
                     [({"input": name, "result": result}, n) for (name, result), n in self.feedback_results.items()]),
             counter("kairos_events", "Events processed by the engine.", self.events_processed),

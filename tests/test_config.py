@@ -27,7 +27,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path):
     (switch,) = config.inputs
     assert (switch.name, switch.socket, switch.bind, switch.format, switch.role) == (
         "switch", "pull", True, "arrow", "events")
-    assert switch.rcvhwm == 1000 and switch.max_message_bytes == 64 << 20
+    assert switch.rcvhwm == 1000 and switch.max_message_bytes == 16 << 20
     assert config.max_batch_events == 65_536 and config.linger_ms == 5 and config.idle_advance_ms == 1_000
     assert (config.metrics_host, config.metrics_port) == ("127.0.0.1", 9464)
     assert config.deadletter_dir == tmp_path / "deadletter"
