@@ -511,3 +511,17 @@ def test_restore_of_a_checkpoint_without_cap_draw_starts_it_at_zero(written):
     save_arrays(written, {k: v for k, v in arrays.items() if k != "cap_draw"})
     restored = Engine.restore(written)
     assert all(rule["cap_draw"] == 0 for rule in restored.stats()["rules"].values())
+
+
+def test_remembered_ids_are_written_as_the_engine_formats_them():
+    """The checkpoint's issued table spells each id as the instruction table did (engine.feedback.hex_ids)."""
+    from engine.feedback import hex_ids
+
+    rng = np.random.default_rng(5)
+    h1 = rng.integers(0, 2**63, 5_000, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    h2 = rng.integers(0, 2**63, 5_000, dtype=np.uint64)
+    h1[:2], h2[:2] = [0, 2**64 - 1], [2**64 - 1, 0]
+    ids = hex_ids(h1, h2)
+    ids.validate(full=True)
+    assert ids.to_pylist() == [f"{a:016x}{b:016x}" for a, b in zip(h1.tolist(), h2.tolist(), strict=True)]
+    assert len(hex_ids(np.zeros(0, np.uint64), np.zeros(0, np.uint64))) == 0
