@@ -123,7 +123,7 @@ def test_a_torn_tail_is_cut_back_on_open_and_nothing_before_it_is_lost(tmp_path,
     size = last.stat().st_size
     os.truncate(last, size - cut)
     reopened = Journal(tmp_path, segment_bytes=2_000)
-    record = RECORD_HEADER.size + len(jr.encode_events(events(29), "switch", 7, 29))
+    record = RECORD_HEADER.size + sum(part.size for part in jr.encode_events(events(29), "switch", 7, 29))
     assert reopened.torn_bytes == record - cut
     assert last.stat().st_size == size - record  # cut back to the last whole record
     assert reopened.next_position == 29 and reopened.durable_position == 28
