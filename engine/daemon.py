@@ -236,7 +236,7 @@ class Daemon:
             if config.channels:
                 self.delivery = self._start_delivery()
             if self.journal is not None:
-                self._replay(restored)
+                self._replay()
             self._apply_current_rules(restored)
             self._last_event_at = clock()
             self._watermark_at_last_event = self.engine.watermark
@@ -328,7 +328,7 @@ class Daemon:
             self.checkpointer.forced = True
         log.info("rules applied to the restored state", extra={"fields": {"rules": str(self.config.rules), **fate}})
 
-    def _replay(self, restored: bool) -> None:
+    def _replay(self) -> None:
         """Apply the journal's entries after the loaded checkpoint, as the engine first saw them.
 
         Instructions of entries the outbox already holds (up to its recorded
@@ -366,8 +366,6 @@ class Daemon:
                                                            "seconds": seconds}})
             if self.checkpointer is not None:
                 self.checkpointer.forced = True
-        elif not restored and journal.next_position > 1:
-            log.info("journal empty after the checkpoint", extra={"fields": {"position": self.applied_position}})
         journal.restore_sequences(self.applied_sequences)
 
     def _apply_reload_entry(self, reload: dict) -> None:
