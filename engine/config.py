@@ -192,7 +192,7 @@ class DaemonConfig:
     channels: dict[str, ChannelConfig] = field(default_factory=dict)  # delivered from the outbox output
     journal: JournalConfig = field(default_factory=JournalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    shutdown_ms: int = 20_000  # SIGTERM: longest the drain waits for outputs that push back
+    shutdown_ms: int = 8_000  # SIGTERM: longest the drain waits for outputs that push back (well inside systemd's 90 s)
     ingest_memory: int = DEFAULT_INGEST_MEMORY  # the most the feeds' messages may hold, queued or unprocessed
 
     @property
@@ -386,7 +386,7 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
     timezone = eng.get("timezone", str, None)
     initial_subscribers = eng.positive("initial_subscribers", 1 << 20)
     lateness_ms = eng.duration_ms("lateness", 0)
-    eng_shutdown_ms = eng.duration_ms("shutdown_timeout", 20_000)
+    eng_shutdown_ms = eng.duration_ms("shutdown_timeout", 8_000)
     eng.done()
 
     batching = _Table(source, "batching", top.get("batching", dict, {}))
