@@ -184,6 +184,7 @@ class Daemon:
         self.outputs: list[OutputQueue] = []
         self.delivery: DeliveryWorker | None = None
         self.journal: Journal | None = None
+        self._channels: dict = {}  # made at start, before the state is loaded; handed to the delivery worker
         self.checkpointer: Checkpointer | None = None
         # (channel, id, outcome, ts) reported by channels on their own threads; the loop applies them.
         self.channel_feedback: deque[tuple[str, str, str, int]] = deque()
@@ -227,6 +228,7 @@ class Daemon:
             self.feedback_decoders = {
                 i.name: FeedbackDecoder(i.format, i.max_message_bytes) for i in config.inputs if i.role == "feedback"
             }
+            self._make_channels()
             self.engine, restored = self._load_engine()
             self.events_processed = self.engine.stats()["events"]
             self.batches_processed = self.engine.stats()["batches"]
@@ -390,10 +392,10 @@ class Daemon:
         })
         self.journal.sync()
 
-    def _start_delivery(self) -> DeliveryWorker:
-        """The configured channels, and the worker that delivers to them from the outbox output."""
-        (outbox,) = [q.output for q in self.outputs if isinstance(q.output, OutboxOutput)]
-        channels = {}
+    def _make_channels(self) -> None:
+        """Make (and so check) every configured channel, before any state is restored: a channel config that
+        cannot be used refuses the start at once, naming `channels.NAME`.  Nothing is started yet."""
+        channels = self._channels
         try:
             for name, channel_config in self.config.channels.items():
                 try:
@@ -407,6 +409,20 @@ class Daemon:
                     backoff_max=channel_config.backoff_max_ms / 1000,
                     max_age=channel_config.max_age_ms / 1000,
                 ))
+        except BaseException:
+            self._close_unstarted_channels()
+            raise
+
+    def _close_unstarted_channels(self) -> None:
+        for channel, _ in self._channels.values():
+            channel.close()
+        self._channels = {}
+
+    def _start_delivery(self) -> DeliveryWorker:
+        """The worker that delivers from the outbox output to the channels made at start."""
+        (outbox,) = [q.output for q in self.outputs if isinstance(q.output, OutboxOutput)]
+        channels, self._channels = self._channels, {}
+        try:
             worker = DeliveryWorker(outbox.path, channels, keep_ms=outbox.keep_ms)
         except BaseException:
             for channel, _ in channels.values():
@@ -893,6 +909,7 @@ class Daemon:
     def _close(self) -> None:
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        self._close_unstarted_channels()
         if self.checkpointer is not None and self.checkpointer.writing:
             self.checkpointer.poll(wait=True)
         if self.journal is not None:

@@ -281,3 +281,21 @@ def test_portal_and_crm_answers_reach_the_engine_in_the_daemon(tmp_path, batch):
     finally:
         daemon.stop()
         sockets.close()
+
+
+def test_a_bad_channel_is_refused_before_any_state_is_restored(tmp_path, batch):
+    """A channel config that cannot be used refuses the start before the checkpoint is loaded (or the journal
+    replayed), so a typo costs no restore time and leaves the state as it was."""
+    inputs = f'[inputs.switch]\nendpoint = "ipc://{tmp_path}/switch"\n'
+    outputs = '[outputs.box]\ntype = "outbox"\npath = "outbox.db"\n'
+    good = (config_text(tmp_path, inputs, outputs, extra='state_dir = "state"')
+            + '[channels.sms]\ntype = "file"\npath = "sent.jsonl"\nmax_age = "36500d"\n')
+    first = DaemonProcess(tmp_path, good, HOTLINE)
+    assert first.stop() == 0
+    assert list((tmp_path / "state" / "checkpoints").glob("*/meta.json"))
+    (tmp_path / "kairos.toml").write_text(good.replace('type = "file"', 'type = "pagr"'), encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "engine.cli", "run", "-c", str(tmp_path / "kairos.toml")],
+                            capture_output=True, text=True, timeout=60, env={**os.environ})
+    assert result.returncode == 2
+    assert "channels.sms" in result.stderr and "pagr" in result.stderr
+    assert "state restored" not in result.stderr
