@@ -244,8 +244,13 @@ class Daemon:
             self._watermark_at_last_event = self.engine.watermark
             self.ingest = config.ingest
             for input_config in config.inputs:
-                self.inputs.append(ZmqInput(input_config, self.context, rcvhwm=self.ingest.rcvhwm[input_config.name],
-                                            share=self.ingest.shares[input_config.name]))
+                try:
+                    self.inputs.append(ZmqInput(input_config, self.context,
+                                                rcvhwm=self.ingest.rcvhwm[input_config.name],
+                                                share=self.ingest.shares[input_config.name]))
+                except zmq.ZMQError as exc:  # a port in use, say: the key tells the operator which line
+                    raise ConfigError(config.source, f"inputs.{input_config.name}",
+                                      f"{input_config.endpoint}: {exc.strerror}") from None
                 self.inputs[-1].counters.senders.update(
                     {sender: seq for (name, sender), seq in self.applied_sequences.items()
                      if name == input_config.name})

@@ -729,3 +729,23 @@ def test_an_oversized_message_cuts_its_sender_off_and_is_counted(tmp_path, daemo
     feeder.send(small)  # the feeder reconnects by itself
     daemon.wait_for_metric("kairos_events_total", 2 * batches[0].num_rows)
     assert daemon.stop() == 0
+
+
+def test_an_endpoint_in_use_is_refused_naming_the_input(tmp_path):
+    import socket as sockets_module
+
+    holder = sockets_module.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        config = tmp_path / "kairos.toml"
+        config.write_text(config_text(tmp_path, f'[inputs.switch]\nendpoint = "tcp://127.0.0.1:{port}"\n'),
+                          encoding="utf-8")
+        (tmp_path / "rules.toml").write_text(RULES, encoding="utf-8")
+        result = subprocess.run([sys.executable, "-m", "engine.cli", "run", "-c", str(config)],
+                                capture_output=True, text=True, timeout=60, env={**os.environ})
+    finally:
+        holder.close()
+    assert result.returncode == 2
+    assert f"kairos.toml: inputs.switch: tcp://127.0.0.1:{port}: Address already in use" in result.stderr
