@@ -38,6 +38,7 @@ import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -680,12 +681,29 @@ class ZmqOutput(Output):
 OUTPUT_TYPES: dict[str, type[Output]] = {cls.kind: cls for cls in (FileOutput, ZmqOutput)}
 
 
-def output_types() -> dict[str, type[Output]]:
-    """Every output type by name: the two above and the channels' outbox (adapters.channels.outbox)."""
-    # Imported here: the outbox module builds on this one.
-    from adapters.channels.outbox import OutboxOutput
+# More output types join by entry point, as channels do: the outbox (pyproject.toml) and any plug-in.  This module
+# names none of them, so that the modules that build on it (the outbox among them) are not imported by it.
+ENTRY_POINT_GROUP = "kairos.outputs"
 
-    return {**OUTPUT_TYPES, OutboxOutput.kind: OutboxOutput}
+
+def output_types() -> dict[str, type[Output]]:
+    """Every output type by name: the two above and those registered in the `kairos.outputs` entry point group."""
+    types: dict[str, type[Output]] = dict(OUTPUT_TYPES)
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = point.load()
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"output type {point.name!r} is registered as {point.value} but cannot be loaded: "
+                             f"{exc}") from exc
+        if not (isinstance(cls, type) and issubclass(cls, Output)):
+            raise ValueError(f"output type {point.name!r}: {point.value} is not a subclass of "
+                             "adapters.outputs.Output")
+        known = types.get(point.name)
+        if known is not None and known is not cls:
+            raise ValueError(f"output type {point.name!r} is registered twice: {known.__module__}."
+                             f"{known.__name__} and {point.value}; uninstall one of them")
+        types[point.name] = cls
+    return types
 
 
 def make_output(name: str, table: dict[str, Any]) -> Output:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import resource
 import signal
+import subprocess
+import sys
 import time
 
 import orjson
@@ -459,3 +461,10 @@ def test_zmq_remote_bind_needs_allow_remote(context):
 def test_zmq_options_refused_with_the_key_named(options, message):
     with pytest.raises(ValueError, match=message):
         ZmqOutput.from_config("z", options)
+
+
+def test_the_outputs_module_imports_no_module_that_builds_on_it():
+    """No import circle: adapters.outputs finds the outbox by entry point, and imports it only when asked."""
+    code = ("import sys, adapters.outputs; "
+            "assert not any(m.startswith('adapters.channels') for m in sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
