@@ -15,7 +15,9 @@ are errors (a misspelt key must not silently fall back to a default).
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,10 @@ SEQUENCE_MODES = ("count", "exact")
 SOCKET_TYPES = ("pull", "sub")
 ROLES = ("events", "feedback")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+UNCONFIGURED_CHANNELS = ("refuse", "warn")  # a rule naming a channel with no [channels.NAME] (docs/daemon.md)
+# Keys that hold secrets, in [metrics] and in every [channels.NAME] table (plug-ins' included): each may be given
+# as itself, as KEY_env (an environment variable's name) or as KEY_file (a file's path); read_secret resolves them.
+SECRET_KEYS = ("password", "token", "dsn")
 
 # Frames ZeroMQ accepts before cutting the sender off, as a multiple of max_message_bytes: messages between the
 # two limits reach Kairos, so that they can be dead-lettered rather than vanish with the connection.
@@ -46,6 +52,68 @@ class ConfigError(ValueError):
         self.key = key
         self.reason = reason
         super().__init__(f"{source}: {key}: {reason}" if key else f"{source}: {reason}")
+
+
+class Secret(str):
+    """A secret read from the config (a password, a token, a DSN).
+
+    A `str` like any other, except that its repr never shows it: an error or a log line that formats one with
+    !r, and the repr of a config holding one, say '<secret>'.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'<secret>'"
+
+
+def read_secret(source: str, prefix: str, table: dict, name: str, base: Path,
+                warnings: list | None = None) -> tuple[Secret | None, list[str]]:
+    """The secret under key `name` of `table`, and the keys it came from (to mark them read).
+
+    The secret is given as `name` itself, as `name_env` (the name of an environment variable holding it) or as
+    `name_file` (the path of a file holding it, relative to the config file; a trailing newline is not part of
+    it), exactly one of them.  A variable that is not set, a file that cannot be read and an empty secret are
+    refused, naming the file and the key; no error says what the secret is.  A file that the group or others may
+    read is used, and a warning about it is added to `warnings`.
+    """
+    given = [key for key in (name, f"{name}_env", f"{name}_file") if key in table]
+    if not given:
+        return None, []
+    if len(given) > 1:
+        raise ConfigError(source, f"{prefix}.{given[1]}",
+                          f"give one of {name}, {name}_env and {name}_file, not {' and '.join(given)}")
+    (key,) = given
+    value = table[key]
+    if key == name:
+        if not isinstance(value, str):
+            raise ConfigError(source, f"{prefix}.{key}", f"expected a string, got {type(value).__name__}")
+        return Secret(value), given
+    if not isinstance(value, str) or not value:
+        what = "the name of an environment variable" if key.endswith("_env") else "the path of a file"
+        raise ConfigError(source, f"{prefix}.{key}", f"expected {what} holding {name}, got {value!r}")
+    if key.endswith("_env"):
+        secret = os.environ.get(value)
+        if secret is None:
+            raise ConfigError(source, f"{prefix}.{key}", f"environment variable {value} is not set")
+        if not secret:
+            raise ConfigError(source, f"{prefix}.{key}", f"environment variable {value} is empty")
+        return Secret(secret), given
+    path = (base / value).resolve()
+    try:
+        mode = path.stat().st_mode
+        secret = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(source, f"{prefix}.{key}", f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(source, f"{prefix}.{key}", f"{path} is not UTF-8 text") from None
+    if not secret:
+        raise ConfigError(source, f"{prefix}.{key}", f"{path} is empty")
+    if mode & (stat.S_IRGRP | stat.S_IROTH) and warnings is not None:
+        warnings.append(("secret file readable by others", {
+            "config": source, "key": f"{prefix}.{key}", "path": str(path), "mode": f"{stat.S_IMODE(mode):04o}",
+            "fix": f"chmod 600 {path}"}))
+    return Secret(secret), given
 
 
 @dataclass(frozen=True)
@@ -185,7 +253,7 @@ class DaemonConfig:
     max_waiting_instructions: int = 1_000_000  # per output; while one has this many waiting, feeds are not read
     metrics_host: str | None = "127.0.0.1"  # None: no HTTP server
     metrics_port: int = 9464
-    metrics_token: str | None = None
+    metrics_token: str | None = field(default=None, repr=False)
     deadletter_dir: Path = Path("deadletter")
     deadletter_rotate_bytes: int = 64 << 20
     log_level: str = "info"
@@ -194,6 +262,11 @@ class DaemonConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     shutdown_ms: int = 8_000  # SIGTERM: longest the drain waits for outputs that push back (well inside systemd's 90 s)
     ingest_memory: int = DEFAULT_INGEST_MEMORY  # the most the feeds' messages may hold, queued or unprocessed
+    # A rule naming a channel no [channels.NAME] configures, while an outbox is: "refuse" the start (or reload),
+    # or "warn" and let its instructions wait in the outbox.
+    unconfigured_channels: str = "refuse"
+    # (message, fields) the daemon logs as warnings at start: things in the config that work but should not be so.
+    warnings: tuple[tuple[str, dict], ...] = ()
 
     @property
     def ingest(self) -> IngestPlan:
@@ -318,7 +391,7 @@ def _input(source: str, name: str, table: object) -> InputConfig:
 _CHANNEL_PATH_KEYS = ("path", "messages_path")
 
 
-def _channel(source: str, name: str, table: object, base: Path) -> ChannelConfig:
+def _channel(source: str, name: str, table: object, base: Path, warnings: list | None = None) -> ChannelConfig:
     t = _Table(source, f"channels.{name}", table)
     kind = t.get("type", str)
     if not kind:
@@ -344,6 +417,12 @@ def _channel(source: str, name: str, table: object, base: Path) -> ChannelConfig
     if config.max_age_ms < 1:
         raise t.error("max_age", "must be longer than 0ms: an instruction that is never valid is never sent")
     options = {key: value for key, value in t.table.items() if key not in t.used}
+    for key in SECRET_KEYS:  # the channel sees KEY however it was given
+        secret, given = read_secret(source, t.prefix, options, key, base, warnings)
+        for form in given:
+            del options[form]
+        if secret is not None:
+            options[key] = secret
     for key in _CHANNEL_PATH_KEYS:
         if isinstance(options.get(key), str) and options[key]:
             options[key] = str((base / options[key]).resolve())  # relative to the config file
@@ -387,7 +466,9 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
     initial_subscribers = eng.positive("initial_subscribers", 1 << 20)
     lateness_ms = eng.duration_ms("lateness", 0)
     eng_shutdown_ms = eng.duration_ms("shutdown_timeout", 8_000)
+    unconfigured_channels = eng.choice("unconfigured_channels", UNCONFIGURED_CHANNELS, "refuse")
     eng.done()
+    warnings: list[tuple[str, dict]] = []
 
     batching = _Table(source, "batching", top.get("batching", dict, {}))
     max_batch_events = batching.positive("max_events", 65_536)
@@ -400,7 +481,9 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
 
     metrics = _Table(source, "metrics", top.get("metrics", dict, {}))
     metrics_host, metrics_port = _listen(metrics, "127.0.0.1:9464")
-    metrics_token = metrics.get("token", str, None) or None
+    metrics_token, given = read_secret(source, "metrics", metrics.table, "token", base, warnings)
+    metrics.used.update(given)
+    metrics_token = metrics_token or None
     metrics.done()
 
     deadletter = _Table(source, "deadletter", top.get("deadletter", dict, {}))
@@ -478,7 +561,8 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
         raise ConfigError(source, "outputs", "at least one output is required, or instructions go nowhere")
 
     channels_table = _Table(source, "channels", top.get("channels", dict, {}))
-    channels = {name: _channel(source, name, channels_table.get(name, dict), base) for name in channels_table.table}
+    channels = {name: _channel(source, name, channels_table.get(name, dict), base, warnings)
+                for name in channels_table.table}
     outboxes = [name for name, table in outputs.items() if table["type"] == "outbox"]
     if len(outboxes) > 1:
         raise ConfigError(source, f"outputs.{outboxes[1]}", "only one output may be an outbox")
@@ -514,6 +598,8 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
         checkpoint=checkpoint,
         shutdown_ms=shutdown_ms,
         ingest_memory=ingest_memory,
+        unconfigured_channels=unconfigured_channels,
+        warnings=tuple(warnings),
     )
 
 

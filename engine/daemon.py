@@ -228,7 +228,10 @@ class Daemon:
             self.feedback_decoders = {
                 i.name: FeedbackDecoder(i.format, i.max_message_bytes) for i in config.inputs if i.role == "feedback"
             }
+            for message, fields in config.warnings:  # what in the config works but should not be so
+                log.warning(message, extra={"fields": fields})
             self._make_channels()
+            self._check_rule_channels(self._rules())
             self.engine, restored = self._load_engine()
             self.events_processed = self.engine.stats()["events"]
             self.batches_processed = self.engine.stats()["batches"]
@@ -417,6 +420,28 @@ class Daemon:
         except BaseException:
             self._close_unstarted_channels()
             raise
+
+    def _check_rule_channels(self, ruleset: RuleSet) -> None:
+        """With an outbox, a (live) rule naming a channel no `[channels.NAME]` configures is refused, naming the
+        rules file, the rule and the channel: its instructions would wait in the outbox for good.  With
+        `[engine] unconfigured_channels = "warn"` each such channel is logged instead."""
+        if not any(table["type"] == "outbox" for table in self.config.outputs.values()):
+            return
+        missing = [(rule.id, channel) for rule in ruleset.rules if not rule.shadow
+                   for channel in rule.channels if channel not in self.config.channels]
+        configured = ", ".join(self.config.channels)
+        if missing and self.config.unconfigured_channels == "warn":
+            for rule_id, channel in missing:
+                log.warning("rule names a channel that is not configured; its instructions wait in the outbox",
+                            extra={"fields": {"rules": ruleset.source, "rule": rule_id, "channel": channel,
+                                              "configured": configured}})
+        elif missing:
+            rule_id, channel = missing[0]
+            also = "".join(f"; also rule {r!r}: channel {c!r}" for r, c in missing[1:])
+            raise ConfigError(ruleset.source, f"rule {rule_id!r}", (
+                f"channel {channel!r} is not configured: {self.config.source} has no [channels.{channel}] "
+                f"(configured: {configured}), so its instructions would wait in the outbox for good{also}; "
+                "configure the channel, correct the rule, or set [engine] unconfigured_channels = \"warn\""))
 
     def _close_unstarted_channels(self) -> None:
         for channel, _ in self._channels.values():
@@ -746,8 +771,9 @@ class Daemon:
         """Rules (and profiles, when configured) from their files; either refused leaves both as they were."""
         try:
             ruleset = self._rules()
+            self._check_rule_channels(ruleset)
             profiles = ProfileStore.load(self.config.profiles) if self.config.profiles is not None else None
-        except (RulesError, ProfileError, OSError) as exc:
+        except (RulesError, ConfigError, ProfileError, OSError) as exc:
             self.reloads["refused"] += 1
             log.error("reload refused; the old rules and profiles keep running", extra={"fields": {"error": str(exc)}})
             future.set_result((False, str(exc)))

@@ -161,7 +161,17 @@ def _channels(daemon: Daemon) -> list[MetricFamily]:
               [({"channel": c}, s["in_flight"]) for c, s in stats.items()]),
         counter("kairos_channel_feedback_reports", "Outcomes reported by channels: applied, unknown id, invalid.",
                 [({"channel": c, "result": r}, n) for (c, r), n in dict(daemon.channel_feedback_results).items()]),
+        counter("kairos_channel_stat", "Each channel's own counters (its stats(): replies_unmatched, empty_answers, "
+                "store_errors, reports_..., a plug-in's), per channel and stat.",
+                [({"channel": c, "stat": stat}, n) for c, own in _channel_stats(delivery).items()
+                 for stat, n in sorted(own.items())]),
     ]
+
+
+def _channel_stats(delivery) -> dict[str, dict[str, int | float]]:
+    """Channel name -> its own `stats()`, apart from the delivery worker's counters; numbers only."""
+    return {name: {str(stat): n for stat, n in channel.stats().items() if isinstance(n, int | float)}
+            for name, (channel, _) in delivery.channels.items()}
 
 
 def _mode(rule_stats: dict) -> str:

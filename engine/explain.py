@@ -9,15 +9,21 @@ active period.  Warnings name what is legal but almost surely a mistake:
   period that ends before it starts or whose days or hours exclude every
   moment;
 - a filter on a field that none of the rule's kinds carries
-  (engine.schema.KIND_FIELDS): the field reads 0 on every event it sees.
+  (engine.schema.KIND_FIELDS): the field reads 0 on every event it sees;
+- a channel name that is neither a built-in channel nor an installed
+  plug-in's (the `kairos.channels` entry points): a typo, unless the daemon's
+  config names a channel so (`[channels.NAME]`), which this check cannot see.
 
-Warnings are conservative: a warning is a proof, silence is not.
+Warnings are conservative: a warning is a proof, silence is not (the channel
+warning excepted: it proves only that no channel type has that name).
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
+from importlib.metadata import entry_points
 
+from adapters.channels import BUILTIN_CHANNELS, ENTRY_POINT_GROUP
 from engine.compiler import evaluation_order, profile_tests
 from engine.rules import (
     Absence,
@@ -202,7 +208,20 @@ def rule_warnings(rule: Rule, ruleset: RuleSet | None = None) -> list[str]:
         kinds = [KINDS[k] for k in rule.on]
         if column not in _ALWAYS_CARRIED and not any(column in KIND_FIELDS[kind] for kind in kinds):
             warnings.append(f"field {column} is never carried by {', '.join(kinds)} events (it reads 0 there)")
+    for channel in _unknown_channels(rule.channels):
+        warnings.append(f"channel {channel} is neither a built-in channel ({', '.join(BUILTIN_CHANNELS)}) nor an "
+                        f"installed plug-in's: with an outbox, kairos run refuses the rule unless its config has "
+                        f"[channels.{channel}]")
     return warnings
+
+
+def _unknown_channels(channels: tuple[str, ...]) -> list[str]:
+    """The names in `channels` that no channel type has (built-in, or a `kairos.channels` entry point)."""
+    unknown = [c for c in channels if c not in BUILTIN_CHANNELS]
+    if unknown:  # only then look the plug-ins up
+        plugins = {point.name for point in entry_points(group=ENTRY_POINT_GROUP)}
+        unknown = [c for c in unknown if c not in plugins]
+    return unknown
 
 
 def _after_cycle(rule: Rule, ruleset: RuleSet) -> list[str] | None:

@@ -12,11 +12,13 @@ is missing for that subscriber):
 | column             | Arrow type   | CSV text       | meaning |
 |--------------------|--------------|----------------|---------|
 | `opt_out`          | bool         | true/false/1/0 | no marketing at all |
-| `opt_out_channels` | list<string> | `sms;mms`      | channels the subscriber refused |
+| `opt_out_channels` | list<string> | `sms;mms`      | channels the subscriber refused; missing = none |
 | `channels`         | list<string> | `sms;portal`   | channels the subscriber accepts; missing = all |
-| `contact_days`     | list<int>    | `1;2;3;4;5`    | ISO weekdays for active channels; missing or []: the policy's |
+| `contact_days`     | list<int>    | `1;2;3;4;5`    | ISO weekdays for active channels; missing = the policy's |
 
 In CSV a list is one field, items separated by `;`, `,`, `|` or spaces.
+An empty list in these three columns (`[]` in Parquet or Arrow, an empty
+field in CSV) states no preference: it is read as missing, in every format.
 Other columns are kept as they are, for the `where` and `audience` tests on
 profile fields (`profile.NAME`, docs/rules.md).
 
@@ -154,9 +156,12 @@ class ProfileStore:
             # "" splits to [""]: an empty field is an empty list
             column = pc.if_else(pc.equal(text, ""), pa.scalar([], pa.list_(pa.string())), split)
         try:
-            return column.cast(pa.list_(item_type))
+            column = column.cast(pa.list_(item_type))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             raise self._fail(f"column {name!r} must be a list of {item_type}") from None
+        # An empty list is no preference, as a missing value is: `channels = []` must not mean "no channel".
+        empty = pc.equal(pc.list_value_length(column), 0)
+        return pc.if_else(empty, pa.scalar(None, column.type), column)
 
     def rows(self, msisdn: np.ndarray) -> np.ndarray:
         """Row of each msisdn in the table, -1 for subscribers without a profile."""

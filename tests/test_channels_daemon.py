@@ -299,3 +299,35 @@ def test_a_bad_channel_is_refused_before_any_state_is_restored(tmp_path, batch):
     assert result.returncode == 2
     assert "channels.sms" in result.stderr and "pagr" in result.stderr
     assert "state restored" not in result.stderr
+
+
+def test_every_channels_own_counters_reach_metrics(tmp_path, monkeypatch):
+    """Each channel's `stats()` (replies_unmatched, empty_answers, a plug-in's own counters) is on /metrics as
+    kairos_channel_stat_total{channel, stat}; values that are not numbers are left out."""
+    from test_metrics import parse_exposition
+
+    from engine.daemon import Daemon
+
+    (tmp_path / "rules.toml").write_text(HOTLINE, encoding="utf-8")
+    config = parse_config(config_text(tmp_path, f'[inputs.switch]\nendpoint = "ipc://{tmp_path}/switch"\n',
+                                      '[outputs.box]\ntype = "outbox"\npath = "outbox.db"\n')
+                          + '[channels.sms]\ntype = "file"\npath = "sent.jsonl"\n'
+                          + '[channels.note]\ntype = "stdout"\n', str(tmp_path / "kairos.toml"), tmp_path)
+    daemon = Daemon(config)
+    try:
+        sms = daemon.delivery.channels["sms"][0]
+        monkeypatch.setattr(sms, "stats", lambda: {"replies_unmatched": 3, "pigeons_lost": 2, "mood": "fine"})
+        server = daemon.metrics_server
+        with urllib.request.urlopen(f"http://{server.host}:{server.port}/metrics", timeout=10) as reply:
+            families = parse_exposition(reply.read().decode())
+        family = families["kairos_channel_stat_total"]
+        assert family["type"] == "counter"
+        samples = {dict(labels)["channel"] + "/" + dict(labels)["stat"]: value
+                   for (_, labels), value in family["samples"].items()}
+        assert samples == {"sms/pigeons_lost": 2, "sms/replies_unmatched": 3, "note/written": 0,
+                           "note/duplicates": 0}
+        # the delivery worker's counters stay in their own families
+        assert ("kairos_channel_delivered_total", frozenset({("channel", "sms")})) in \
+            families["kairos_channel_delivered_total"]["samples"]
+    finally:
+        daemon._close()

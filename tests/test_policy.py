@@ -108,9 +108,19 @@ def test_profile_channel_preference_and_missing_means_all(make):
 
 
 def test_profile_accepting_no_channel_of_the_rule_is_no_channel(make):
-    engine = make(rule("a"), profiles({"msisdn": SUB, "channels": []}))
+    engine = make(rule("a"), profiles({"msisdn": SUB, "channels": ["crm"]}))
     assert run(engine, [ev(0)]) == []
     assert stopped(engine, "a") == {"no_channel": 1}
+
+
+def test_empty_profile_lists_state_no_preference(make):
+    # channels = [] is not "no channel": like a missing value it accepts all; [] refuses none and keeps the days
+    engine = make(rule("a", channels='["sms", "portal"]'),
+                  profiles({"msisdn": SUB, "channels": [], "opt_out_channels": [], "contact_days": []},
+                           {"msisdn": OTHER, "channels": ["portal"], "opt_out_channels": [], "contact_days": []}))
+    out = run(engine, [ev(0), ev(1, OTHER)])
+    assert [(r["msisdn"], r["channel"]) for r in out] == [(SUB, "sms"), (OTHER, "portal")]
+    assert stopped(engine, "a") == {}
 
 
 # ---------------------------------------------------------------------------

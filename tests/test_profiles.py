@@ -140,3 +140,45 @@ def test_issued_memory_is_bounded_and_old_ids_are_unknown():
     engine.process(make_batch([{"ts": 20_000, "msisdn": 99, "kind": 0}]))
     assert engine.feedback(ids[-1], "delivered", 20_001) == {"applied": 0, "unknown": 1, "invalid": 0}
     assert engine.stats()["feedback"] == {"applied": 3, "unknown": 3, "invalid": 0}
+
+
+# An empty list is no preference, as a missing value is, for every policy list column and in every format.
+EMPTY = pa.table({
+    "msisdn": pa.array([1, 2, 3], pa.int64()),
+    "channels": pa.array([[], None, ["portal"]], pa.list_(pa.string())),
+    "opt_out_channels": pa.array([[], None, ["sms"]], pa.list_(pa.string())),
+    "contact_days": pa.array([[], None, [6, 7]], pa.list_(pa.int64())),
+})
+
+
+def write_empty_lists(tmp_path, kind: str):
+    path = tmp_path / {"parquet": "e.parquet", "ipc-file": "e.arrow", "ipc-stream": "e.arrows"}.get(kind, "e.csv")
+    if kind == "parquet":
+        pq.write_table(EMPTY, path)
+    elif kind == "ipc-file":
+        with ipc.new_file(str(path), EMPTY.schema) as writer:
+            writer.write_table(EMPTY)
+    elif kind == "ipc-stream":
+        with ipc.new_stream(str(path), EMPTY.schema) as writer:
+            writer.write_table(EMPTY)
+    elif kind == "csv":  # an empty field is null
+        path.write_text('msisdn,channels,opt_out_channels,contact_days\n1,,,\n2,,,\n3,portal,sms,"6,7"\n')
+    else:  # "csv-separators": a field of separators only is an empty list
+        path.write_text('msisdn,channels,opt_out_channels,contact_days\n1,;,"",| \n2,,,\n3,portal,sms,6;7\n')
+    return path
+
+
+@pytest.mark.parametrize("kind", ["parquet", "ipc-file", "ipc-stream", "csv", "csv-separators"])
+def test_an_empty_list_reads_as_missing_in_every_format(tmp_path, kind):
+    store = ProfileStore.load(write_empty_lists(tmp_path, kind))
+    channels = ("sms", "portal", "mms")
+    arrays = store.policy_arrays(channels)
+    # 1 (empty lists) reads as 2 (nulls): every channel, none refused, the policy's days
+    assert arrays["allowed"].tolist() == [2**64 - 1, 2**64 - 1, 0b010]
+    assert arrays["days"].tolist() == [0, 0, 0b1100000]
+    assert arrays["flags"].tolist() == [0, 0, 0]
+    assert store.get(1) == {"msisdn": 1} and store.get(2) == {"msisdn": 2}
+    reference = ProfileStore(EMPTY).policy_arrays(channels)
+    for key, values in arrays.items():
+        assert values.tolist() == reference[key].tolist(), key
+

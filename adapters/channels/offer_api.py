@@ -100,7 +100,8 @@ class OfferChannel(Channel):
         if dsn is not None and path is not None:
             raise o.error("dsn", "and 'path' are exclusive: dsn for PostgreSQL, path for a SQLite file")
         if dsn is not None and not dsn.startswith(("postgresql://", "postgres://")):
-            raise o.error("dsn", f"must be a postgresql:// URL, not {dsn!r}")
+            # not echoed: a DSN may hold a password
+            raise o.error("dsn", "must be a postgresql:// URL (postgresql://user@host:port/db); the value is not shown")
         timeout = o.seconds("timeout", 0.5)
         kwargs = {
             "listen": o.listen("listen", cls.default_listen),
