@@ -27,7 +27,15 @@ from engine.instructions import InstructionBuilder
 from engine.policy import FOREVER, OUTCOME_CODES, OUTCOMES, rule_report
 from engine.profiles import ProfileStore
 from engine.rules import Absence, Rule, RuleSet, load_rules, parse_rules
-from engine.schema import EVENT_COLUMNS, MAX_TS, MIN_TS, TS_RANGE, EventColumns, validate_events
+from engine.schema import (
+    EVENT_COLUMNS,
+    MAX_TS,
+    MIN_TS,
+    TS_RANGE,
+    UNKNOWN_COLUMNS,
+    EventColumns,
+    validate_events,
+)
 
 log = logging.getLogger("kairos.engine")
 
@@ -60,8 +68,16 @@ class Engine:
         issued_max_entries: int = DEFAULT_MAX_ENTRIES,
         issued_max_age: int = DEFAULT_MAX_AGE,
         lateness: int = 0,
+        unknown_columns: str = "refuse",
     ):
-        """`lateness` (ms) is how far the timer watermark trails the largest event ts seen (SPEC section 8)."""
+        """`lateness` (ms) is how far the timer watermark trails the largest event ts seen (SPEC section 8).
+
+        `unknown_columns`: "refuse" (a batch with a column SPEC section 2 does not name raises BatchError
+        naming it, so that a misspelt `durration` is not read as 0) or "ignore" (extra fields pass).
+        """
+        if unknown_columns not in UNKNOWN_COLUMNS:
+            raise ValueError(f"unknown_columns must be one of {', '.join(UNKNOWN_COLUMNS)}, not {unknown_columns!r}")
+        self._unknown_columns = unknown_columns
         self.ruleset = ruleset
         self._initial_subscribers = initial_subscribers
         self._lateness = int(lateness)
@@ -118,7 +134,7 @@ class Engine:
         raises engine.BatchError and changes no state.  Events are processed
         in row order; instructions come out in the order of their events.
         """
-        events = validate_events(batch)
+        events = validate_events(batch, unknown_columns=self._unknown_columns)
         # Read while validation has left the column in cache; the kernel's state traffic evicts it.
         newest = int(events["ts"].max()) if events.n else -1
         output = self._kernel.process(events.columns, events.n)

@@ -14,6 +14,7 @@ the first bad row it returns which rows pass, so wire decoders
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 import numpy as np
@@ -212,20 +213,34 @@ def _check_range(columns: list, name: str, low: int | None, high: int | None, re
     raise BatchError(name, row, f"value {col[row]} {reason}")
 
 
-def validate_events(batch) -> EventColumns:
+UNKNOWN_COLUMNS = ("refuse", "ignore")
+
+
+def validate_events(batch, *, unknown_columns: str = "refuse") -> EventColumns:
     """Check a batch against SPEC section 2 and return its canonical columns.
 
     Raises BatchError naming the column and the first bad row for: a missing
     required column, a non-integer or null column, a value that does not fit
     the column's type, ts outside MIN_TS..MAX_TS, msisdn <= 0, or an unknown
-    kind code.  Columns that are not in the schema are ignored (feeds may carry
-    extra fields).
+    kind code.  A column that is not in the schema is refused too, naming it
+    and the nearest column name (`durration`: did you mean `duration`?): a
+    misspelt column would otherwise read as 0 in every row without a word.
+    `unknown_columns="ignore"` takes batches that carry extra fields.
 
     This is the embedding API's check: a batch is accepted whole or refused.
     `validate_rows` is its per-row counterpart for ingest, where the good rows
     of a batch are kept and the bad ones rejected one by one.
     """
     sources, n = _column_sources(batch)
+    if unknown_columns != "ignore":
+        if unknown_columns != "refuse":
+            raise ValueError(f"unknown_columns must be one of {', '.join(UNKNOWN_COLUMNS)}, not {unknown_columns!r}")
+        for name in sources:
+            if name not in COLUMN_DTYPES:
+                near = difflib.get_close_matches(str(name), EVENT_COLUMNS, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else f"; the columns are {', '.join(EVENT_COLUMNS)}"
+                raise BatchError(str(name), None, "is not an event column (SPEC section 2)" + hint +
+                                 " (Engine(unknown_columns=\"ignore\") takes extra columns)")
     for name in REQUIRED_COLUMNS:
         if name not in sources:
             raise BatchError(name, None, "required column is missing")

@@ -222,11 +222,35 @@ def test_not_a_batch():
         validate_events([{"ts": 1, "msisdn": 1, "kind": 0}])
 
 
-def test_unknown_extra_columns_are_ignored():
+def test_an_unknown_column_is_refused_naming_it_and_the_nearest_name():
+    batch = good()
+    batch["durration"] = np.arange(6, dtype=np.int32)
+    with pytest.raises(BatchError, match="'durration'.*did you mean 'duration'") as caught:
+        validate_events(batch)
+    assert caught.value.column == "durration"
+    batch = good()
+    batch["subscriber_note"] = np.arange(6)
+    with pytest.raises(BatchError, match="subscriber_note.*the columns are ts, msisdn"):
+        validate_events(batch)
+
+
+def test_unknown_extra_columns_are_ignored_when_asked():
     batch = good()
     batch["imsi"] = np.arange(6)
     batch["note"] = np.array(["x"] * 6)
-    assert validate_events(batch).n == 6
+    assert validate_events(batch, unknown_columns="ignore").n == 6
+    with pytest.raises(ValueError, match="unknown_columns"):
+        validate_events(batch, unknown_columns="lenient")
+
+
+def test_the_engine_refuses_a_misspelt_column_unless_told_to_ignore_it():
+    from engine import Engine
+
+    batch = good()
+    batch["durration"] = np.arange(6, dtype=np.int32)
+    with pytest.raises(BatchError, match="durration"):
+        Engine.from_text("").process(batch)
+    assert Engine.from_text("", unknown_columns="ignore").process(batch).num_rows == 0
 
 
 def test_max_ts_keeps_local_days_inside_the_caps_keys():
