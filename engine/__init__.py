@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 from engine._fast.kernel import shard_of
+from engine._version import __version__
 from engine.engine import Engine
 from engine.profiles import ProfileError, ProfileStore
 from engine.rules import RulesError, RuleSet, load_rules, parse_rules
@@ -39,6 +40,7 @@ __all__ = [
     "ProfileStore",
     "RuleSet",
     "RulesError",
+    "__version__",
     "get_include",
     "load_rules",
     "parse_rules",

@@ -5,6 +5,9 @@
     kairos run -c kairos.toml
     kairos replay CAPTURE... --to ENDPOINT --input NAME --sender ID [--acks URL] [--rows N]
     kairos forget -c kairos.toml MSISDN... [--by NAME]
+    kairos outbox -c kairos.toml list|retry|purge [filters]
+    kairos deadletters -c kairos.toml list|replay|purge [filters]
+    kairos --version
 
 `main(argv)` returns the exit status instead of exiting, so tests call it
 directly: 0 success, 2 bad input (a rules file that does not compile, a bad
@@ -23,6 +26,8 @@ from zoneinfo import ZoneInfo
 
 import pyarrow as pa
 
+from engine import admin
+from engine._version import __version__
 from engine.engine import Engine
 from engine.explain import (
     describe_active,
@@ -367,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kairos", description="Kairos: real-time event engine for telecom marketing."
     )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = commands.add_parser(
@@ -435,12 +441,24 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("msisdns", nargs="+", type=_positive_int, metavar="MSISDN", help="subscriber numbers")
     forget.add_argument("--by", metavar="NAME", help="who asks, for the record (default: the user name)")
     forget.set_defaults(run=run_forget)
+
+    admin.add_outbox_arguments(commands.add_parser(
+        "outbox", help="list, retry or purge outbox instructions (safe while the daemon runs)",
+        description="Look at the outbox of a config's type = \"outbox\" output: list instructions by channel, "
+        "rule, status, reason and age; put parked ones back to pending (retry); delete finished ones (purge)."))
+    admin.add_deadletters_arguments(commands.add_parser(
+        "deadletters", help="list, replay or purge dead letters (safe while the daemon runs)",
+        description="Look at a config's dead-letter files: count by input and reason (list), send what now "
+        "decodes back to the daemon (replay), delete old files (purge)."))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.version:
+        print(f"kairos {__version__}")
+        return EXIT_OK
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

@@ -256,6 +256,8 @@ class DaemonConfig:
     metrics_token: str | None = field(default=None, repr=False)
     deadletter_dir: Path = Path("deadletter")
     deadletter_rotate_bytes: int = 64 << 20
+    deadletter_keep_bytes: int = 1 << 30  # retention: the files together hold at most this (oldest deleted first)
+    deadletter_keep_ms: int = 30 * 86_400_000  # retention: files last written longer ago are deleted
     log_level: str = "info"
     channels: dict[str, ChannelConfig] = field(default_factory=dict)  # delivered from the outbox output
     journal: JournalConfig = field(default_factory=JournalConfig)
@@ -489,6 +491,16 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
     deadletter = _Table(source, "deadletter", top.get("deadletter", dict, {}))
     deadletter_dir = path(deadletter, "path", "deadletter")
     deadletter_rotate = deadletter.positive("rotate_bytes", 64 << 20)
+    try:
+        deadletter_keep_bytes = parse_size(deadletter.get("keep_bytes", (int, str), 1 << 30))
+    except ValueError as exc:
+        raise deadletter.error("keep_bytes", str(exc)) from None
+    if deadletter_keep_bytes < deadletter_rotate:
+        raise deadletter.error("keep_bytes", f"{deadletter_keep_bytes} bytes cannot hold one file of rotate_bytes "
+                               f"({deadletter_rotate}); raise it or lower rotate_bytes")
+    deadletter_keep_ms = deadletter.duration_ms("keep", 30 * 86_400_000)
+    if deadletter_keep_ms < 1:
+        raise deadletter.error("keep", "must be longer than 0ms")
     deadletter.done()
 
     journal_table = _Table(source, "journal", top.get("journal", dict, {}))
@@ -592,6 +604,8 @@ def parse_config(text: str, source: str = "<string>", base: Path | None = None) 
         metrics_token=metrics_token,
         deadletter_dir=deadletter_dir,
         deadletter_rotate_bytes=deadletter_rotate,
+        deadletter_keep_bytes=deadletter_keep_bytes,
+        deadletter_keep_ms=deadletter_keep_ms,
         log_level=log_level,
         channels=channels,
         journal=journal,

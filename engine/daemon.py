@@ -218,7 +218,8 @@ class Daemon:
         self.undelivered = 0  # instructions no output took at shutdown
         self.heartbeat = clock()
         try:
-            self.deadletter = DeadLetterFile(config.deadletter_dir, config.deadletter_rotate_bytes, clock=wall)
+            self.deadletter = DeadLetterFile(config.deadletter_dir, config.deadletter_rotate_bytes, clock=wall,
+                                             keep_bytes=config.deadletter_keep_bytes, keep_ms=config.deadletter_keep_ms)
             self.decoders = {
                 i.name: make_decoder(i.format, FieldMap.from_config(i.fields) if i.fields else None,
                                      columns=list(i.columns) if i.columns else None,

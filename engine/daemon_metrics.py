@@ -7,9 +7,14 @@ under the GIL).  docs/daemon.md, "Metrics and health", lists every family.
 
 from __future__ import annotations
 
+import platform
 import sqlite3
 from typing import TYPE_CHECKING
 
+import numpy as np
+import pyarrow as pa
+
+from engine._version import __version__
 from engine.metrics import MetricFamily, counter, gauge, histogram
 
 if TYPE_CHECKING:
@@ -22,6 +27,7 @@ def metric_families(daemon: Daemon) -> list[MetricFamily]:
     rules = stats["rules"]
     feeds = daemon.inputs
     return [
+        build_info(),
         counter("kairos_input_messages", "Messages received per input.",
                 [({"input": f.name}, f.counters.messages) for f in feeds]),
         counter("kairos_input_bytes", "Payload bytes received per input.",
@@ -103,6 +109,13 @@ def metric_families(daemon: Daemon) -> list[MetricFamily]:
                 [({"result": result}, n) for result, n in daemon.reloads.items()]),
         *_durability(daemon),
     ]
+
+def build_info() -> MetricFamily:
+    """`kairos_build_info`: 1, labelled with the versions running (a dashboard joins it to tell releases apart)."""
+    return gauge("kairos_build_info", "Always 1; the labels are the versions of Kairos, Python, pyarrow and numpy.",
+                 [({"version": __version__, "python": platform.python_version(), "pyarrow": pa.__version__,
+                    "numpy": np.__version__}, 1)])
+
 
 def _durability(daemon: Daemon) -> list[MetricFamily]:
     families = []

@@ -45,6 +45,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import orjson
 
+from engine._version import __version__
 from engine.exposure import is_loopback_host
 
 log = logging.getLogger(__name__)
@@ -387,9 +388,12 @@ class _Server6(ThreadingHTTPServer):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server_version = "kairos"
+    server_version = f"kairos/{__version__}"
     sys_version = ""
     timeout = REQUEST_TIMEOUT
+
+    def version_string(self) -> str:
+        return self.server_version  # the Server header: "kairos/X.Y.Z", without the Python version
 
     @property
     def metrics(self) -> MetricsServer:

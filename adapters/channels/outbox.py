@@ -33,7 +33,8 @@ many attempts.  `Rejected` parks at once.  Each channel has `concurrency` thread
 set, a token bucket of `rate` messages per second (bursts of up to `burst`).
 
 Delivered and holdout rows are deleted once older than the output's `keep`; that is also how long a
-replayed id is recognised.  Parked rows stay until someone looks at them.
+replayed id is recognised.  Parked rows stay until an operator retries or deletes them
+(`kairos outbox`, docs/daemon.md, "Admin commands"; `Outbox.retry_parked`, `Outbox.delete_rows`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,61 @@ def _expired_reason(valid_until_ms: int, attempts: int, last: str) -> str:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """The rows an operator means (`kairos outbox`, docs/daemon.md): every condition given holds.
+
+    Rows are taken least recently changed first, so `limit` keeps to the oldest."""
+
+    channel: str | None = None
+    rule: str | None = None
+    statuses: tuple[str, ...] = ()  # any of these; empty: any status
+    reason: str | None = None  # a substring of `reason`, whatever the case
+    updated_before: int | None = None  # ms since the epoch: last changed before this
+    updated_since: int | None = None  # ms since the epoch: last changed at or after this
+    limit: int | None = None  # at most this many rows
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.statuses if s not in STATUSES]
+        if unknown:
+            raise ValueError(f"unknown status {unknown[0]!r} ({', '.join(STATUSES)})")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be at least 1, got {self.limit}")
+
+    def where(self) -> tuple[str, list[Any]]:
+        """The SQL condition (for `WHERE`) and its parameters."""
+        terms, params = ["1"], []
+        for column, value in (("channel", self.channel), ("rule", self.rule)):
+            if value is not None:
+                terms.append(f"{column} = ?")
+                params.append(value)
+        if self.statuses:
+            terms.append(f"status IN ({', '.join('?' * len(self.statuses))})")
+            params.extend(self.statuses)
+        if self.reason is not None:
+            terms.append("instr(lower(reason), lower(?)) > 0")
+            params.append(self.reason)
+        if self.updated_before is not None:
+            terms.append("updated_at < ?")
+            params.append(self.updated_before)
+        if self.updated_since is not None:
+            terms.append("updated_at >= ?")
+            params.append(self.updated_since)
+        return " AND ".join(terms), params
+
+
+def _past_validity(expired_upto: Mapping[str, int]) -> tuple[str, list[Any]]:
+    """SQL true for a row whose validity has ended: `expired_upto[channel]` is now less the channel's max_age
+    (the claim's test, `take`); a channel not named has no limit."""
+    if not expired_upto:
+        return "0", []
+    terms, params = [], []
+    for channel, upto in expired_upto.items():
+        terms.append("(channel = ? AND not_before <= ?)")
+        params.extend((channel, upto))
+    return "(" + " OR ".join(terms) + ")", params
 
 
 class Outbox:
@@ -324,6 +380,88 @@ class Outbox:
             cursor = self._db.execute("SELECT * FROM instructions WHERE id = ?", (id,))
             found = cursor.fetchone()
             return None if found is None else dict(zip([d[0] for d in cursor.description], found, strict=True))
+
+    # -- operating (`kairos outbox`, beside a running daemon) ----------------------------
+    #
+    # Every change is made CHUNK rows at a time, each chunk a statement of its own (its own transaction): the
+    # daemon's writer and delivery threads never wait long for the lock (they wait up to the busy timeout).
+
+    CHUNK = 500
+
+    def find(self, rows: RowFilter) -> list[dict[str, Any]]:
+        """The rows `rows` means, least recently changed first, as dicts (`params` a dict)."""
+        where, params = rows.where()
+        with self._lock:
+            cursor = self._db.execute(f"SELECT * FROM instructions WHERE {where} ORDER BY updated_at, seq "
+                                      f"LIMIT ?", [*params, -1 if rows.limit is None else rows.limit])
+            names = [d[0] for d in cursor.description]
+            found = [dict(zip(names, r, strict=True)) for r in cursor.fetchall()]
+        for r in found:
+            r["params"] = orjson.loads(r["params"])
+        return found
+
+    def tally(self, rows: RowFilter) -> dict[str, int]:
+        """status -> how many rows `rows` means (its limit aside)."""
+        where, params = rows.where()
+        with self._lock:
+            return dict(self._db.execute(f"SELECT status, COUNT(*) FROM instructions WHERE {where} GROUP BY status",
+                                         params).fetchall())
+
+    def retryable(self, rows: RowFilter, expired_upto: Mapping[str, int]) -> tuple[int, int]:
+        """Of the parked rows `rows` means: how many `retry_parked` would retry (its limit applied), and how
+        many it leaves because their validity has ended (see `retry_parked`)."""
+        where, params = rows.where()
+        past, past_params = _past_validity(expired_upto)
+        with self._lock:
+            valid, expired = self._db.execute(
+                f"SELECT COALESCE(SUM(NOT {past}), 0), COALESCE(SUM({past}), 0) FROM instructions "
+                f"WHERE status = 'parked' AND {where}", [*past_params, *past_params, *params]).fetchone()
+        return (valid if rows.limit is None else min(valid, rows.limit)), expired
+
+    def retry_parked(self, rows: RowFilter, expired_upto: Mapping[str, int]) -> int:
+        """The parked rows `rows` means go back to pending, due now, attempts 0; returns how many.
+
+        Rows of other statuses are never touched.  Nor are rows past their validity: for a channel in
+        `expired_upto` (now less its max_age, ms), a row with `not_before` at or before that would only be
+        parked again as expired at its claim, so it stays parked.  `reason` keeps the last failure."""
+        where, params = rows.where()
+        past, past_params = _past_validity(expired_upto)
+        done = 0
+        while rows.limit is None or done < rows.limit:
+            take = self.CHUNK if rows.limit is None else min(self.CHUNK, rows.limit - done)
+            now = self._clock()
+            with self._lock:
+                changed = self._db.execute(
+                    f"UPDATE instructions SET status = 'pending', due_at = ?, attempts = 0, updated_at = ? "
+                    f"WHERE seq IN (SELECT seq FROM instructions WHERE status = 'parked' AND NOT {past} "
+                    f"AND {where} ORDER BY updated_at, seq LIMIT ?)", [now, now, *past_params, *params, take],
+                ).rowcount
+            done += changed
+            if changed < take:
+                break
+        return done
+
+    def delete_rows(self, rows: RowFilter) -> dict[str, int]:
+        """Delete the rows `rows` means; returns status -> rows deleted.  `rows.statuses` must be given: which
+        statuses may go is the caller's decision (`kairos outbox purge` never deletes pending or in-flight rows
+        unless forced)."""
+        if not rows.statuses:
+            raise ValueError("delete_rows: name the statuses to delete")
+        where, params = rows.where()
+        deleted: dict[str, int] = {}
+        done = 0
+        while rows.limit is None or done < rows.limit:
+            take = self.CHUNK if rows.limit is None else min(self.CHUNK, rows.limit - done)
+            with self._lock:
+                gone = self._db.execute(
+                    f"DELETE FROM instructions WHERE seq IN (SELECT seq FROM instructions WHERE {where} "
+                    f"ORDER BY updated_at, seq LIMIT ?) RETURNING status", [*params, take]).fetchall()
+            for (status,) in gone:
+                deleted[status] = deleted.get(status, 0) + 1
+            done += len(gone)
+            if len(gone) < take:
+                break
+        return deleted
 
 
 class OutboxOutput(Output):
