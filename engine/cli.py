@@ -292,6 +292,8 @@ def run_daemon(args: argparse.Namespace) -> int:
     from engine.daemon import Daemon
     from engine.logs import configure
 
+    if args.check:
+        return check_daemon_config(args.config)
     try:
         config = load_config(args.config)
         configure(config.log_level)
@@ -302,6 +304,22 @@ def run_daemon(args: argparse.Namespace) -> int:
         print(f"kairos run: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return daemon.run()
+
+
+def check_daemon_config(path: str) -> int:
+    """`kairos run --check`: validate config, rules, profiles, channels and state without binding anything."""
+    from engine.config import load_config
+    from engine.daemon import preflight
+
+    try:
+        lines = preflight(load_config(path))
+    except (ValueError, OSError) as exc:
+        print(f"kairos run --check: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for line in lines:
+        print(line)
+    print("OK: the daemon would start with this config")
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------
@@ -406,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
         "SIGHUP reloads the rules; SIGTERM drains and exits 0.",
     )
     run.add_argument("-c", "--config", metavar="PATH", required=True, help="daemon configuration (kairos.toml)")
+    run.add_argument("--check", action="store_true",
+                     help="validate the config, rules, profiles, channels and checkpoint, bind nothing, and exit")
     run.set_defaults(run=run_daemon)
 
     replay = commands.add_parser(

@@ -402,47 +402,11 @@ class Daemon:
         self.journal.sync()
 
     def _make_channels(self) -> None:
-        """Make (and so check) every configured channel, before any state is restored: a channel config that
-        cannot be used refuses the start at once, naming `channels.NAME`.  Nothing is started yet."""
-        channels = self._channels
-        try:
-            for name, channel_config in self.config.channels.items():
-                try:
-                    channel = make_channel(name, {"type": channel_config.type, **channel_config.options})
-                except ValueError as exc:
-                    raise ConfigError(self.config.source, f"channels.{name}", str(exc)) from None
-                channels[name] = (channel, DeliveryPolicy(
-                    concurrency=channel_config.concurrency, rate=channel_config.rate, burst=channel_config.burst,
-                    max_attempts=channel_config.max_attempts,
-                    backoff_initial=channel_config.backoff_initial_ms / 1000,
-                    backoff_max=channel_config.backoff_max_ms / 1000,
-                    max_age=channel_config.max_age_ms / 1000,
-                ))
-        except BaseException:
-            self._close_unstarted_channels()
-            raise
+        """Make (and so check) every configured channel, before any state is restored (see make_channels)."""
+        self._channels = make_channels(self.config)
 
     def _check_rule_channels(self, ruleset: RuleSet) -> None:
-        """With an outbox, a (live) rule naming a channel no `[channels.NAME]` configures is refused, naming the
-        rules file, the rule and the channel: its instructions would wait in the outbox for good.  With
-        `[engine] unconfigured_channels = "warn"` each such channel is logged instead."""
-        if not any(table["type"] == "outbox" for table in self.config.outputs.values()):
-            return
-        missing = [(rule.id, channel) for rule in ruleset.rules if not rule.shadow
-                   for channel in rule.channels if channel not in self.config.channels]
-        configured = ", ".join(self.config.channels)
-        if missing and self.config.unconfigured_channels == "warn":
-            for rule_id, channel in missing:
-                log.warning("rule names a channel that is not configured; its instructions wait in the outbox",
-                            extra={"fields": {"rules": ruleset.source, "rule": rule_id, "channel": channel,
-                                              "configured": configured}})
-        elif missing:
-            rule_id, channel = missing[0]
-            also = "".join(f"; also rule {r!r}: channel {c!r}" for r, c in missing[1:])
-            raise ConfigError(ruleset.source, f"rule {rule_id!r}", (
-                f"channel {channel!r} is not configured: {self.config.source} has no [channels.{channel}] "
-                f"(configured: {configured}), so its instructions would wait in the outbox for good{also}; "
-                "configure the channel, correct the rule, or set [engine] unconfigured_channels = \"warn\""))
+        check_rule_channels(self.config, ruleset)
 
     def _close_unstarted_channels(self) -> None:
         for channel, _ in self._channels.values():
@@ -955,6 +919,106 @@ class Daemon:
         if getattr(self, "deadletter", None) is not None:
             self.deadletter.close()
         self.context.term()
+
+
+def make_channels(config: DaemonConfig) -> dict:
+    """Every configured channel, made (and so checked) but not started, with its delivery policy.
+
+    A channel config that cannot be used raises ConfigError naming `channels.NAME`; the channels
+    already made are closed.
+    """
+    channels = {}
+    try:
+        for name, channel_config in config.channels.items():
+            try:
+                channel = make_channel(name, {"type": channel_config.type, **channel_config.options})
+            except ValueError as exc:
+                raise ConfigError(config.source, f"channels.{name}", str(exc)) from None
+            channels[name] = (channel, DeliveryPolicy(
+                concurrency=channel_config.concurrency, rate=channel_config.rate, burst=channel_config.burst,
+                max_attempts=channel_config.max_attempts,
+                backoff_initial=channel_config.backoff_initial_ms / 1000,
+                backoff_max=channel_config.backoff_max_ms / 1000,
+                max_age=channel_config.max_age_ms / 1000,
+            ))
+    except BaseException:
+        for channel, _ in channels.values():
+            channel.close()
+        raise
+    return channels
+
+
+def check_rule_channels(config: DaemonConfig, ruleset: RuleSet) -> None:
+    """With an outbox, a (live) rule naming a channel no `[channels.NAME]` configures is refused, naming the
+    rules file, the rule and the channel: its instructions would wait in the outbox for good.  With
+    `[engine] unconfigured_channels = "warn"` each such channel is logged instead."""
+    if not any(table["type"] == "outbox" for table in config.outputs.values()):
+        return
+    missing = [(rule.id, channel) for rule in ruleset.rules if not rule.shadow
+               for channel in rule.channels if channel not in config.channels]
+    configured = ", ".join(config.channels)
+    if missing and config.unconfigured_channels == "warn":
+        for rule_id, channel in missing:
+            log.warning("rule names a channel that is not configured; its instructions wait in the outbox",
+                        extra={"fields": {"rules": ruleset.source, "rule": rule_id, "channel": channel,
+                                          "configured": configured}})
+    elif missing:
+        rule_id, channel = missing[0]
+        also = "".join(f"; also rule {r!r}: channel {c!r}" for r, c in missing[1:])
+        raise ConfigError(ruleset.source, f"rule {rule_id!r}", (
+            f"channel {channel!r} is not configured: {config.source} has no [channels.{channel}] "
+            f"(configured: {configured}), so its instructions would wait in the outbox for good{also}; "
+            "configure the channel, correct the rule, or set [engine] unconfigured_channels = \"warn\""))
+
+
+def preflight(config: DaemonConfig) -> list[str]:
+    """What `kairos run --check` does: everything a start checks before it binds, and nothing it writes.
+
+    The rules compile (with the config's time zone), the profiles load and suit the rules, every channel
+    can be made and every rule's channels are configured, every input's decoder and field map can be
+    made, every output type is known, and the newest checkpoint in `state_dir` verifies.  Returns a line
+    per thing checked; raises ConfigError, RulesError, ProfileError or CheckpointError at the first that
+    is not.  No socket is bound, no channel started, no file or directory made.
+    """
+    from adapters.outputs import output_types
+    from engine.checkpoint import verify
+
+    said = []
+    ruleset = load_rules(config.rules)
+    if config.timezone:
+        ruleset = dataclasses.replace(ruleset, policy=dataclasses.replace(ruleset.policy, timezone=config.timezone))
+    engine = Engine(ruleset, profiles=config.profiles, initial_subscribers=1024)
+    profiles = f"; profiles: {config.profiles}: {len(engine.profiles):,} rows suit them" if config.profiles else ""
+    said.append(f"rules: {config.rules}: {len(ruleset.rules)} rules compile{profiles}")
+    for i in config.inputs:
+        if i.role == "events":
+            make_decoder(i.format, FieldMap.from_config(i.fields) if i.fields else None,
+                         columns=list(i.columns) if i.columns else None, max_message_bytes=i.max_message_bytes)
+        said.append(f"inputs.{i.name}: {i.endpoint} ({i.socket}, {i.format}, {i.role}, sequence {i.sequence})")
+    types = output_types()
+    for name, table in config.outputs.items():
+        if table["type"] not in types:
+            raise ConfigError(config.source, f"outputs.{name}.type",
+                              f"{table['type']!r} is not one of {', '.join(sorted(types))}")
+        said.append(f"outputs.{name}: type {table['type']}")
+    channels = make_channels(config)
+    try:
+        check_rule_channels(config, ruleset)
+    finally:
+        for channel, _ in channels.values():
+            channel.close()
+    said += [f"channels.{name}: type {c.type}" for name, c in config.channels.items()]
+    if config.state_dir is not None:
+        directory = config.state_dir / "checkpoints"
+        positions = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True) \
+            if directory.is_dir() else []
+        if positions:
+            verify(directory / f"{positions[0]:020d}")
+            said.append(f"state_dir: {config.state_dir}: {len(positions)} checkpoint(s), the newest "
+                        f"(journal position {positions[0]}) verifies")
+        else:
+            said.append(f"state_dir: {config.state_dir}: no checkpoint yet")
+    return said
 
 
 def _batch_bytes(batch: dict[str, np.ndarray]) -> bytes:

@@ -331,3 +331,31 @@ def test_every_channels_own_counters_reach_metrics(tmp_path, monkeypatch):
             families["kairos_channel_delivered_total"]["samples"]
     finally:
         daemon._close()
+
+
+def test_run_check_validates_everything_and_binds_or_writes_nothing(tmp_path):
+    inputs = f'[inputs.switch]\nendpoint = "ipc://{tmp_path}/switch"\n'
+    outputs = '[outputs.box]\ntype = "outbox"\npath = "outbox.db"\n'
+    good = (config_text(tmp_path, inputs, outputs, extra='state_dir = "state"')
+            + '[channels.sms]\ntype = "file"\npath = "sent.jsonl"\n')
+    (tmp_path / "rules.toml").write_text(HOTLINE, encoding="utf-8")
+    config = tmp_path / "kairos.toml"
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def check() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "engine.cli", "run", "--check", "-c", str(config)],
+                              capture_output=True, text=True, timeout=60, env={**os.environ})
+
+    config.write_text(good, encoding="utf-8")
+    result = check()
+    assert result.returncode == 0, result.stderr
+    assert "OK: the daemon would start" in result.stdout and "channels.sms: type file" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "kairos.toml"])  # nothing made
+    for broken, rules, expected in (
+            (good.replace('type = "file"', 'type = "pagr"'), HOTLINE, "channels.sms"),
+            (good, HOTLINE.replace('channels = ["sms"]', 'channels = ["smss"]'), "'smss' is not configured"),
+            (good + '[outputs.other]\ntype = "fil"\npath = "out"\n', HOTLINE, "outputs.other.type")):
+        config.write_text(broken, encoding="utf-8")
+        (tmp_path / "rules.toml").write_text(rules, encoding="utf-8")
+        result = check()
+        assert result.returncode == 2 and expected in result.stderr, result.stderr

@@ -68,9 +68,11 @@ class FileChannel(_JsonLinesChannel):
         super().__init__(name, report)
         self.path = Path(path)
         self.fsync = fsync
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._ids = self._ids_in_file()
-        self._file: IO[bytes] | None = open(self.path, "ab")  # noqa: SIM115 -- closed in close()
+        # Opened (and its directory made) at the first delivery: making the channel, as `kairos run --check`
+        # does, writes nothing.
+        self._file: IO[bytes] | None = None
+        self._closed = False
 
     @classmethod
     def from_config(cls, name: str, options: dict[str, Any]) -> FileChannel:
@@ -96,8 +98,11 @@ class FileChannel(_JsonLinesChannel):
 
     def deliver(self, instruction: Instruction) -> None:
         with self._lock:
-            if self._file is None:
+            if self._closed:
                 raise Retry(f"channel {self.name!r} is closed")
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "ab")  # noqa: SIM115 -- closed in close()
             if instruction.id in self._ids:
                 self._duplicates += 1
             else:
@@ -111,6 +116,7 @@ class FileChannel(_JsonLinesChannel):
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._file is not None:
                 self._file.close()
                 self._file = None
