@@ -45,23 +45,27 @@ cooldown = "0s"
 """
 
 
-def ensure_promtool() -> str:
-    """promtool's path, installing Debian's `prometheus` package when it is missing."""
-    found = shutil.which("promtool")
+def ensure_tool(tool: str, package: str) -> str:
+    """A tool's path, installing the Debian package that ships it when it is missing."""
+    found = shutil.which(tool)
     if found:
         return found
     if shutil.which("apt-get") is None:
-        pytest.fail("promtool is missing and there is no apt-get to install it (Debian: prometheus)")
+        pytest.fail(f"{tool} is missing and there is no apt-get to install it (Debian: {package})")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    command = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "prometheus"]
+    command = ["apt-get", "install", "-y", "-q", "--no-install-recommends", package]
     if subprocess.run(command, env=env, capture_output=True).returncode != 0:
         # The package lists may be missing or stale on a fresh machine: refresh them once and try again.
         subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=True)
         subprocess.run(command, env=env, capture_output=True, check=True)
-    found = shutil.which("promtool")
+    found = shutil.which(tool)
     if not found:
-        pytest.fail("Debian's prometheus package installed no promtool")
+        pytest.fail(f"Debian's {package} package installed no {tool}")
     return found
+
+
+def ensure_promtool() -> str:
+    return ensure_tool("promtool", "prometheus")
 
 
 def alert_rules() -> list[dict]:
@@ -118,9 +122,7 @@ def metric_names(expression: str) -> set[str]:
 
 
 def test_unit_passes_systemd_analyze_verify(tmp_path):
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.fail("systemd-analyze is missing (Debian: systemd)")
+    analyze = ensure_tool("systemd-analyze", "systemd")
     text = UNIT.read_text(encoding="utf-8")
     assert text.count(INSTALLED_KAIROS) == 2  # ExecStartPre and ExecStart
     kairos = shutil.which("kairos", path=str(ROOT / ".venv" / "bin")) or shutil.which("kairos")
