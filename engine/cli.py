@@ -2,6 +2,7 @@
 
     kairos demo [--subscribers N] [--events N] [--batch-size N] [--seed N] [--rules PATH] [--deliver N]
     kairos check RULES
+    kairos test RULES CASES...
     kairos run -c kairos.toml
     kairos replay CAPTURE... --to ENDPOINT --input NAME --sender ID [--acks URL] [--rows N]
     kairos forget -c kairos.toml MSISDN... [--by NAME]
@@ -11,7 +12,7 @@
 
 `main(argv)` returns the exit status instead of exiting, so tests call it
 directly: 0 success, 2 bad input (a rules file that does not compile, a bad
-option).
+option); `kairos test` exits 1 when a case fails.
 """
 
 from __future__ import annotations
@@ -281,6 +282,16 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
+# kairos test
+
+
+def run_rule_tests(args: argparse.Namespace) -> int:
+    from engine.rule_tests import run_tests
+
+    return run_tests(args.rules, args.cases)
+
+
+# ---------------------------------------------------------------------------
 # kairos run
 
 
@@ -416,6 +427,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("rules", metavar="RULES", help="rules file (TOML)")
     check.set_defaults(run=run_check)
+
+    test = commands.add_parser(
+        "test",
+        help="run case files (events in, instructions expected) against a rules file",
+        description="Run each [[case]] of the case files in a fresh engine over the rules file: its events, "
+        "feedback and advances, step by step; compare the instructions (and stops) with those it expects. Prints "
+        "ok or a diff per case; exit status 0 when all pass, 1 when any fails, 2 for a case file that cannot be "
+        "used (docs/rules.md, Testing a campaign).",
+    )
+    test.add_argument("rules", metavar="RULES", help="rules file (TOML)")
+    test.add_argument("cases", nargs="+", metavar="CASES", help="case files (TOML) or directories of them")
+    test.set_defaults(run=run_rule_tests)
 
     run = commands.add_parser(
         "run",
