@@ -15,6 +15,9 @@ The answer decides what `deliver` does (MM7 status codes, TS 23.140 annex):
 - 3xxx (server errors), a SOAP fault whose faultcode is Server and carries no status code, HTTP 5xx
   without a SOAP answer, HTTP 429, timeouts and connection errors: `Retry` (after Retry-After if given).
 
+Submissions go over kept-alive connections, one per delivery in flight
+(adapters/channels/http_client.py); a redirect is not followed (it is an HTTP status without an MM7 one).
+
 A SubmitRsp means the MMS centre took the message, not that it reached the handset.  With `listen` set,
 `start` opens an endpoint for the MMS centre's delivery reports (DeliveryReportReq), which come back as
 delivered/failed feedback (adapters/channels/mm7_reports.py).  Config keys: docs/channels.md.
@@ -26,8 +29,6 @@ import base64
 import logging
 import mimetypes
 import string
-import urllib.error
-import urllib.request
 import xml.etree.ElementTree as ET
 from email import policy
 from email.message import EmailMessage
@@ -37,6 +38,7 @@ from typing import Any
 
 from adapters.channels.base import Channel, FeedbackSink, Instruction, Rejected, Retry
 from adapters.channels.counters import Counters
+from adapters.channels.http_client import PooledHttp, RequestFailed
 from adapters.channels.mm7_reports import DeliveryReportServer, MessageLog, now_ms
 from adapters.channels.options import ChannelOptions
 from engine.exposure import is_loopback_host
@@ -76,6 +78,10 @@ class MmsChannel(Channel):
         self.namespace = namespace
         self.mm7_version = mm7_version
         self.timeout = timeout
+        try:
+            self._http = PooledHttp(url, timeout)
+        except ValueError as exc:
+            raise ValueError(f"channel {name!r}: key 'url' {exc}") from None
         self._authorization = None
         if username is not None:
             token = base64.b64encode(f"{username}:{password or ''}".encode()).decode()
@@ -155,6 +161,7 @@ class MmsChannel(Channel):
         return self._reports.address
 
     def close(self) -> None:
+        self._http.close()
         reports, self._reports = self._reports, None
         if reports is not None:
             reports.close()
@@ -238,17 +245,13 @@ class MmsChannel(Channel):
         headers = {"Content-Type": content_type, "SOAPAction": '""'}
         if self._authorization is not None:
             headers["Authorization"] = self._authorization
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                status, answer, retry_after = response.status, response.read(MAX_ANSWER), None
-        except urllib.error.HTTPError as error:
-            with error:
-                status, answer = error.code, error.read(MAX_ANSWER)
-                retry_after = _seconds(error.headers.get("Retry-After"))
-        except OSError as exc:  # URLError, timeouts, refused and reset connections
+            response = self._http.request("POST", self.url, body=body, headers=headers, limit=MAX_ANSWER)
+        except RequestFailed as exc:  # timeouts, refused, reset and closed connections
             self.counts.add("retries")
-            raise Retry(f"MMS centre unreachable: {getattr(exc, 'reason', exc)}") from exc
+            raise Retry(f"MMS centre unreachable: {exc.reason}") from exc
+        status, answer = response.status, response.body
+        retry_after = None if 200 <= status < 300 else _seconds(response.headers.get("Retry-After"))
         try:
             self._judge(status, answer, retry_after)
         except Retry:

@@ -6,7 +6,9 @@ maps it to the GSM alphabet); any other text (Chinese, say) goes as UCS-2: `codi
 `charset=UTF-16BE` and the UTF-16BE bytes of the text, percent-encoded.  Kannel answers
 "0: Accepted for delivery" or, with no SMSC connected, "3: Queued for later delivery": both mean
 the gateway has the message (with a store configured it survives a gateway restart).  An HTTP error,
-a refused connection or a timeout is `Retry`; a template that does not render is `Rejected`.
+any other answer, a refused connection or a timeout is `Retry`; a template that does not render is
+`Rejected`.  Requests go over kept-alive connections, one per delivery in flight
+(adapters/channels/http_client.py); a redirect is not followed.
 
 Receiving, on a small HTTP server of the channel's own (`listen`, loopback by default; SPEC section 9
 wants a `token` as soon as it listens beyond loopback, and then every request must carry it):
@@ -40,14 +42,13 @@ import logging
 import string
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from adapters.channels.base import OUTCOMES, Channel, FeedbackSink, Instruction, Rejected, Retry
+from adapters.channels.http_client import PooledHttp, RequestFailed
 from adapters.outputs import OutputOptions
 from engine.exposure import is_loopback_host
 from engine.rules import parse_duration
@@ -168,6 +169,10 @@ class SmsChannel(Channel):
                                  f"{', '.join(OUTCOMES)}")
         self.replies = {_reply_key(word): outcome for word, outcome in replies.items()}
         self.receipt_hold = receipt_hold
+        try:
+            self._http = PooledHttp(url, timeout)
+        except ValueError as exc:
+            raise ValueError(f"channel {name!r}: key 'url' {exc}") from None
         self._lock = threading.Lock()
         self._sent: OrderedDict[str, None] = OrderedDict()  # ids Kannel accepted, oldest first
         self._latest: OrderedDict[int, tuple[str, int]] = OrderedDict()  # msisdn -> (id, ms), least recent first
@@ -370,15 +375,12 @@ class SmsChannel(Channel):
     def _get(self, url: str) -> str:
         """Kannel's answer to one sendsms request; `Retry` unless it says accepted or queued."""
         try:
-            with urllib.request.urlopen(url, timeout=self.timeout) as reply:
-                answer = reply.read(4096).decode("utf-8", "replace").strip()
-        except urllib.error.HTTPError as err:
-            body = err.read(4096).decode("utf-8", "replace").strip()
-            err.close()
-            raise Retry(f"sendsms answered HTTP {err.code}: {body}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise Retry(f"sendsms unreachable: {reason}") from None
+            reply = self._http.request("GET", url, limit=4096)
+        except RequestFailed as exc:
+            raise Retry(f"sendsms unreachable: {exc.reason}") from None
+        answer = reply.body.decode("utf-8", "replace").strip()
+        if not 200 <= reply.status < 300:
+            raise Retry(f"sendsms answered HTTP {reply.status}: {answer}")
         if not answer.startswith(("0:", "3:")):
             raise Retry(f"sendsms answered {answer!r}")
         return answer
@@ -392,6 +394,7 @@ class SmsChannel(Channel):
         for thread in self._threads:
             thread.join(5)
         self._threads.clear()
+        self._http.close()
         self._release_held(float("inf"))  # held receipts are reported, not dropped
 
     def stats(self) -> dict[str, int]:
