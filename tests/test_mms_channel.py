@@ -485,3 +485,18 @@ def test_report_endpoint_beyond_loopback_needs_a_token(mmsc, tmp_path):
         assert feedback == [("t", "delivered", REPORT_TS)]
     finally:
         mms.close()
+
+
+def test_basic_auth_credentials_do_not_replace_the_report_token():
+    """With username and token both set, the delivery-report endpoint still wants the configured token, and
+    the MMSC still gets the Basic credentials."""
+    from adapters.channels.mms import MmsChannel
+
+    channel = MmsChannel.from_config("mms", {
+        "url": "http://127.0.0.1:9/mm7", "vaspid": "v", "vasid": "s", "sender": "10086",
+        "templates": {"t": "hello"}, "username": "kairos", "password": "secret", "token": "report-token"})
+    try:
+        assert channel.token == "report-token"
+        assert channel._authorization == "Basic " + __import__("base64").b64encode(b"kairos:secret").decode()
+    finally:
+        channel.close()

@@ -84,8 +84,8 @@ class MmsChannel(Channel):
             raise ValueError(f"channel {name!r}: key 'url' {exc}") from None
         self._authorization = None
         if username is not None:
-            token = base64.b64encode(f"{username}:{password or ''}".encode()).decode()
-            self._authorization = f"Basic {token}"
+            credentials = base64.b64encode(f"{username}:{password or ''}".encode()).decode()
+            self._authorization = f"Basic {credentials}"
         self.counts = Counters()
         self.listen = listen
         self.token = token
