@@ -42,6 +42,8 @@ import msgpack
 import orjson
 import pyarrow as pa
 
+from engine.storage import fsync_path
+
 log = logging.getLogger("kairos.deadletter")
 
 PATTERN = "deadletter-*.jsonl"
@@ -173,15 +175,7 @@ def remove_lines(path: Path, numbers: set[int]) -> None:
         os.fsync(f.fileno())
     os.utime(temporary, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     os.replace(temporary, path)
-    _sync_directory(path.parent)
-
-
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path.parent)
 
 
 class DeadLetterFile:

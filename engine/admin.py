@@ -62,7 +62,8 @@ def _duration(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (underscores allowed, as in 1_000)."""
     try:
         value = int(text.replace("_", ""))
     except ValueError:
@@ -143,7 +144,7 @@ def add_outbox_arguments(parser: argparse.ArgumentParser) -> None:
                             help="only rows last changed longer ago than this (e.g. 2h, 7d)")
         action.add_argument("--newer-than", type=_duration, metavar="DURATION",
                             help="only rows last changed within this")
-        action.add_argument("--limit", type=_positive, metavar="N",
+        action.add_argument("--limit", type=positive_int, metavar="N",
                             help="at most N rows, least recently changed first"
                                  + (f" (default {LIST_LIMIT})" if name == "list" else " (default: all)"))
         if name == "list":

@@ -42,6 +42,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from engine.storage import fsync_path
+
 log = logging.getLogger("kairos.checkpoint")
 
 FORMAT = 3
@@ -100,13 +102,13 @@ def write(snapshot: Snapshot, directory: Path) -> int:
     names = [*_ENGINE_FILES, *snapshot.extra]
     files = {}
     for name in names:
-        _fsync(directory / name)
+        fsync_path(directory / name)
         files[name] = {"bytes": (directory / name).stat().st_size, "crc32c": file_crc(directory / name)}
     meta = {**snapshot.meta, "format": FORMAT, "files": files}
     meta["checksum"] = _meta_checksum(meta)
     (directory / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    _fsync(directory / "meta.json")
-    _fsync(directory)
+    fsync_path(directory / "meta.json")
+    fsync_path(directory)
     return sum(f["bytes"] for f in files.values())
 
 
@@ -202,7 +204,7 @@ class CheckpointStore:
         if final.exists():  # the same position again (no entry since): the new one replaces it
             shutil.rmtree(final)
         staging.rename(final)
-        _fsync(self.directory)
+        fsync_path(self.directory)
         for old in self.positions()[self.keep:]:
             shutil.rmtree(self.path(old), ignore_errors=True)
         return size
@@ -240,12 +242,6 @@ class CheckpointStore:
         for other in self.positions():
             if other != position:
                 shutil.rmtree(self.path(other), ignore_errors=True)
-        _fsync(self.directory)
+        fsync_path(self.directory)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

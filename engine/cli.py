@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from engine import admin
 from engine._version import __version__
+from engine.admin import positive_int
 from engine.engine import Engine
 from engine.explain import (
     describe_active,
@@ -74,16 +75,6 @@ def describe_policy(policy) -> list[str]:
 def _packaged_rules(name: str) -> RuleSet:
     text = importlib.resources.files("engine").joinpath("data", name).read_text(encoding="utf-8")
     return parse_rules(text, source=f"engine/data/{name} (packaged)")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
 
 
 def _table(headers: list[str], rows: list[list[str]], right: frozenset[int] = frozenset()) -> list[str]:
@@ -411,12 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
         "through an outbox to in-process portal, crm and file channels, answer offers over HTTP on loopback so that "
         "the feedback reaches the engine, and print a summary. Needs no configuration.",
     )
-    demo.add_argument("--subscribers", type=_positive_int, default=100_000, help="default: %(default)s")
-    demo.add_argument("--events", type=_positive_int, default=2_000_000, help="default: %(default)s")
-    demo.add_argument("--batch-size", type=_positive_int, default=65_536, help="default: %(default)s")
+    demo.add_argument("--subscribers", type=positive_int, default=100_000, help="default: %(default)s")
+    demo.add_argument("--events", type=positive_int, default=2_000_000, help="default: %(default)s")
+    demo.add_argument("--batch-size", type=positive_int, default=65_536, help="default: %(default)s")
     demo.add_argument("--seed", type=int, default=0, help="traffic seed (default: %(default)s)")
     demo.add_argument("--rules", metavar="PATH", help="rules file (default: the packaged demo_rules.toml)")
-    demo.add_argument("--deliver", type=_positive_int, default=5_000, metavar="N",
+    demo.add_argument("--deliver", type=positive_int, default=5_000, metavar="N",
                       help="instructions of each channel handed to the in-process channels (default: %(default)s)")
     demo.set_defaults(run=run_demo)
 
@@ -465,8 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--sender", required=True, type=int, metavar="ID", help="this sender's id (uint64)")
     replay.add_argument("--acks", default="http://127.0.0.1:9464/acks", metavar="URL",
                         help="the daemon's acknowledgements (default: %(default)s)")
-    replay.add_argument("--rows", type=_positive_int, default=65_536, help="rows per message (default: %(default)s)")
-    replay.add_argument("--window", type=_positive_int, default=64,
+    replay.add_argument("--rows", type=positive_int, default=65_536, help="rows per message (default: %(default)s)")
+    replay.add_argument("--window", type=positive_int, default=64,
                         help="messages outstanding before waiting for acknowledgements (default: %(default)s)")
     replay.add_argument("--rate", type=float, default=None, metavar="EVENTS_PER_S",
                         help="pace the sending (default: as fast as the daemon takes it)")
@@ -481,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
         "how many rows, never the numbers. The token comes from the config or KAIROS_TOKEN.",
     )
     forget.add_argument("-c", "--config", metavar="PATH", required=True, help="the daemon's configuration")
-    forget.add_argument("msisdns", nargs="+", type=_positive_int, metavar="MSISDN", help="subscriber numbers")
+    forget.add_argument("msisdns", nargs="+", type=positive_int, metavar="MSISDN", help="subscriber numbers")
     forget.add_argument("--by", metavar="NAME", help="who asks, for the record (default: the user name)")
     forget.set_defaults(run=run_forget)
 

@@ -36,6 +36,7 @@ from engine.schema import (
     EventColumns,
     validate_events,
 )
+from engine.storage import fsync_path
 
 log = logging.getLogger("kairos.engine")
 
@@ -474,7 +475,7 @@ class Engine:
             shutil.rmtree(previous, ignore_errors=True)
             final.rename(previous)
         staging.rename(final)
-        _fsync(final.parent)
+        fsync_path(final.parent)
         shutil.rmtree(previous, ignore_errors=True)
 
     @classmethod
@@ -565,9 +566,3 @@ def _complete_checkpoint(final: Path) -> Path:
     raise FileNotFoundError(f"no checkpoint at {final}")
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -64,6 +64,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from engine.rules import parse_duration
+from engine.storage import fsync_path
 
 log = logging.getLogger("kairos.journal")
 
@@ -97,14 +98,6 @@ class Entry:
     source: str | None = None  # feedback: where the reports came from
     ts: int | None = None  # advance: the event time moved to
     reload: dict | None = None  # reload: rules_text, rules_source, set_values, profiles
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _segment_name(first: int) -> str:
@@ -177,30 +170,40 @@ def decode(kind: int, position: int, payload: memoryview | bytes) -> Entry:
     raise JournalError(f"journal record {position}: unknown kind {kind}")
 
 
-def _records(data: memoryview, path: Path) -> Iterator[tuple[int, int, int, memoryview]]:
-    """(offset, kind, position, payload) of each whole record of a segment; stops at the first bad one.
-
-    After the loop, the generator's return value is the offset where whole records end.
-    """
+def _records(data: memoryview, path: Path) -> tuple[list[tuple[int, int, memoryview]], int]:
+    """The whole records of a segment, as (kind, position, payload), up to the first bad one, and the offset
+    where they end (the file's length when every record is whole)."""
     if len(data) < FILE_HEADER.size:
-        return 0
+        return [], 0
     magic, version = FILE_HEADER.unpack_from(data, 0)
     if magic != FILE_MAGIC:
         raise JournalError(f"{path}: not a journal segment")
     if version != FORMAT:
         raise JournalError(f"{path}: journal format {version} is not {FORMAT}; this version of Kairos cannot read it")
+    records = []
     offset = FILE_HEADER.size
     while offset + RECORD_HEADER.size <= len(data):
         magic, kind, position, length, crc = RECORD_HEADER.unpack_from(data, offset)
         end = offset + RECORD_HEADER.size + length
         if magic != RECORD_MAGIC or end > len(data):
-            return offset
+            break
         payload = data[offset + RECORD_HEADER.size:end]
         if crc32c.crc32c(payload, crc32c.crc32c(data[offset:offset + 20])) != crc:
-            return offset
-        yield offset, kind, position, payload
+            break
+        records.append((kind, position, payload))
         offset = end
-    return offset
+    return records, offset
+
+
+def _record_header(kind: int, position: int, parts: list) -> tuple[bytes, int]:
+    """A record's header for a payload given in parts (its CRC covers the header's first 20 bytes and the
+    payload), and the payload's length."""
+    length = sum(part.size if isinstance(part, pa.Buffer) else len(part) for part in parts)
+    header = RECORD_HEADER.pack(RECORD_MAGIC, kind, position, length, 0)
+    crc = crc32c.crc32c(header[:20])
+    for part in parts:
+        crc = crc32c.crc32c(part, crc)
+    return header[:20] + struct.pack("<I", crc), length
 
 
 class Journal:
@@ -253,15 +256,8 @@ class Journal:
                 f.write(FILE_HEADER.pack(FILE_MAGIC, FORMAT))
                 os.fsync(f.fileno())
             data = memoryview(FILE_HEADER.pack(FILE_MAGIC, FORMAT))
-        last = first - 1
-        records = _records(data, path)
-        while True:
-            try:
-                _, _, position, _ = next(records)
-            except StopIteration as stop:
-                good = stop.value
-                break
-            last = position
+        records, good = _records(data, path)
+        last = records[-1][1] if records else first - 1
         if good < len(data):
             self.torn_bytes = len(data) - good
             log.warning("journal tail torn by a crash; cut back to the last whole record", extra={"fields": {
@@ -283,7 +279,7 @@ class Journal:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
         os.write(fd, FILE_HEADER.pack(FILE_MAGIC, FORMAT))
         os.fsync(fd)
-        _fsync_dir(self.directory)
+        fsync_path(self.directory)
         self._fd, self._segment, self._size = fd, path, FILE_HEADER.size
 
     # -- appending ----------------------------------------------------------------------
@@ -297,12 +293,7 @@ class Journal:
             self._rotate()
         position = self.next_position
         parts = payload if isinstance(payload, list) else [payload]
-        length = sum(len(part) if isinstance(part, bytes) else part.size for part in parts)
-        header = RECORD_HEADER.pack(RECORD_MAGIC, kind, position, length, 0)
-        crc = crc32c.crc32c(header[:20])
-        for part in parts:
-            crc = crc32c.crc32c(part, crc)
-        header = header[:20] + struct.pack("<I", crc)
+        header, length = _record_header(kind, position, parts)
         written = os.writev(self._fd, [header, *parts])
         if written != len(header) + length:  # a full disk, say: never leave half a record behind
             os.ftruncate(self._fd, self._size)
@@ -393,14 +384,9 @@ class Journal:
             if following is not None and following - 1 <= after:
                 continue  # every entry of this segment is at or below `after`
             data = memoryview(path.read_bytes())
-            records = _records(data, path)
+            records, end = _records(data, path)
             expected = first
-            while True:
-                try:
-                    _, kind, position, payload = next(records)
-                except StopIteration as stop:
-                    end = stop.value
-                    break
+            for kind, position, payload in records:
                 if position != expected:
                     log.error("journal out of order; replay stops here", extra={"fields": {
                         "segment": str(path), "expected": expected, "found": position}})
@@ -440,7 +426,7 @@ class Journal:
             path.unlink()
             removed += 1
         if removed:
-            _fsync_dir(self.directory)
+            fsync_path(self.directory)
         return removed
 
     def mask(self, msisdns: np.ndarray) -> int:
@@ -454,10 +440,10 @@ class Journal:
             if path == current:
                 continue
             data = memoryview(path.read_bytes())
-            records = list(_records(data, path))
+            records, _ = _records(data, path)
             out = [FILE_HEADER.pack(FILE_MAGIC, FORMAT)]
             changed = False
-            for _, kind, position, payload in records:
+            for kind, position, payload in records:
                 if kind == EVENTS:
                     entry = decode(kind, position, payload)
                     if entry.n:
@@ -471,9 +457,7 @@ class Journal:
                             payload = b"".join(part.to_pybytes() for part in
                                                encode_events(columns, entry.input, entry.sender, entry.seq))
                             changed = True
-                header = RECORD_HEADER.pack(RECORD_MAGIC, kind, position, len(payload), 0)
-                crc = crc32c.crc32c(payload, crc32c.crc32c(header[:20]))
-                out += [header[:20] + struct.pack("<I", crc), bytes(payload)]
+                out += [_record_header(kind, position, [payload])[0], bytes(payload)]
             if not changed:
                 continue
             staging = path.with_name(path.name + ".partial")
@@ -483,7 +467,7 @@ class Journal:
                 f.flush()
                 os.fsync(f.fileno())
             staging.rename(path)
-        _fsync_dir(self.directory)
+        fsync_path(self.directory)
         return removed
 
     def rotate(self) -> None:
