@@ -87,7 +87,8 @@ def never_crashed(batches: list[pa.RecordBatch]) -> Counter:
     return Counter(ids)
 
 
-def config(directory: Path, port: int, fsync: str = "batch") -> str:
+def config(directory: Path, port: int, *, every: str = "1h", fsync: str = "batch", segment_bytes: int = 64 << 20,
+           sequence: str = "exact") -> str:
     return f"""
 [engine]
 rules = "rules.toml"
@@ -96,13 +97,14 @@ initial_subscribers = 4096
 
 [batching]
 linger = "2ms"
-idle_advance = "1h"   # event time moves only with events: a crash pause must not fire a timer early
+idle_advance = "1h"   # event time moves only with events: the clean run has no wall clock
 
 [journal]
 fsync = "{fsync}"
+segment_bytes = {segment_bytes}
 
 [checkpoint]
-every = "700ms"
+every = "{every}"
 
 [metrics]
 listen = "127.0.0.1:{port}"
@@ -112,7 +114,7 @@ path = "dead"
 
 [inputs.switch]
 endpoint = "ipc://{directory}/switch"
-sequence = "exact"
+sequence = "{sequence}"
 
 [outputs.box]
 type = "outbox"
@@ -170,7 +172,7 @@ def test_kill_9_of_daemon_and_sender_under_load_delivers_exactly_a_clean_runs_in
     expected = never_crashed(batches)
     assert len(expected) > 1_000 and len({i.split(":")[0] for i in expected}) >= 1
     port = free_port()
-    daemon = DaemonProcess(tmp_path, config(tmp_path, port, fsync), RULES)
+    daemon = DaemonProcess(tmp_path, config(tmp_path, port, every="700ms", fsync=fsync), RULES)
     sender = start_sender(tmp_path, port, rate=12_000)
     kills = sender_kills = 0
     try:
@@ -182,7 +184,7 @@ def test_kill_9_of_daemon_and_sender_under_load_delivers_exactly_a_clean_runs_in
                 sender.send_signal(signal.SIGKILL)
                 sender.wait()
                 sender_kills += 1
-            daemon = DaemonProcess(tmp_path, config(tmp_path, port, fsync), RULES)
+            daemon = DaemonProcess(tmp_path, config(tmp_path, port, every="700ms", fsync=fsync), RULES)
             if sender.poll() is not None and sender.returncode != 0:
                 sender = start_sender(tmp_path, port, rate=12_000)
         assert kills >= 10, f"the sender finished after {kills} kills: send more slowly"
@@ -202,6 +204,9 @@ def test_kill_9_of_daemon_and_sender_under_load_delivers_exactly_a_clean_runs_in
         if sender.poll() is None:
             sender.kill()
         daemon.stop(signal.SIGKILL)
+    # The figures of the run, for `pytest -s`: what the loop did and what came out.
+    print(f"fsync {fsync}: {kills} kills of the daemon, {sender_kills} of the sender; {sum(got.values()):,} "
+          f"instructions delivered, {sum(expected.values()):,} by the run that never crashed")
     duplicates = {i: n for i, n in got.items() if n > 1}
     assert not duplicates, f"{len(duplicates)} instructions delivered twice"
     missing = expected - got

@@ -20,60 +20,13 @@ import pytest
 import zmq
 from kannel import free_port
 from test_daemon import DaemonProcess, arrow_message
-from test_durability import RULES, delivered, never_crashed, wait_for
+from test_durability import ROWS, RULES, config, delivered, kill, never_crashed, wait_for
 
 from adapters.sender import ResendingSender
 from engine import KIND_CODES
 from engine.checkpoint import verify
 from engine.journal import FILE_HEADER, RECORD_HEADER
 from engine.synth import TrafficGenerator
-
-ROWS = 500  # rows per message
-
-
-def config(directory: Path, port: int, *, every: str = "1h", fsync: str = "batch", segment_bytes: int = 64 << 20,
-           sequence: str = "exact") -> str:
-    return f"""
-[engine]
-rules = "rules.toml"
-state_dir = "state"
-initial_subscribers = 4096
-
-[batching]
-linger = "2ms"
-idle_advance = "1h"   # event time moves only with events: the clean run has no wall clock
-
-[journal]
-fsync = "{fsync}"
-segment_bytes = {segment_bytes}
-
-[checkpoint]
-every = "{every}"
-
-[metrics]
-listen = "127.0.0.1:{port}"
-
-[deadletter]
-path = "dead"
-
-[inputs.switch]
-endpoint = "ipc://{directory}/switch"
-sequence = "{sequence}"
-
-[outputs.box]
-type = "outbox"
-path = "outbox.db"
-
-[channels.sms]
-type = "file"
-path = "delivered.jsonl"
-max_age = "36500d"
-
-[channels.portal]
-type = "file"
-path = "delivered.jsonl"
-max_age = "36500d"
-"""
 
 
 def traffic(events: int, seed: int) -> list[pa.RecordBatch]:
@@ -94,12 +47,6 @@ def acks(daemon: DaemonProcess) -> dict:
 
 def acked(daemon: DaemonProcess) -> int:
     return int(acks(daemon)["inputs"]["switch"].get("7", 0))
-
-
-def kill(daemon: DaemonProcess, k: int) -> None:
-    """kill -9, keeping the log of that run beside the next one's."""
-    daemon.stop(signal.SIGKILL)
-    daemon.log_path.rename(daemon.log_path.with_name(f"daemon-{k}.log"))
 
 
 def logged(daemon: DaemonProcess, msg: str) -> list[dict]:
